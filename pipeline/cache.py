@@ -1,0 +1,130 @@
+"""The on-disk stage cache: manifests, cache keys and atomic stage folders.
+
+A stage writes into ``<run-dir>/.<stage>.partial-<pid>/`` and, when everything is
+there, writes ``manifest.json`` last and renames the folder to ``<run-dir>/<stage>/``.
+A stage killed half-way therefore leaves only a ``.partial`` folder, which no later run
+accepts (and the next run of that stage deletes). The manifest's key is a hash of the
+stage's inputs: the config values the stage depends on, a fingerprint of the data it
+reads, and the keys of its upstream stages, so a change anywhere upstream makes every
+downstream output stale.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pipeline.io import atomic_write_json
+
+MANIFEST = "manifest.json"
+METRICS = "metrics.json"
+
+
+def cache_key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+@dataclass
+class StageStatus:
+    state: str  # "cached", "stale" or "missing"
+    reason: str
+
+
+def stage_status(run_dir: Path, stage: str, inputs: dict) -> StageStatus:
+    folder = run_dir / stage
+    manifest = read_json(folder / MANIFEST)
+    if manifest is None or "key" not in manifest:
+        return StageStatus("missing", f"no finished output in {folder}")
+    if manifest["key"] != cache_key(inputs):
+        return StageStatus("stale", "made under different inputs: " + describe_changes(manifest.get("inputs", {}), inputs))
+    return StageStatus("cached", f"output in {folder} matches the config")
+
+
+def describe_changes(old: dict, new: dict, limit: int = 4) -> str:
+    before, after = _flatten(old), _flatten(new)
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        if before.get(key) != after.get(key):
+            if key.startswith("upstream."):
+                changes.append(f"{key.split('.', 1)[1]} output changed")
+            elif key == "data_fingerprint":
+                changes.append("the data files changed")
+            else:
+                changes.append(f"{key} {before.get(key, '(unset)')!r} -> {after.get(key, '(unset)')!r}")
+    shown = ", ".join(changes[:limit]) + (f" and {len(changes) - limit} more" if len(changes) > limit else "")
+    return shown or "unknown change"
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+class StageOutput:
+    """Context manager giving a stage a private folder that becomes final only on success."""
+
+    def __init__(self, run_dir: Path, stage: str, inputs: dict):
+        self.run_dir = Path(run_dir)
+        self.stage = stage
+        self.inputs = inputs
+        self.final = self.run_dir / stage
+        self.dir = self.run_dir / f".{stage}.partial-{os.getpid()}"
+        self.metrics: dict = {}
+
+    def __enter__(self) -> "StageOutput":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in self.run_dir.glob(f".{self.stage}.partial-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        self.dir.mkdir()
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return False
+        self.metrics["wall_time_s"] = round(time.perf_counter() - self.started, 2)
+        atomic_write_json(self.dir / METRICS, self.metrics)
+        atomic_write_json(self.dir / MANIFEST, {
+            "stage": self.stage,
+            "key": cache_key(self.inputs),
+            "inputs": self.inputs,
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        })
+        # Swap in the new folder; between the two renames there is no <stage>/ at all,
+        # which later runs read as "missing", never as a half-written success.
+        retired = self.run_dir / f".{self.stage}.retired-{os.getpid()}"
+        if self.final.exists():
+            os.replace(self.final, retired)
+        os.replace(self.dir, self.final)
+        shutil.rmtree(retired, ignore_errors=True)
+        return False
+
+
+def upstream_keys(run_dir: Path, stages: list[str]) -> dict:
+    """Keys of the finished upstream outputs a stage is about to read."""
+    from pipeline.errors import CacheError
+
+    keys = {}
+    for stage in stages:
+        manifest = read_json(Path(run_dir) / stage / MANIFEST)
+        if manifest is None:
+            raise CacheError(f"stage {stage} has no finished output in {run_dir}; run it first: --stages {stage}")
+        keys[stage] = manifest["key"]
+    return keys

@@ -1,0 +1,47 @@
+"""Class Activation Maps: multi-scale, flip-averaged, max-normalised per class."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.models import CAMNet
+
+
+@torch.no_grad()
+def multiscale_cams(model: CAMNet, image: torch.Tensor, classes: np.ndarray,
+                    scales: list[float], flip: bool) -> np.ndarray:
+    """CAMs of the listed foreground classes (1-based indices) for one 3xHxW image.
+
+    At each scale the image (and its mirror, when ``flip``) goes through the network; the
+    ReLU'd maps are mirrored back, resized to the image size and summed over scales.
+    Each class map is then divided by its maximum, so 1 marks the class's strongest
+    evidence in this image. Returns float32 (K, H, W) in [0, 1].
+    """
+    height, width = image.shape[-2:]
+    if len(classes) == 0:
+        return np.zeros((0, height, width), dtype=np.float32)
+    channels = torch.as_tensor(classes, dtype=torch.long, device=image.device) - 1
+    total = torch.zeros(len(classes), height, width, device=image.device)
+    for scale in scales:
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        scaled = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
+        batch = torch.cat([scaled, scaled.flip(-1)]) if flip else scaled
+        cams = model.cams(batch)[:, channels]
+        if flip:
+            cams = cams[0:1] + cams[1:2].flip(-1)
+        total += F.interpolate(cams, size=(height, width), mode="bilinear", align_corners=False)[0]
+    total /= total.flatten(1).max(dim=1).values.clamp_min(1e-5)[:, None, None]
+    return total.cpu().numpy()
+
+
+def cam_argmax(cams: np.ndarray, bg_score: float) -> np.ndarray:
+    """Per pixel, 0 where every CAM is below ``bg_score``, else 1 + the index of the strongest CAM."""
+    padded = np.concatenate([np.full((1,) + cams.shape[1:], bg_score, dtype=np.float32), cams.astype(np.float32)])
+    return np.argmax(padded, axis=0)
+
+
+def cam_to_label(cams: np.ndarray, classes: np.ndarray, bg_threshold: float) -> np.ndarray:
+    """Class-index mask (0 = background) from the CAMs of an image's classes."""
+    keys = np.concatenate([[0], classes]).astype(np.uint8)
+    return keys[cam_argmax(cams, bg_threshold)]

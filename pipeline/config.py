@@ -1,0 +1,261 @@
+"""Typed pipeline configuration: YAML file + ``--set`` overrides -> validated dataclasses.
+
+Every section is a plain dataclass whose defaults follow the published recipes
+(IRNet for the CAM network and thresholds, DeepLab for the segmentation network);
+``configs/*.yaml`` only state what differs. Validation happens before any work, and
+every problem is a one-line :class:`ConfigError` that names the offending key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+MODES = ("weak", "full")
+
+
+def _opt(default, **checks):
+    """A field with validation metadata: choices=, low=, high= (inclusive)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: list(default) if isinstance(default, list) else dict(default),
+                     metadata=checks)
+    return field(default=default, metadata=checks)
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/VOC2012"  # relative paths are relative to the working directory
+    train_split: str = "train"  # ImageSets/Segmentation/<split>.txt
+    val_split: str = "val"
+    loader_workers: int = _opt(0, low=0)  # DataLoader worker processes; 0 = load in the main process
+
+
+@dataclass
+class DemoConfig:
+    """Parameters of the generated demo data set (see pipeline/demo_data.py)."""
+    num_train: int = _opt(400, low=1)
+    num_val: int = _opt(100, low=1)
+    min_size: int = _opt(96, low=16)
+    max_size: int = _opt(128, low=16)
+    seed: int = 0
+
+
+@dataclass
+class BackboneConfig:
+    name: str = _opt("resnet50", choices=BACKBONES)
+    weights: Optional[str] = None  # null: random initialisation; or a path to a torchvision state_dict
+    output_stride: int = _opt(16, choices=(8, 16, 32))
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _opt(5, low=1)
+    batch_size: int = _opt(16, low=2)  # >= 2: BatchNorm needs more than one sample
+    lr: float = _opt(0.01, low=0.0)
+    head_lr_mult: float = _opt(10.0, low=0.0)  # new layers learn faster than a pretrained backbone
+    momentum: float = _opt(0.9, low=0.0, high=1.0)
+    weight_decay: float = _opt(1e-4, low=0.0)
+    crop_size: int = _opt(512, low=16)
+    scale_range: list[float] = _opt([0.5, 1.5])  # random rescaling before the crop
+
+
+@dataclass
+class CamConfig:
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(output_stride=16))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.01, crop_size=512))
+    scales: list[float] = _opt([1.0, 0.5, 1.5, 2.0])  # multi-scale CAM inference
+    flip: bool = True  # add the horizontally flipped image at every scale
+    bg_threshold: float = _opt(0.15, low=0.0, high=1.0)  # CAM score below which a pixel is background
+
+
+@dataclass
+class CrfConfig:
+    """Dense CRF (Kraehenbuehl & Koltun) on label maps; defaults from IRNet."""
+    iterations: int = _opt(10, low=1)
+    gt_prob: float = _opt(0.7, low=0.0, high=1.0)  # confidence given to the input labels
+    gaussian_sxy: float = _opt(3.0, low=0.0)
+    gaussian_compat: float = _opt(3.0, low=0.0)
+    bilateral_sxy: float = _opt(50.0, low=0.0)
+    bilateral_srgb: float = _opt(5.0, low=0.0)
+    bilateral_compat: float = _opt(10.0, low=0.0)
+
+
+@dataclass
+class RefineConfig:
+    # IRNet's two thresholds: a pixel is confidently foreground when the CRF keeps it
+    # foreground even against a high background score, confidently background when the
+    # CRF calls it background even against a low one; everything between is unsure (255).
+    fg_threshold: float = _opt(0.30, low=0.0, high=1.0)
+    bg_threshold: float = _opt(0.05, low=0.0, high=1.0)
+    crf: CrfConfig = field(default_factory=CrfConfig)
+    workers: int = _opt(2, low=1)  # CRF worker processes
+
+
+@dataclass
+class SegConfig:
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(name="resnet101", output_stride=16))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, lr=0.007, crop_size=512))
+    aspp_rates: list[int] = _opt([6, 12, 18])  # at output stride 16; double them at stride 8
+    flip_predict: bool = True  # average the prediction with that of the flipped image
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    mode: str = _opt("weak", choices=MODES)
+    device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
+    num_threads: int = _opt(0, low=0)  # torch CPU threads; 0 = torch's default
+    data: DataConfig = field(default_factory=DataConfig)
+    demo: Optional[DemoConfig] = None  # set: generate the demo data set into data.root
+    cam: CamConfig = field(default_factory=CamConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    seg: SegConfig = field(default_factory=SegConfig)
+
+
+# Keys that change how fast a stage runs but never what it computes; they stay out of cache keys.
+EXECUTION_ONLY_KEYS = {"device", "num_threads", "data.loader_workers", "refine.workers"}
+
+
+def load_config(path: str | Path, overrides: list[str] = (), mode: str | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    for item in overrides:
+        apply_override(raw, item)
+    if mode is not None:
+        raw["mode"] = mode
+    return config_from_dict(raw)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Applies one ``KEY=VALUE`` (dotted key, YAML value) to the raw config mapping."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set seg.train.epochs=2")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {key}: value {text!r} is not valid YAML") from None
+    parts = key.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:depth + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(raw: dict) -> Config:
+    cfg = _build(Config, raw, "")
+    if cfg.demo is not None and cfg.demo.min_size > cfg.demo.max_size:
+        raise ConfigError("demo.min_size must not exceed demo.max_size")
+    for section in ("cam", "seg"):
+        scale_range = getattr(cfg, section).train.scale_range
+        if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
+            raise ConfigError(f"config key '{section}.train.scale_range' must be [low, high] with 0 < low <= high")
+    if not cfg.cam.scales or any(s <= 0 for s in cfg.cam.scales):
+        raise ConfigError("cam.scales must be a non-empty list of positive numbers")
+    if cfg.refine.bg_threshold > cfg.refine.fg_threshold:
+        raise ConfigError("refine.bg_threshold must not exceed refine.fg_threshold")
+    return cfg
+
+
+def _build(cls, raw: Any, prefix: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"under '{prefix.rstrip('.')}'" if prefix else "at the top level"
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; keys {where}: {', '.join(fields)}")
+    defaults = cls()
+    values = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if name not in raw:
+            values[name] = getattr(defaults, name)
+            continue
+        values[name] = _coerce(hints[name], raw[name], key)
+        _check(f.metadata, values[name], key)
+    return cls(**values)
+
+
+def _coerce(hint, value, key):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)][0]
+        if value is None:
+            return None
+        # A nested optional section given as a mapping, e.g. ``demo:``; an empty mapping means defaults.
+        return _coerce(inner, value, key)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list of {item_type.__name__}, got {value!r}")
+        return [_coerce(item_type, v, key) for v in value]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def _check(metadata, value, key):
+    if "choices" in metadata and value not in metadata["choices"]:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, metadata['choices']))}; got {value!r}")
+    if "low" in metadata and value < metadata["low"]:
+        raise ConfigError(f"config key '{key}' must be >= {metadata['low']}, got {value!r}")
+    if "high" in metadata and value > metadata["high"]:
+        raise ConfigError(f"config key '{key}' must be <= {metadata['high']}, got {value!r}")
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def section_for_cache(cfg: Config, *keys: str) -> dict:
+    """The listed top-level sections/keys of ``cfg`` without execution-only keys."""
+    full = config_to_dict(cfg)
+    picked = {k: full[k] for k in keys}
+    for dotted in EXECUTION_ONLY_KEYS:
+        head, _, tail = dotted.partition(".")
+        if head in picked:
+            if tail and isinstance(picked[head], dict):
+                picked[head].pop(tail, None)
+            elif not tail:
+                picked.pop(head)
+    return picked

@@ -1,0 +1,571 @@
+"""Synthetic demo data set in the PASCAL VOC layout.
+
+The data set is small and fast to generate, but built to be hard in the ways
+the Self-Regulation paper (Zhang et al., ICCV 2021) is about, so that networks
+that use shallow details and deep context can be told apart from ones that
+do not:
+
+* Small objects and thin parts, which a coarse (stride 16-32) deep feature map
+  misses and which need shallow, high-resolution features:
+
+  - ``ball``:  a small shaded disk (radius about 3-7 px at 96-128 px).
+  - ``lamp``:  a 1-3 px wide pole with a small shade on top and a flat foot.
+  - ``table``: a wood-grain top on 2-3 legs that are 1-3 px wide; the legs
+    belong to the class.
+
+* Pairs of classes with the same local texture and colour distribution that
+  differ only in global shape or part layout, so local evidence alone
+  mislabels parts of large objects and deep context is needed:
+
+  - ``bus`` vs ``house``: the same brick/stripe texture on a large rectangle;
+    a bus has two small dark wheels under it, a house a triangular roof (in
+    the same texture) on top.
+  - ``plate`` vs ``tile``: the same checker/dot texture; a plate is a disk,
+    a tile a (rotated) square.
+
+  These objects are sometimes large (up to about 70% of the image side).
+
+* Textured, cluttered backgrounds: two or three regions split by a (wavy)
+  horizon or diagonal boundary, with gradients and noise, and small clutter
+  (lines, blobs, rectangles) that is background in the mask. Clutter colours
+  are partly drawn from the object colour distributions, so colour alone is
+  not enough; objects are kept in contrast with what lies under them, so a
+  CRF has edges to use.
+
+Every image has 1-3 objects of distinct classes (about 8% have none), so each
+foreground class appears in about a quarter of the images. Every image is
+drawn from its own generator seeded by (seed, split, index): the same
+arguments give byte-identical files, and the train images do not depend on the
+number of val images (or vice versa).
+"""
+
+from __future__ import annotations
+
+import colorsys
+import io
+import pathlib
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+from pipeline.io import atomic_write_bytes, save_mask
+
+DEMO_CLASSES: list[str] = ["background", "bus", "house", "plate", "tile", "table", "lamp", "ball"]
+
+_SPLIT_CODES = {"train": 0, "val": 1}
+_NO_OBJECT_PROBABILITY = 0.08
+_MAX_OBJECTS = 3
+# Minimum distance (RGB) between an object part's mean colour and the mean of
+# what it is painted over; below it the part is lightened or darkened.
+_MIN_CONTRAST = 60.0
+_JPEG_QUALITY = 95
+
+
+# ---------------------------------------------------------------------------
+# Palette and colours
+# ---------------------------------------------------------------------------
+
+def _hsv(rng: np.random.Generator, hue: tuple[float, float], sat: tuple[float, float],
+         val: tuple[float, float]) -> np.ndarray:
+    """A random RGB colour (0..255 floats) from HSV ranges, with per-channel jitter."""
+    h = rng.uniform(*hue) % 1.0
+    rgb = np.array(colorsys.hsv_to_rgb(h, rng.uniform(*sat), rng.uniform(*val))) * 255.0
+    return np.clip(rgb * rng.uniform(0.92, 1.08, size=3), 0.0, 255.0)
+
+
+def _warm_colour(rng: np.random.Generator) -> np.ndarray:
+    """Colour distribution shared by bus and house (reds, oranges, yellows)."""
+    return _hsv(rng, (-0.04, 0.14), (0.55, 0.95), (0.55, 0.95))
+
+
+def _cool_colour(rng: np.random.Generator) -> np.ndarray:
+    """Colour distribution shared by plate and tile (cyans, blues, violets)."""
+    return _hsv(rng, (0.47, 0.75), (0.5, 0.95), (0.5, 0.95))
+
+
+def _wood_colour(rng: np.random.Generator) -> np.ndarray:
+    # Overlaps the warm range on purpose: table vs bus/house is not a colour question.
+    return _hsv(rng, (0.04, 0.11), (0.45, 0.8), (0.35, 0.7))
+
+
+def _vivid_colour(rng: np.random.Generator) -> np.ndarray:
+    return _hsv(rng, (0.0, 1.0), (0.7, 1.0), (0.7, 1.0))
+
+
+def _muted_colour(rng: np.random.Generator) -> np.ndarray:
+    """Background colour distribution: any hue, low saturation."""
+    return _hsv(rng, (0.0, 1.0), (0.0, 0.35), (0.25, 0.85))
+
+
+def _luminance(rgb: np.ndarray) -> float:
+    return float(rgb @ np.array([0.299, 0.587, 0.114]))
+
+
+# ---------------------------------------------------------------------------
+# Coordinate grids and textures (all operate on a local h x w canvas)
+# ---------------------------------------------------------------------------
+
+def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates (y, x)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    return yy + 0.5, xx + 0.5
+
+
+def _rotated_grid(h: int, w: int, angle: float) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates (u along, v across) rotated by `angle` radians."""
+    yy, xx = _grid(h, w)
+    c, s = np.cos(angle), np.sin(angle)
+    return xx * c + yy * s, -xx * s + yy * c
+
+
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, sigma: float) -> np.ndarray:
+    """Low-frequency noise with unit standard deviation."""
+    noise = gaussian_filter(rng.standard_normal((h, w)), sigma, mode="wrap")
+    return noise / (noise.std() + 1e-8)
+
+
+def _two_colour(pattern: np.ndarray, c1: np.ndarray, c2: np.ndarray) -> np.ndarray:
+    """Blend two colours by a pattern in [0, 1] (1 = c2)."""
+    p = pattern[..., None].astype(np.float64)
+    return c1 * (1.0 - p) + c2 * p
+
+
+def _stripes(h: int, w: int, c1: np.ndarray, c2: np.ndarray, period: float,
+             angle: float) -> np.ndarray:
+    _, v = _rotated_grid(h, w, angle)
+    return _two_colour((v / period) % 1.0 < 0.5, c1, c2)
+
+
+def _bricks(h: int, w: int, brick: np.ndarray, mortar: np.ndarray, row_height: int) -> np.ndarray:
+    yy, xx = _grid(h, w)
+    brick_width = 2 * row_height + 1
+    row = np.floor(yy / row_height)
+    shifted_x = xx + (row % 2) * (brick_width / 2)  # every other row offset by half a brick
+    is_mortar = (yy % row_height < 1.0) | (shifted_x % brick_width < 1.0)
+    return _two_colour(is_mortar, brick, mortar)
+
+
+def _checker(h: int, w: int, c1: np.ndarray, c2: np.ndarray, cell: float,
+             angle: float) -> np.ndarray:
+    u, v = _rotated_grid(h, w, angle)
+    return _two_colour((np.floor(u / cell) + np.floor(v / cell)) % 2 == 1, c1, c2)
+
+
+def _dots(h: int, w: int, base: np.ndarray, dot: np.ndarray, spacing: float,
+          angle: float) -> np.ndarray:
+    u, v = _rotated_grid(h, w, angle)
+    du = u % spacing - spacing / 2
+    dv = v % spacing - spacing / 2
+    return _two_colour(du ** 2 + dv ** 2 <= (0.3 * spacing) ** 2, base, dot)
+
+
+def _wood(rng: np.random.Generator, h: int, w: int, colour: np.ndarray) -> np.ndarray:
+    """Horizontal wood grain: sinusoidal rings warped by smooth noise."""
+    yy, _ = _grid(h, w)
+    warp = _smooth_noise(rng, h, w, sigma=3.0)
+    grain = 0.5 + 0.5 * np.sin(2 * np.pi * (yy / rng.uniform(2.0, 4.0) + 0.4 * warp))
+    return _two_colour(grain, colour, colour * rng.uniform(0.55, 0.75))
+
+
+def _texture_bus_house(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Shared texture of the bus/house pair: bricks or stripes in warm colours."""
+    colour = _warm_colour(rng)
+    dark = colour * rng.uniform(0.45, 0.7)
+    if rng.random() < 0.5:
+        return _bricks(h, w, colour, dark, row_height=int(rng.integers(3, 6)))
+    return _stripes(h, w, colour, dark, period=rng.uniform(3.0, 7.0),
+                    angle=rng.uniform(0.0, np.pi))
+
+
+def _texture_plate_tile(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Shared texture of the plate/tile pair: checker or dots in cool colours.
+
+    The pattern angle is random for both classes, so a pattern aligned with
+    the object's edges is no cue for "tile".
+    """
+    colour = _cool_colour(rng)
+    other = colour * 0.35 + 0.65 * rng.uniform(200.0, 250.0)  # a pale tint of the same hue
+    angle = rng.uniform(0.0, np.pi / 2)
+    if rng.random() < 0.5:
+        return _checker(h, w, colour, other, cell=rng.uniform(3.0, 7.0), angle=angle)
+    return _dots(h, w, other, colour, spacing=rng.uniform(4.0, 8.0), angle=angle)
+
+
+def _shaded(rng: np.random.Generator, rgb: np.ndarray, strength: float) -> np.ndarray:
+    """Multiply by a random linear illumination gradient of +-`strength`."""
+    h, w = rgb.shape[:2]
+    u, _ = _rotated_grid(h, w, rng.uniform(0.0, 2 * np.pi))
+    span = max(np.ptp(u), 1.0)
+    gain = 1.0 + strength * ((u - u.min()) / span * 2.0 - 1.0)
+    return rgb * gain[..., None]
+
+
+# ---------------------------------------------------------------------------
+# Masks
+# ---------------------------------------------------------------------------
+
+def _disk(h: int, w: int, cy: float, cx: float, radius: float) -> np.ndarray:
+    yy, xx = _grid(h, w)
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+
+
+def _convex_polygon(h: int, w: int, vertices: list[tuple[float, float]]) -> np.ndarray:
+    """Mask of a convex polygon given as (y, x) vertices in either winding order."""
+    yy, xx = _grid(h, w)
+    sides = []
+    for (y0, x0), (y1, x1) in zip(vertices, vertices[1:] + vertices[:1]):
+        sides.append((x1 - x0) * (yy - y0) - (y1 - y0) * (xx - x0))
+    sides = np.stack(sides)
+    return np.all(sides >= 0, axis=0) | np.all(sides <= 0, axis=0)
+
+
+def _segment(h: int, w: int, p0: np.ndarray, p1: np.ndarray, thickness: float) -> np.ndarray:
+    """Mask of a thick line segment between (y, x) points p0 and p1."""
+    yy, xx = _grid(h, w)
+    d = p1 - p0
+    t = np.clip(((yy - p0[0]) * d[0] + (xx - p0[1]) * d[1]) / max(d @ d, 1e-8), 0.0, 1.0)
+    dist2 = (yy - p0[0] - t * d[0]) ** 2 + (xx - p0[1] - t * d[1]) ** 2
+    return dist2 <= (thickness / 2) ** 2
+
+
+def _centred_coords(h: int, w: int, cy: float, cx: float,
+                    angle: float) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates (u, v) relative to (cy, cx), rotated by `angle` radians."""
+    yy, xx = _grid(h, w)
+    c, s = np.cos(angle), np.sin(angle)
+    return (xx - cx) * c + (yy - cy) * s, -(xx - cx) * s + (yy - cy) * c
+
+
+def _rotated_rectangle(h: int, w: int, cy: float, cx: float, half_h: float, half_w: float,
+                       angle: float) -> np.ndarray:
+    u, v = _centred_coords(h, w, cy, cx, angle)
+    return (np.abs(u) <= half_w) & (np.abs(v) <= half_h)
+
+
+def _ellipse(h: int, w: int, cy: float, cx: float, radius_y: float, radius_x: float,
+             angle: float) -> np.ndarray:
+    u, v = _centred_coords(h, w, cy, cx, angle)
+    return (u / radius_x) ** 2 + (v / radius_y) ** 2 <= 1.0
+
+
+# ---------------------------------------------------------------------------
+# Objects. Each returns a _Shape on its own canvas (the object's bounding box);
+# the parts are disjoint masks whose union is the object. Contrast with the
+# background is enforced per part, so thin parts (poles, legs) stay visible.
+# ---------------------------------------------------------------------------
+
+class _Shape(NamedTuple):
+    parts: list[np.ndarray]
+    rgb: np.ndarray
+
+    @property
+    def mask(self) -> np.ndarray:
+        return np.logical_or.reduce(self.parts)
+
+
+def _bus(rng: np.random.Generator, img_h: int, img_w: int) -> _Shape:
+    body_w = int(rng.uniform(0.3, 0.7) * img_w)
+    body_h = int(min(body_w / rng.uniform(1.5, 2.3), 0.55 * img_h))
+    wheel_r = max(2.0, rng.uniform(0.13, 0.2) * body_h)
+    h, w = body_h + int(np.ceil(wheel_r)), body_w
+    # Wheel centres sit on the bottom edge of the body: half under it, half over it.
+    wheels = (_disk(h, w, body_h, rng.uniform(0.14, 0.26) * w, wheel_r)
+              | _disk(h, w, body_h, rng.uniform(0.74, 0.86) * w, wheel_r))
+    body = np.zeros((h, w), dtype=bool)
+    body[:body_h] = True
+    body &= ~wheels
+    tyre = _hsv(rng, (0.0, 1.0), (0.0, 0.2), (0.05, 0.2))
+    rgb = np.where(wheels[..., None], tyre, _shaded(rng, _texture_bus_house(rng, h, w), 0.15))
+    return _Shape([body, wheels], rgb)
+
+
+def _house(rng: np.random.Generator, img_h: int, img_w: int) -> _Shape:
+    total_h = rng.uniform(0.3, 0.7) * img_h
+    roof_h = int(rng.uniform(0.3, 0.45) * total_h)
+    body_h = int(total_h) - roof_h
+    body_w = int(min(body_h * rng.uniform(0.9, 1.6), 0.6 * img_w))
+    overhang = int(rng.uniform(0.0, 0.12) * body_w)
+    h, w = roof_h + body_h, body_w + 2 * overhang
+    roof = _convex_polygon(h, w, [(roof_h + 0.5, 0.0), (0.0, w / 2), (roof_h + 0.5, float(w))])
+    body = np.zeros((h, w), dtype=bool)
+    body[roof_h:, overhang:overhang + body_w] = True
+    # One texture over the whole canvas: the roof continues the wall's texture.
+    rgb = _shaded(rng, _texture_bus_house(rng, h, w), 0.15)
+    return _Shape([roof | body], rgb)
+
+
+def _plate(rng: np.random.Generator, img_h: int, img_w: int) -> _Shape:
+    radius = rng.uniform(0.15, 0.34) * min(img_h, img_w)
+    size = int(np.ceil(2 * radius))
+    mask = _disk(size, size, size / 2, size / 2, radius)
+    return _Shape([mask], _shaded(rng, _texture_plate_tile(rng, size, size), 0.15))
+
+
+def _tile(rng: np.random.Generator, img_h: int, img_w: int) -> _Shape:
+    side = rng.uniform(0.25, 0.55) * min(img_h, img_w)
+    angle = rng.uniform(0.0, np.pi / 2)
+    size = int(np.ceil(side * (abs(np.cos(angle)) + abs(np.sin(angle)))))
+    mask = _rotated_rectangle(size, size, size / 2, size / 2, side / 2, side / 2, angle)
+    return _Shape([mask], _shaded(rng, _texture_plate_tile(rng, size, size), 0.15))
+
+
+def _table(rng: np.random.Generator, img_h: int, img_w: int) -> _Shape:
+    leg_w = int(rng.integers(1, 4))  # the thin part: 1-3 px
+    inset = int(rng.integers(0, 3))
+    w = max(int(rng.uniform(0.3, 0.55) * img_w), 2 * (leg_w + inset) + 2)
+    top_h = max(3, int(rng.uniform(0.05, 0.1) * img_h))
+    leg_len = max(6, int(rng.uniform(0.2, 0.35) * img_h))
+    h = top_h + leg_len
+    top = np.zeros((h, w), dtype=bool)
+    top[:top_h] = True
+    legs = np.zeros((h, w), dtype=bool)
+    for x0 in (inset, w - inset - leg_w):
+        legs[top_h:, x0:x0 + leg_w] = True
+    if rng.random() < 0.5:
+        # A back leg, seen between the front ones and ending higher up.
+        x0 = int(rng.uniform(0.3, 0.7) * w)
+        legs[top_h:h - max(2, leg_len // 5), x0:x0 + leg_w] = True
+    colour = _wood_colour(rng)
+    rgb = np.where(legs[..., None], colour * rng.uniform(0.5, 0.8), _wood(rng, h, w, colour))
+    return _Shape([top, legs], _shaded(rng, rgb, 0.1))
+
+
+def _lamp(rng: np.random.Generator, img_h: int, img_w: int) -> _Shape:
+    side = min(img_h, img_w)
+    shade_w = max(5, int(rng.uniform(0.12, 0.22) * side))
+    shade_h = max(3, int(rng.uniform(0.08, 0.14) * side))
+    pole_len = max(8, int(rng.uniform(0.3, 0.5) * img_h))
+    pole_w = int(rng.integers(1, 4))  # the thin part: 1-3 px
+    foot_h = int(rng.integers(1, 3))
+    w, h = shade_w, shade_h + pole_len + foot_h
+    narrowing = rng.uniform(0.15, 0.3) * shade_w
+    shade = _convex_polygon(h, w, [(0.0, narrowing), (0.0, w - narrowing),
+                                   (float(shade_h), float(w)), (float(shade_h), 0.0)])
+    stand = np.zeros((h, w), dtype=bool)
+    x0 = (w - pole_w) // 2
+    stand[shade_h:h - foot_h, x0:x0 + pole_w] = True
+    foot_w = max(pole_w + 2, int(rng.uniform(0.5, 0.9) * w))
+    stand[h - foot_h:, (w - foot_w) // 2:(w + foot_w) // 2] = True
+    metal = _hsv(rng, (0.0, 1.0), (0.0, 0.2), (0.1, 0.9))
+    fabric = _hsv(rng, (0.0, 1.0), (0.2, 0.7), (0.75, 1.0))
+    rgb = np.where(shade[..., None], _shaded(rng, np.broadcast_to(fabric, (h, w, 3)), 0.2), metal)
+    return _Shape([shade, stand], rgb)
+
+
+def _ball(rng: np.random.Generator, img_h: int, img_w: int) -> _Shape:
+    radius = max(2.0, rng.uniform(0.03, 0.055) * min(img_h, img_w))
+    size = int(np.ceil(2 * radius))
+    mask = _disk(size, size, size / 2, size / 2, radius)
+    # Lit from the upper left: bright near a highlight point, darker towards the rim.
+    yy, xx = _grid(size, size)
+    dist = np.hypot(yy - 0.35 * size, xx - 0.35 * size) / radius
+    gain = np.clip(1.25 - 0.5 * dist, 0.5, 1.25)
+    rgb = _vivid_colour(rng) * gain[..., None]
+    return _Shape([mask], rgb)
+
+
+_OBJECT_DRAWERS: dict[str, Callable[[np.random.Generator, int, int], _Shape]] = {
+    "bus": _bus, "house": _house, "plate": _plate, "tile": _tile,
+    "table": _table, "lamp": _lamp, "ball": _ball,
+}
+assert list(_OBJECT_DRAWERS) == DEMO_CLASSES[1:]
+
+
+# ---------------------------------------------------------------------------
+# Background and clutter
+# ---------------------------------------------------------------------------
+
+def _background_region(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A full-frame fill for one background region: colour, gradient, texture."""
+    rgb = _shaded(rng, np.broadcast_to(_muted_colour(rng), (h, w, 3)), rng.uniform(0.05, 0.3))
+    kind = rng.integers(3)
+    if kind == 0:  # cloudy
+        rgb = rgb + rng.uniform(8.0, 25.0) * _smooth_noise(rng, h, w, rng.uniform(2.0, 8.0))[..., None]
+    elif kind == 1:  # faint fine stripes (grass, fabric, wallpaper)
+        _, v = _rotated_grid(h, w, rng.uniform(0.0, np.pi))
+        rgb = rgb + rng.uniform(6.0, 15.0) * np.sin(2 * np.pi * v / rng.uniform(2.0, 5.0))[..., None]
+    return rgb + rng.normal(0.0, rng.uniform(2.0, 8.0), size=(h, w, 3))
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Two or three regions split by parallel, slightly wavy boundaries."""
+    if rng.random() < 0.5:
+        angle = rng.uniform(-0.25, 0.25)  # a horizon
+    else:
+        angle = rng.uniform(0.0, np.pi)  # any diagonal
+    along, across = _rotated_grid(h, w, angle)
+    across = across + rng.uniform(0.0, 0.06 * h) * np.sin(
+        2 * np.pi * along / rng.uniform(0.5 * w, 2.0 * w) + rng.uniform(0.0, 2 * np.pi))
+    n_regions = int(rng.integers(2, 4))
+    cuts = np.sort(rng.uniform(np.quantile(across, 0.2), np.quantile(across, 0.8), n_regions - 1))
+    region = np.digitize(across, cuts)
+    rgb = np.empty((h, w, 3))
+    for k in range(n_regions):
+        rgb[region == k] = _background_region(rng, h, w)[region == k]
+    return rgb
+
+
+def _clutter_colour(rng: np.random.Generator) -> np.ndarray:
+    # Half the clutter borrows object colours so colour alone does not identify objects.
+    if rng.random() < 0.5:
+        sampler = (_warm_colour, _cool_colour, _wood_colour, _vivid_colour)[rng.integers(4)]
+        return sampler(rng)
+    return _muted_colour(rng)
+
+
+def _clutter_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    side = min(h, w)
+    centre = rng.uniform((0.0, 0.0), (h, w))
+    kind = rng.integers(3)
+    if kind == 0:  # a short line, as thin as a lamp pole or table leg
+        angle = rng.uniform(0.0, 2 * np.pi)
+        end = centre + rng.uniform(0.1, 0.35) * side * np.array([np.sin(angle), np.cos(angle)])
+        return _segment(h, w, centre, end, thickness=rng.uniform(1.0, 2.5))
+    if kind == 1:  # an elongated blob, so it is never mistaken for a ball
+        radius = rng.uniform(0.03, 0.1) * side + 1.0
+        return _ellipse(h, w, *centre, radius, radius * rng.uniform(1.8, 3.0), rng.uniform(0.0, np.pi))
+    half = rng.uniform(0.02, 0.1, size=2) * side + 1.0  # a rectangle
+    return _rotated_rectangle(h, w, *centre, *half, rng.uniform(0.0, np.pi))
+
+
+def _add_clutter(rng: np.random.Generator, rgb: np.ndarray) -> None:
+    """Paint small background clutter in place.
+
+    Clutter is smaller than any confusable object and never uses the pair
+    textures (bricks, checker, dots), so its label "background" is not
+    ambiguous; it only uses plain, noisy or striped fills.
+    """
+    h, w = rgb.shape[:2]
+    for _ in range(int(rng.integers(3, 10))):
+        mask = _clutter_mask(rng, h, w)
+        colour = _clutter_colour(rng)
+        if rng.random() < 0.3:
+            stripes = _stripes(h, w, colour, colour * rng.uniform(0.4, 0.7), rng.uniform(2.0, 5.0),
+                               rng.uniform(0.0, np.pi))
+            rgb[mask] = stripes[mask]
+        else:
+            rgb[mask] = colour + rng.normal(0.0, 6.0, size=(int(mask.sum()), 3))
+
+
+# ---------------------------------------------------------------------------
+# Composition
+# ---------------------------------------------------------------------------
+
+def _place(rng: np.random.Generator, mask: np.ndarray, occupied: np.ndarray,
+           tries: int = 20) -> tuple[int, int]:
+    """Top-left corner for `mask` inside the image, preferring little overlap.
+
+    Objects may overlap, but heavy overlap would hide the parts (wheels,
+    roofs) that tell the confusable classes apart, so a few positions are
+    tried and the least-overlapping one is kept.
+    """
+    img_h, img_w = occupied.shape
+    h, w = mask.shape
+    area = max(int(mask.sum()), 1)
+    best, best_overlap = (0, 0), np.inf
+    for _ in range(tries):
+        top, left = int(rng.integers(0, img_h - h + 1)), int(rng.integers(0, img_w - w + 1))
+        overlap = (occupied[top:top + h, left:left + w] & mask).sum() / area
+        if overlap < best_overlap:
+            best, best_overlap = (top, left), overlap
+        if overlap <= 0.2:
+            break
+    return best
+
+
+def _with_contrast(shape: _Shape, under: np.ndarray) -> np.ndarray:
+    """Object colours, each part lightened or darkened if too close to what lies under it."""
+    rgb = shape.rgb.copy()
+    for part in shape.parts:
+        if not part.any():
+            continue
+        under_mean = under[part].mean(axis=0)
+        if np.linalg.norm(rgb[part].mean(axis=0) - under_mean) < _MIN_CONTRAST:
+            direction = 1.0 if _luminance(under_mean) < 128 else -1.0
+            rgb[part] += direction * _MIN_CONTRAST
+    return rgb
+
+
+def _render(rng: np.random.Generator, min_size: int, max_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One (RGB uint8 image, uint8 label map) pair."""
+    h, w = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
+    rgb = _background(rng, h, w)
+    _add_clutter(rng, rgb)
+    label = np.zeros((h, w), dtype=np.uint8)
+
+    n_objects = 0 if rng.random() < _NO_OBJECT_PROBABILITY else int(rng.integers(1, _MAX_OBJECTS + 1))
+    classes = rng.choice(np.arange(1, len(DEMO_CLASSES)), size=n_objects, replace=False)
+    occupied = np.zeros((h, w), dtype=bool)
+    placed = []
+    for cls in classes:
+        shape = _OBJECT_DRAWERS[DEMO_CLASSES[cls]](rng, h, w)
+        top, left = _place(rng, shape.mask, occupied)
+        occupied[top:top + shape.rgb.shape[0], left:left + shape.rgb.shape[1]] |= shape.mask
+        placed.append((int(cls), shape, top, left))
+
+    # Paint large objects first so small and thin ones are never hidden entirely.
+    for cls, shape, top, left in sorted(placed, key=lambda p: -int(p[1].mask.sum())):
+        window = (slice(top, top + shape.rgb.shape[0]), slice(left, left + shape.rgb.shape[1]))
+        mask = shape.mask
+        rgb[window][mask] = _with_contrast(shape, rgb[window])[mask]
+        label[window][mask] = cls
+
+    rgb += rng.normal(0.0, rng.uniform(2.0, 5.0), size=rgb.shape)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8), label
+
+
+# ---------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------
+
+def _write_pair(root: pathlib.Path, image_id: str, rgb: np.ndarray, label: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    # 4:4:4 chroma: the default 4:2:0 subsampling would smear the colour of 1 px parts.
+    Image.fromarray(rgb).save(buffer, format="JPEG", quality=_JPEG_QUALITY, subsampling=0)
+    atomic_write_bytes(root / "JPEGImages" / f"{image_id}.jpg", buffer.getvalue())
+    save_mask(root / "SegmentationClass" / f"{image_id}.png", label.astype(np.uint8))
+
+
+def _write_text(path: pathlib.Path, lines: list[str]) -> None:
+    atomic_write_bytes(path, "".join(f"{line}\n" for line in lines).encode("utf-8"))
+
+
+def _validate(num_train: int, num_val: int, min_size: int, max_size: int, seed: int) -> None:
+    if num_train < 1:
+        raise ValueError(f"num_train must be >= 1, got {num_train}")
+    if num_val < 1:
+        raise ValueError(f"num_val must be >= 1, got {num_val}")
+    if min_size < 16:
+        raise ValueError(f"min_size must be >= 16, got {min_size}")
+    if max_size < min_size:
+        raise ValueError(f"max_size must be >= min_size, got min_size={min_size}, max_size={max_size}")
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+
+
+def generate_demo_dataset(root: pathlib.Path, num_train: int, num_val: int,
+                          min_size: int, max_size: int, seed: int) -> None:
+    """Writes a synthetic data set in the PASCAL VOC layout into `root` (created if missing).
+
+    Layout: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` (palette
+    PNG, values are class indices, no 255), ``ImageSets/Segmentation/
+    {train,val}.txt`` and ``classes.txt``. Every file is written atomically
+    and ``classes.txt`` last, so its presence marks a complete data set.
+    """
+    _validate(num_train, num_val, min_size, max_size, seed)
+    root = pathlib.Path(root)
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    # A previous complete run's marker must not vouch for a half-rewritten folder.
+    (root / "classes.txt").unlink(missing_ok=True)
+
+    for split, count in (("train", num_train), ("val", num_val)):
+        ids = [f"{split}_{index:04d}" for index in range(count)]
+        for index, image_id in enumerate(ids):
+            rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
+            _write_pair(root, image_id, *_render(rng, min_size, max_size))
+        _write_text(root / "ImageSets" / "Segmentation" / f"{split}.txt", ids)
+
+    _write_text(root / "classes.txt", DEMO_CLASSES)

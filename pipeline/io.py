@@ -1,0 +1,83 @@
+"""Atomic file output and the VOC mask format.
+
+Everything the pipeline writes goes through these functions: the bytes land in a
+temporary file in the destination folder and are renamed into place, so a killed
+process never leaves a truncated file under its final name.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def voc_palette() -> list[int]:
+    """The 256-colour PASCAL VOC palette (index 255, 'unsure', is (224, 224, 192))."""
+    palette = []
+    for index in range(256):
+        r = g = b = 0
+        c = index
+        for bit in range(8):
+            r |= ((c >> 0) & 1) << (7 - bit)
+            g |= ((c >> 1) & 1) << (7 - bit)
+            b |= ((c >> 2) & 1) << (7 - bit)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def mask_png_bytes(mask: np.ndarray) -> bytes:
+    """A uint8 class-index mask as a palette PNG, readable as indices by any VOC tool."""
+    if mask.dtype != np.uint8 or mask.ndim != 2:
+        raise ValueError(f"a mask must be a 2-D uint8 array, got {mask.dtype} {mask.shape}")
+    image = Image.fromarray(mask, mode="P")
+    image.putpalette(voc_palette())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_mask(path: str | Path, mask: np.ndarray) -> None:
+    atomic_write_bytes(path, mask_png_bytes(mask))
+
+
+def load_mask(path: str | Path) -> np.ndarray:
+    """Class indices of a palette or grayscale PNG mask (never colour-converted)."""
+    with Image.open(path) as image:
+        if image.mode not in ("P", "L"):
+            raise ValueError(f"{path}: a mask must be a palette or grayscale PNG of class indices, got mode {image.mode}")
+        return np.array(image, dtype=np.uint8)
+
+
+def save_arrays(path: str | Path, **arrays: np.ndarray) -> None:
+    """A compressed .npz of plain arrays (no pickled objects), written atomically."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}

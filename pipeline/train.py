@@ -1,0 +1,84 @@
+"""The training loop shared by every stage: SGD, poly learning rate, tqdm progress.
+
+A stage supplies the model, the data set and a ``compute_loss(model, batch)`` that
+returns a dict of named loss terms with the total under "loss". The loader and the
+loop are the two places DistributedDataParallel plugs into (a DistributedSampler in
+``make_train_loader``, the DDP wrapper around ``model``), hence they live here only.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from pipeline.config import TrainConfig
+from pipeline.io import atomic_write_bytes
+from pipeline.runtime import is_main_process
+
+LossFn = Callable[[nn.Module, dict], dict]
+
+
+def make_train_loader(dataset, cfg: TrainConfig, workers: int, generator: torch.Generator):
+    if len(dataset) < cfg.batch_size:
+        raise ValueError(f"{len(dataset)} training images are fewer than one batch of {cfg.batch_size}")
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, generator=generator,
+        # Full batches only: BatchNorm (and ASPP's pooled branch) needs more than one sample.
+        drop_last=True, persistent_workers=workers > 0,
+    )
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    new = {id(p) for p in model.new_parameters()}
+    pretrained = [p for p in model.parameters() if id(p) not in new]
+    return torch.optim.SGD(
+        [{"params": pretrained, "lr": cfg.lr, "base_lr": cfg.lr},
+         {"params": model.new_parameters(), "lr": cfg.lr * cfg.head_lr_mult, "base_lr": cfg.lr * cfg.head_lr_mult}],
+        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    )
+
+
+def train(model: nn.Module, loader, compute_loss: LossFn, cfg: TrainConfig, device: torch.device,
+          desc: str) -> list[float]:
+    """Trains in place; returns the mean loss of each epoch."""
+    optimizer = make_optimizer(model, cfg)
+    total_steps = cfg.epochs * len(loader)
+    step = 0
+    epoch_losses = []
+    model.train()
+    for epoch in range(cfg.epochs):
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        running = 0.0
+        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not is_main_process())
+        for batch_index, batch in enumerate(bar, start=1):
+            for group in optimizer.param_groups:  # poly schedule, as in DeepLab
+                group["lr"] = group["base_lr"] * (1 - step / total_steps) ** 0.9
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            terms = compute_loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            optimizer.step()
+            step += 1
+            running += terms["loss"].item()
+            bar.set_postfix({k: f"{v.item():.3f}" for k, v in terms.items()} | {"avg": f"{running / batch_index:.3f}"})
+        epoch_losses.append(running / len(loader))
+        if is_main_process():
+            tqdm.write(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {epoch_losses[-1]:.4f}")
+    model.eval()
+    return epoch_losses
+
+
+def save_checkpoint(path: Path, model: nn.Module) -> None:
+    """A plain state_dict of tensors (loadable with ``torch.load(..., weights_only=True)``)."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path, model: nn.Module) -> None:
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

@@ -1,0 +1,85 @@
+"""The stage registry and the planner that decides, per stage, run or reuse the cache.
+
+Each stage module has ``upstream(cfg)`` (the stages whose outputs it reads),
+``own_inputs(cfg)`` (config values and data fingerprint it depends on) and the entry
+point ``run(cfg, run_dir) -> metrics``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.cache import METRICS, cache_key, read_json, stage_status
+from pipeline.config import Config
+from pipeline.errors import CacheError, ConfigError
+from stages import cam, refine, seg
+
+STAGES = {"cam": cam, "refine": refine, "seg": seg}
+DEFAULT_STAGES = {"weak": ["cam", "refine", "seg"], "full": ["seg"]}
+
+
+def expected_inputs(cfg: Config, stage: str) -> dict:
+    """What the stage's manifest must record for its cache to be valid under ``cfg``."""
+    module = STAGES[stage]
+    return module.own_inputs(cfg) | {
+        "upstream": {name: cache_key(expected_inputs(cfg, name)) for name in module.upstream(cfg)}}
+
+
+@dataclass
+class PlannedStage:
+    name: str
+    state: str  # cached, stale or missing
+    reason: str
+    will_run: bool
+
+
+def parse_stages(text: str | None, mode: str) -> list[str]:
+    if text is None:
+        return list(DEFAULT_STAGES[mode])
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in STAGES]
+    if unknown or not names:
+        raise ConfigError(f"--stages: unknown stage {unknown[0] if unknown else text!r}; stages: {', '.join(STAGES)}")
+    unused = [name for name in names if name not in DEFAULT_STAGES[mode]]
+    if unused:
+        raise ConfigError(f"--stages: {', '.join(unused)} not used in --mode {mode} "
+                          f"(its stages: {', '.join(DEFAULT_STAGES[mode])})")
+    return [name for name in STAGES if name in names]  # pipeline order, whatever order was typed
+
+
+def plan(cfg: Config, run_dir: Path, requested: list[str], force: bool) -> list[PlannedStage]:
+    """Status of each requested stage; raises CacheError before any work if an upstream
+    output that a stage to run needs is missing or stale and is not going to be made."""
+    planned = []
+    for name in requested:
+        status = stage_status(run_dir, name, expected_inputs(cfg, name))
+        planned.append(PlannedStage(name, status.state, status.reason, force or status.state != "cached"))
+    for stage in (p for p in planned if p.will_run):
+        for needed in STAGES[stage.name].upstream(cfg):
+            if needed in requested:
+                continue
+            status = stage_status(run_dir, needed, expected_inputs(cfg, needed))
+            if status.state != "cached":
+                raise CacheError(f"stage {stage.name} needs the output of stage {needed}, which is {status.state} "
+                                 f"({status.reason}); run it first: --stages {needed},{stage.name}")
+    return planned
+
+
+@dataclass
+class StageResult:
+    name: str
+    miou: float
+    wall_time_s: float
+    ran: bool
+
+
+def execute(cfg: Config, run_dir: Path, planned: list[PlannedStage]) -> list[StageResult]:
+    results = []
+    for stage in planned:
+        if stage.will_run:
+            metrics = STAGES[stage.name].run(cfg, run_dir)
+        else:
+            metrics = read_json(run_dir / stage.name / METRICS) or {}
+        results.append(StageResult(stage.name, metrics.get("miou", float("nan")),
+                                   metrics.get("wall_time_s", float("nan")), stage.will_run))
+    return results

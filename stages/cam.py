@@ -1,0 +1,87 @@
+"""Stage cam: train a multi-label classifier on image-level labels, then compute CAMs.
+
+Outputs in ``<run-dir>/cam/``: ``model.pt`` (state_dict), ``cams/<id>.npz`` with
+``cams`` (float16, K x H x W, one map per class in the image label, max-normalised) and
+``classes`` (the K class indices), and ``metrics.json`` scoring the CAMs on the train
+images against ground truth (ground truth is used for this score only).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.cache import StageOutput
+from pipeline.cam import cam_to_label, multiscale_cams
+from pipeline.config import Config, section_for_cache
+from pipeline.data import TrainingSet, normalize, open_dataset
+from pipeline.io import load_arrays, save_arrays
+from pipeline.losses import multilabel_loss
+from pipeline.metrics import confusion_matrix, iou_scores
+from pipeline.models import CAMNet
+from pipeline.runtime import is_main_process, seed_everything, select_device, shard
+from pipeline.train import make_train_loader, save_checkpoint, train
+
+NAME = "cam"
+# Background thresholds scored on the train images, to report the best one beside the configured one.
+THRESHOLD_SWEEP = [round(t, 2) for t in np.arange(0.05, 0.96, 0.05)]
+
+
+def upstream(cfg: Config) -> list[str]:
+    return []
+
+
+def own_inputs(cfg: Config) -> dict:
+    dataset = open_dataset(cfg.data.root)
+    return {"config": section_for_cache(cfg, "seed", "data", "cam"),
+            "data_fingerprint": dataset.fingerprint([cfg.data.train_split])}
+
+
+def classification_loss(model, batch) -> dict:
+    return {"loss": multilabel_loss(model(batch["image"]), batch["labels"])}
+
+
+def load_cams(cam_dir: Path, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+    arrays = load_arrays(cam_dir / f"{image_id}.npz")
+    return arrays["cams"].astype(np.float32), arrays["classes"].astype(np.int64)
+
+
+def run(cfg: Config, run_dir: Path) -> dict:
+    dataset = open_dataset(cfg.data.root)
+    device = select_device(cfg.device)
+    generator = seed_everything(cfg.seed)
+    train_ids = dataset.split_ids(cfg.data.train_split)
+    with StageOutput(run_dir, NAME, own_inputs(cfg) | {"upstream": {}}) as out:
+        model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1).to(device)
+        train_set = TrainingSet(dataset, train_ids, cfg.cam.train.crop_size, cfg.cam.train.scale_range)
+        loader = make_train_loader(train_set, cfg.cam.train, cfg.data.loader_workers, generator)
+        losses = train(model, loader, classification_loss, cfg.cam.train, device, "cam")
+        save_checkpoint(out.dir / "model.pt", model)
+
+        cam_dir = out.dir / "cams"
+        cam_dir.mkdir()
+        thresholds = sorted(set(THRESHOLD_SWEEP) | {cfg.cam.bg_threshold})
+        confusions = {t: 0 for t in thresholds}
+        for image_id in tqdm(shard(train_ids), desc="cam inference", leave=False, disable=not is_main_process()):
+            image = normalize(dataset.load_image(image_id)).to(device)
+            classes = dataset.image_labels(image_id)
+            cams = multiscale_cams(model, image, classes, cfg.cam.scales, cfg.cam.flip)
+            save_arrays(cam_dir / f"{image_id}.npz", cams=cams.astype(np.float16), classes=classes.astype(np.uint8))
+            # Score exactly what refine will read: the float16 maps.
+            stored, _ = load_cams(cam_dir, image_id)
+            gt = dataset.load_mask(image_id)
+            for t in thresholds:
+                confusions[t] = confusions[t] + confusion_matrix(gt, cam_to_label(stored, classes, t), dataset.num_classes)
+
+        sweep = {t: iou_scores(confusions[t], dataset.classes)["miou"] for t in thresholds}
+        best = max(sweep, key=sweep.get)
+        out.metrics = iou_scores(confusions[cfg.cam.bg_threshold], dataset.classes) | {
+            "bg_threshold": cfg.cam.bg_threshold,
+            "best_bg_threshold": best,
+            "best_miou": sweep[best],
+            "miou_by_bg_threshold": {str(t): round(v, 4) for t, v in sweep.items()},
+            "train_loss_by_epoch": [round(v, 4) for v in losses],
+            "cam_bytes_per_image": round(sum(f.stat().st_size for f in cam_dir.iterdir()) / max(len(train_ids), 1)),
+        }
+    return out.metrics

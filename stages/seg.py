@@ -1,0 +1,88 @@
+"""Stage seg: train a DeepLab segmenter on pixel labels, predict and score the val split.
+
+The pixel labels are the refine stage's pseudo masks in weak mode (255 = unsure,
+ignored by the loss) and the ground-truth masks in full mode (the upper bound).
+Outputs in ``<run-dir>/seg/``: ``model.pt``, ``predictions/<id>.png`` and ``metrics.json``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.cache import StageOutput, upstream_keys
+from pipeline.config import Config, section_for_cache
+from pipeline.data import TrainingSet, normalize, open_dataset
+from pipeline.io import load_mask, save_mask
+from pipeline.losses import pixel_cross_entropy
+from pipeline.metrics import confusion_matrix, iou_scores
+from pipeline.models import DeepLab
+from pipeline.runtime import is_main_process, seed_everything, select_device, shard
+from pipeline.train import make_train_loader, save_checkpoint, train
+
+NAME = "seg"
+
+
+def upstream(cfg: Config) -> list[str]:
+    return ["refine"] if cfg.mode == "weak" else []
+
+
+def own_inputs(cfg: Config) -> dict:
+    dataset = open_dataset(cfg.data.root)
+    return {"config": section_for_cache(cfg, "seed", "mode", "data", "seg"),
+            "data_fingerprint": dataset.fingerprint([cfg.data.train_split, cfg.data.val_split])}
+
+
+class MaskFolder:
+    """Pixel labels read from ``<folder>/<id>.png`` (picklable, for DataLoader workers)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __call__(self, image_id: str) -> np.ndarray:
+        return load_mask(self.folder / f"{image_id}.png")
+
+
+def segmentation_loss(model, batch) -> dict:
+    return {"loss": pixel_cross_entropy(model(batch["image"]), batch["mask"])}
+
+
+@torch.no_grad()
+def predict(model: DeepLab, image: torch.Tensor, flip: bool) -> np.ndarray:
+    """Class-index mask for one 3xHxW image, averaging softmax with the mirrored image's."""
+    batch = torch.stack([image, image.flip(-1)]) if flip else image[None]
+    probs = model(batch).softmax(dim=1)
+    if flip:
+        probs = probs[0:1] + probs[1:2].flip(-1)
+    return probs[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
+
+
+def run(cfg: Config, run_dir: Path) -> dict:
+    dataset = open_dataset(cfg.data.root)
+    device = select_device(cfg.device)
+    generator = seed_everything(cfg.seed)
+    inputs = own_inputs(cfg) | {"upstream": upstream_keys(run_dir, upstream(cfg))}
+    pixel_labels = MaskFolder(run_dir / "refine" / "pseudo") if cfg.mode == "weak" else dataset.load_mask
+    with StageOutput(run_dir, NAME, inputs) as out:
+        model = DeepLab(cfg.seg.backbone, dataset.num_classes, cfg.seg.aspp_rates).to(device)
+        train_set = TrainingSet(dataset, dataset.split_ids(cfg.data.train_split), cfg.seg.train.crop_size,
+                                cfg.seg.train.scale_range, pixel_labels=pixel_labels)
+        loader = make_train_loader(train_set, cfg.seg.train, cfg.data.loader_workers, generator)
+        losses = train(model, loader, segmentation_loss, cfg.seg.train, device, f"seg ({cfg.mode})")
+        save_checkpoint(out.dir / "model.pt", model)
+
+        prediction_dir = out.dir / "predictions"
+        prediction_dir.mkdir()
+        confusion = 0
+        for image_id in tqdm(shard(dataset.split_ids(cfg.data.val_split)), desc="seg prediction", leave=False,
+                             disable=not is_main_process()):
+            mask = predict(model, normalize(dataset.load_image(image_id)).to(device), cfg.seg.flip_predict)
+            save_mask(prediction_dir / f"{image_id}.png", mask)
+            confusion = confusion + confusion_matrix(dataset.load_mask(image_id), mask, dataset.num_classes)
+        out.metrics = iou_scores(confusion, dataset.classes) | {
+            "mode": cfg.mode,
+            "train_loss_by_epoch": [round(v, 4) for v in losses],
+        }
+    return out.metrics
