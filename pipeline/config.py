@@ -181,7 +181,8 @@ def _build(cls, raw: Any, prefix: str):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a section of keys, got {raw!r}" if prefix
+                          else f"the config must be a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))

@@ -16,6 +16,7 @@ from pipeline.cache import StageOutput
 from pipeline.cam import cam_to_label, multiscale_cams
 from pipeline.config import Config, section_for_cache
 from pipeline.data import TrainingSet, normalize, open_dataset
+from pipeline.errors import CacheError
 from pipeline.io import load_arrays, save_arrays
 from pipeline.losses import multilabel_loss
 from pipeline.metrics import confusion_matrix, iou_scores
@@ -43,8 +44,13 @@ def classification_loss(model, batch) -> dict:
 
 
 def load_cams(cam_dir: Path, image_id: str) -> tuple[np.ndarray, np.ndarray]:
-    arrays = load_arrays(cam_dir / f"{image_id}.npz")
-    return arrays["cams"].astype(np.float32), arrays["classes"].astype(np.int64)
+    path = cam_dir / f"{image_id}.npz"
+    try:
+        arrays = load_arrays(path)
+        return arrays["cams"].astype(np.float32), arrays["classes"].astype(np.int64)
+    except (OSError, ValueError, KeyError) as error:
+        raise CacheError(f"CAM file {path} is missing or unreadable ({type(error).__name__}); "
+                         "recompute it: --stages cam --force") from None
 
 
 def run(cfg: Config, run_dir: Path) -> dict:

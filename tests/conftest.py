@@ -3,3 +3,41 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.io import save_mask
+
+
+def write_voc_folder(root: Path, masks: dict, classes=("background", "cat", "dog"), splits=None, gray=False):
+    """A small VOC-layout folder: one image per mask, coloured by class so edges are visible."""
+    (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    (root / "SegmentationClass").mkdir(parents=True, exist_ok=True)
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+    colours = np.array([[40, 90, 40], [220, 60, 60], [60, 60, 220]] + [[200, 200, 0]] * 253, dtype=np.uint8)
+    for image_id, mask in masks.items():
+        rgb = colours[mask]
+        image = Image.fromarray(rgb[..., 0] if gray else rgb)
+        image.save(root / "JPEGImages" / f"{image_id}.png")
+        save_mask(root / "SegmentationClass" / f"{image_id}.png", mask)
+    splits = splits or {"train": list(masks), "val": list(masks)}
+    for split, ids in splits.items():
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    return root
+
+
+def two_object_mask(size=32, cls_a=1, cls_b=2):
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[4:14, 4:14] = cls_a
+    mask[18:28, 16:30] = cls_b
+    return mask
+
+
+@pytest.fixture
+def voc_folder(tmp_path):
+    masks = {"a": two_object_mask(), "b": two_object_mask(cls_b=1), "empty": np.zeros((24, 40), np.uint8)}
+    masks["b"][0, :] = 255
+    return write_voc_folder(tmp_path / "voc", masks, splits={"train": ["a", "b", "empty"], "val": ["a"]})

@@ -1,0 +1,50 @@
+import numpy as np
+import torch
+
+from pipeline.cam import cam_to_label, multiscale_cams
+from pipeline.config import BackboneConfig
+from pipeline.models import CAMNet
+
+
+def tiny_camnet(num_fg=3):
+    torch.manual_seed(0)
+    return CAMNet(BackboneConfig(name="resnet18", output_stride=16), num_fg).eval()
+
+
+def test_cams_have_image_size_present_classes_only_and_max_one():
+    model = tiny_camnet()
+    image = torch.randn(3, 37, 45)
+    cams = multiscale_cams(model, image, np.array([1, 3]), scales=[1.0, 0.5, 1.5], flip=True)
+    assert cams.shape == (2, 37, 45) and cams.dtype == np.float32
+    assert cams.min() >= 0
+    np.testing.assert_allclose(cams.reshape(2, -1).max(axis=1), 1.0, rtol=1e-5)
+
+
+def test_cams_are_the_classifier_applied_to_the_last_feature_map():
+    model = tiny_camnet()
+    image = torch.randn(3, 32, 32)
+    cams = multiscale_cams(model, image, np.array([2]), scales=[1.0], flip=False)
+    with torch.no_grad():
+        features = model.backbone(image[None])[-1]
+        raw = torch.relu(torch.einsum("bchw,kc->bkhw", features, model.classifier.weight[:, :, 0, 0]))[:, 1:2]
+        expected = torch.nn.functional.interpolate(raw, size=(32, 32), mode="bilinear", align_corners=False)[0]
+    expected = (expected / expected.max()).numpy()
+    np.testing.assert_allclose(cams, expected, atol=1e-5)
+
+
+def test_flip_makes_cams_mirror_symmetric_in_the_input():
+    model = tiny_camnet()
+    image = torch.randn(3, 32, 48)
+    a = multiscale_cams(model, image, np.array([1]), scales=[1.0], flip=True)
+    b = multiscale_cams(model, image.flip(-1), np.array([1]), scales=[1.0], flip=True)
+    np.testing.assert_allclose(a, b[..., ::-1], atol=1e-5)
+
+
+def test_no_classes_gives_no_maps():
+    assert multiscale_cams(tiny_camnet(), torch.randn(3, 16, 16), np.array([], np.int64), [1.0], True).shape == (0, 16, 16)
+
+
+def test_cam_to_label_uses_the_background_threshold():
+    cams = np.array([[[0.9, 0.1, 0.3]], [[0.2, 0.05, 0.6]]], dtype=np.float32)
+    np.testing.assert_array_equal(cam_to_label(cams, np.array([2, 5]), 0.25), [[2, 0, 5]])
+    np.testing.assert_array_equal(cam_to_label(cams, np.array([2, 5]), 0.95), [[0, 0, 0]])

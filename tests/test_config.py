@@ -1,0 +1,77 @@
+import pytest
+
+from pipeline.config import apply_override, config_from_dict, load_config, section_for_cache
+from pipeline.errors import ConfigError
+
+
+def test_demo_config_loads_and_overrides_apply(tmp_path):
+    cfg = load_config("configs/demo.yaml", ["seed=3", "seg.train.epochs=2", "cam.scales=[1.0, 0.5]"], mode="full")
+    assert cfg.seed == 3 and cfg.seg.train.epochs == 2 and cfg.cam.scales == [1.0, 0.5] and cfg.mode == "full"
+    assert cfg.cam.backbone.name == "resnet18"
+
+
+def test_unknown_key_names_the_key_and_the_known_ones():
+    with pytest.raises(ConfigError) as error:
+        config_from_dict({"cam": {"train": {"epoch": 3}}})
+    message = str(error.value)
+    assert "cam.train.epoch" in message and "epochs" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"seed": "zero"}, "seed"),
+    ({"cam": {"flip": "yes"}}, "cam.flip"),
+    ({"seg": {"train": {"lr": [1]}}}, "seg.train.lr"),
+    ({"cam": {"scales": 1.0}}, "cam.scales"),
+    ({"refine": {"crf": 3}}, "refine.crf"),
+    ({"cam": {"backbone": {"name": "vgg"}}}, "cam.backbone.name"),
+    ({"refine": {"fg_threshold": 1.5}}, "refine.fg_threshold"),
+    ({"seg": {"train": {"batch_size": 1}}}, "seg.train.batch_size"),
+    ({"mode": "semi"}, "mode"),
+])
+def test_wrong_values_are_one_line_errors_naming_the_key(raw, key):
+    with pytest.raises(ConfigError) as error:
+        config_from_dict(raw)
+    assert f"'{key}'" in str(error.value)
+
+
+def test_bool_is_not_accepted_as_a_number():
+    with pytest.raises(ConfigError):
+        config_from_dict({"seed": True})
+
+
+def test_int_is_accepted_where_a_float_is_expected():
+    assert config_from_dict({"cam": {"train": {"lr": 1}}}).cam.train.lr == 1.0
+
+
+def test_override_parsing():
+    raw = {"seg": {"train": {}}}
+    apply_override(raw, "seg.train.scale_range=[0.5, 2]")
+    apply_override(raw, "demo.seed=4")
+    assert raw == {"seg": {"train": {"scale_range": [0.5, 2]}}, "demo": {"seed": 4}}
+    with pytest.raises(ConfigError):
+        apply_override(raw, "seed")
+    with pytest.raises(ConfigError, match="seg.train.scale_range is a value"):
+        apply_override(raw, "seg.train.scale_range.low=1")
+
+
+def test_cross_key_checks():
+    with pytest.raises(ConfigError, match="refine.bg_threshold"):
+        config_from_dict({"refine": {"fg_threshold": 0.1, "bg_threshold": 0.2}})
+    with pytest.raises(ConfigError, match="scale_range"):
+        config_from_dict({"cam": {"train": {"scale_range": [1.5, 0.5]}}})
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_execution_only_keys_stay_out_of_cache_sections():
+    cfg = config_from_dict({"refine": {"workers": 7}, "data": {"loader_workers": 3}})
+    picked = section_for_cache(cfg, "data", "refine")
+    assert "workers" not in picked["refine"] and "loader_workers" not in picked["data"]
+    assert "fg_threshold" in picked["refine"]

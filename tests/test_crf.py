@@ -1,0 +1,31 @@
+import numpy as np
+
+from pipeline.config import CrfConfig
+from pipeline.crf import crf_refine_labels
+
+
+def test_crf_moves_a_shifted_label_boundary_onto_the_colour_edge():
+    rng = np.random.default_rng(0)
+    image = np.zeros((40, 60, 3), np.uint8)
+    image[:, :30] = (200, 40, 40)
+    image[:, 30:] = (40, 40, 200)
+    image = np.clip(image + rng.normal(0, 5, image.shape), 0, 255).astype(np.uint8)
+    truth = np.zeros((40, 60), np.int64)
+    truth[:, 30:] = 1
+    labels = np.zeros((40, 60), np.int64)
+    labels[:, 36:] = 1  # boundary 6 px off the edge
+    refined = crf_refine_labels(image, labels, 2, CrfConfig(bilateral_sxy=20))
+    assert refined.shape == labels.shape
+    assert (refined == truth).mean() > (labels == truth).mean()
+    assert (refined == truth).mean() > 0.97
+
+
+def test_crf_keeps_a_small_region_that_has_its_own_colour_but_smooths_one_that_has_not():
+    image = np.full((30, 30, 3), 128, np.uint8)
+    image[5:15, 5:15] = (230, 30, 30)
+    labels = np.zeros((30, 30), np.int64)
+    labels[5:15, 5:15] = 2  # backed by a colour edge
+    labels[20:23, 20:23] = 1  # a 3x3 island on flat colour: noise to the CRF
+    refined = crf_refine_labels(image, labels, 3, CrfConfig(bilateral_sxy=10))
+    assert (refined[5:15, 5:15] == 2).mean() > 0.95
+    assert (refined[20:23, 20:23] == 1).sum() == 0

@@ -1,0 +1,120 @@
+"""End to end on a tiny demo: real networks, real CRF, real files, one epoch each."""
+import json
+
+import pytest
+
+from run_pipeline import main
+
+TINY = [
+    "demo.num_train=24", "demo.num_val=8", "demo.min_size=48", "demo.max_size=64",
+    "num_threads=2", "refine.workers=2",
+    "cam.train.epochs=1", "cam.train.batch_size=8", "cam.train.crop_size=48", "cam.scales=[1.0, 0.5]",
+    "seg.train.epochs=1", "seg.train.batch_size=8", "seg.train.crop_size=48",
+]
+
+
+def run(tmp_path, *args):
+    argv = ["--config", "configs/demo.yaml", "--run-dir", str(tmp_path / "run")]
+    for item in TINY + [f"data.root={tmp_path / 'demo'}"]:
+        argv += ["--set", item]
+    return main(argv + list(args))
+
+
+def manifest_time(tmp_path, stage):
+    return json.loads((tmp_path / "run" / stage / "manifest.json").read_text())["finished_at"], \
+        (tmp_path / "run" / stage / "manifest.json").stat().st_mtime_ns
+
+
+@pytest.fixture(scope="module")
+def weak_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("e2e")
+    assert run(tmp_path) == 0
+    return tmp_path
+
+
+def test_weak_run_writes_every_stage_with_scores(weak_run):
+    run_dir = weak_run / "run"
+    for stage in ("cam", "refine", "seg"):
+        metrics = json.loads((run_dir / stage / "metrics.json").read_text())
+        assert 0.0 <= metrics["miou"] <= 1.0 and metrics["wall_time_s"] > 0
+        assert "per_class_iou" in metrics
+    cam_metrics = json.loads((run_dir / "cam" / "metrics.json").read_text())
+    assert cam_metrics["best_miou"] >= cam_metrics["miou"]
+    assert len(list((run_dir / "cam" / "cams").glob("*.npz"))) == 24
+    assert len(list((run_dir / "refine" / "pseudo").glob("*.png"))) == 24
+    assert len(list((run_dir / "seg" / "predictions").glob("*.png"))) == 8
+    refine_metrics = json.loads((run_dir / "refine" / "metrics.json").read_text())
+    assert 0.0 <= refine_metrics["unsure_fraction"] <= 1.0
+    assert not list(run_dir.glob(".*"))  # no partial folders left behind
+
+
+def test_rerun_of_one_stage_is_a_no_op_then_forced(weak_run, capsys):
+    cam_before = manifest_time(weak_run, "cam")
+    refine_before = manifest_time(weak_run, "refine")
+    assert run(weak_run, "--stages", "refine") == 0
+    assert "cached" in capsys.readouterr().out
+    assert manifest_time(weak_run, "refine") == refine_before
+    assert run(weak_run, "--stages", "refine", "--force") == 0
+    assert manifest_time(weak_run, "refine")[1] != refine_before[1]
+    assert manifest_time(weak_run, "cam") == cam_before  # not listed, never runs
+    # refine's key is unchanged by a forced rerun, so seg stays valid
+    assert run(weak_run, "--stages", "seg", "--dry-run") == 0
+    assert "cached" in capsys.readouterr().out
+
+
+def test_changed_seed_makes_upstream_stale_and_stops_before_work(weak_run, capsys):
+    refine_before = manifest_time(weak_run, "refine")
+    assert run(weak_run, "--stages", "refine", "--set", "seed=1") == 2
+    error = capsys.readouterr().err
+    assert "stage cam" in error and "stale" in error and "seed 0 -> 1" in error and "--stages cam,refine" in error
+    assert len(error.strip().splitlines()) == 1
+    assert manifest_time(weak_run, "refine") == refine_before
+
+
+def test_dry_run_reports_stale_stages_and_writes_nothing(weak_run, capsys):
+    before = sorted(p.name for p in (weak_run / "run").iterdir())
+    assert run(weak_run, "--dry-run", "--set", "refine.fg_threshold=0.4") == 0
+    out = capsys.readouterr().out
+    assert "cam     cached" in out and "refine  stale" in out and "refine.fg_threshold 0.3 -> 0.4" in out
+    assert "seg     stale" in out and "refine output changed" in out
+    assert sorted(p.name for p in (weak_run / "run").iterdir()) == before
+
+
+def test_corrupt_cache_file_is_a_clear_error_and_leaves_no_output(weak_run, capsys):
+    run_dir = weak_run / "run"
+    victim = sorted((run_dir / "cam" / "cams").glob("*.npz"))[3]
+    data = victim.read_bytes()
+    victim.write_bytes(b"not an npz")
+    try:
+        assert run(weak_run, "--stages", "refine", "--force") == 2
+        assert victim.name in capsys.readouterr().err
+        assert (run_dir / "refine" / "manifest.json").exists()  # the previous output survives
+        assert not list(run_dir.glob(".refine*"))
+    finally:
+        victim.write_bytes(data)
+
+
+def test_full_mode_trains_seg_on_ground_truth_without_cam_or_refine(weak_run, capsys):
+    full_dir = weak_run / "full"
+    argv = ["--mode", "full", "--stages", "seg", "--run-dir", str(full_dir)]
+    assert main(["--config", "configs/demo.yaml"] + sum((["--set", s] for s in TINY + [f"data.root={weak_run / 'demo'}"]), []) + argv) == 0
+    assert sorted(p.name for p in full_dir.iterdir()) == ["seg"]
+    assert json.loads((full_dir / "seg" / "metrics.json").read_text())["mode"] == "full"
+    assert "seg" in capsys.readouterr().out
+
+
+def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    cases = [
+        ["--set", "cam.train.epoch=3"],
+        ["--set", "seed=abc"],
+        ["--stages", "cam,paint"],
+        ["--mode", "full", "--stages", "cam"],
+        ["--set", "demo=null", "--set", f"data.root={tmp_path / 'missing'}"],
+        ["--config", str(tmp_path / "none.yaml")],
+    ]
+    for extra in cases:
+        assert main(["--config", "configs/demo.yaml", "--run-dir", str(run_dir)] + extra) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("error: ") and len(error.splitlines()) == 1, (extra, error)
+    assert not run_dir.exists()
