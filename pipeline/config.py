@@ -177,7 +177,9 @@ def config_from_dict(raw: dict) -> Config:
     return cfg
 
 
-def _build(cls, raw: Any, prefix: str):
+def _build(cls, raw: Any, prefix: str, defaults=None):
+    """``cls`` from its raw mapping; keys not given take ``defaults``' values, which for a nested
+    section are its parent's defaults (e.g. ``seg.train.epochs`` is 20, not TrainConfig's 5)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -189,28 +191,28 @@ def _build(cls, raw: Any, prefix: str):
     if unknown:
         where = f"under '{prefix.rstrip('.')}'" if prefix else "at the top level"
         raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; keys {where}: {', '.join(fields)}")
-    defaults = cls()
+    defaults = defaults if defaults is not None else cls()
     values = {}
     for name, f in fields.items():
         key = prefix + name
         if name not in raw:
             values[name] = getattr(defaults, name)
             continue
-        values[name] = _coerce(hints[name], raw[name], key)
+        values[name] = _coerce(hints[name], raw[name], key, getattr(defaults, name))
         _check(f.metadata, values[name], key)
     return cls(**values)
 
 
-def _coerce(hint, value, key):
+def _coerce(hint, value, key, default=None):
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(hint) if a is not type(None)][0]
         if value is None:
             return None
         # A nested optional section given as a mapping, e.g. ``demo:``; an empty mapping means defaults.
-        return _coerce(inner, value, key)
+        return _coerce(inner, value, key, default)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".")
+        return _build(hint, value, key + ".", default)
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, list):

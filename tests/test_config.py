@@ -75,3 +75,11 @@ def test_execution_only_keys_stay_out_of_cache_sections():
     picked = section_for_cache(cfg, "data", "refine")
     assert "workers" not in picked["refine"] and "loader_workers" not in picked["data"]
     assert "fg_threshold" in picked["refine"]
+
+
+def test_a_partly_given_section_keeps_its_parents_defaults():
+    cfg = config_from_dict({"seg": {"train": {"lr": 0.1}, "backbone": {"output_stride": 8}}, "cam": {"train": {}}})
+    assert cfg.seg.train.lr == 0.1 and cfg.seg.train.epochs == 20 and cfg.seg.train.crop_size == 512
+    assert cfg.seg.backbone.name == "resnet101" and cfg.seg.backbone.output_stride == 8
+    assert cfg.cam.train == config_from_dict({}).cam.train
+    assert config_from_dict({"demo": {}}).demo.num_train == 400
