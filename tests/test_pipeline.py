@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from pipeline.config import load_config
 from run_pipeline import main
 
 TINY = [
@@ -73,9 +74,10 @@ def test_changed_seed_makes_upstream_stale_and_stops_before_work(weak_run, capsy
 
 def test_dry_run_reports_stale_stages_and_writes_nothing(weak_run, capsys):
     before = sorted(p.name for p in (weak_run / "run").iterdir())
-    assert run(weak_run, "--dry-run", "--set", "refine.fg_threshold=0.4") == 0
+    old = load_config("configs/demo.yaml").refine.fg_threshold  # the demo's tuned value, whatever it is
+    assert run(weak_run, "--dry-run", "--set", "refine.fg_threshold=0.95") == 0
     out = capsys.readouterr().out
-    assert "cam     cached" in out and "refine  stale" in out and "refine.fg_threshold 0.3 -> 0.4" in out
+    assert "cam     cached" in out and "refine  stale" in out and f"refine.fg_threshold {old!r} -> 0.95" in out
     assert "seg     stale" in out and "refine output changed" in out
     assert sorted(p.name for p in (weak_run / "run").iterdir()) == before
 
