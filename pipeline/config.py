@@ -19,6 +19,7 @@ import yaml
 from pipeline.errors import ConfigError
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+BACKBONE_LEVELS = ("stem", "layer1", "layer2", "layer3", "layer4")  # the feature maps the backbone returns
 MODES = ("weak", "full")
 
 
@@ -68,12 +69,29 @@ class TrainConfig:
 
 
 @dataclass
+class SRConfig:
+    """Self-Regulation losses (Zhang et al., ICCV 2021), training only; see pipeline/self_regulation.py."""
+    enabled: bool = False
+    exits: list[str] = _opt(list(BACKBONE_LEVELS))  # levels that get an auxiliary exit (checked in config_from_dict)
+    head_channels: int = _opt(16, low=1)  # exit segmenters' width; 16 keeps the demo's step time < 1.3x (benchmarks/)
+    w_cls: float = _opt(0.2, low=0.0)  # Operation I, image-level BCE summed over exits
+    w_seg: float = _opt(0.8, low=0.0)  # Operation I, pixel cross-entropy summed over exits (seg stage only)
+    w_sf: float = _opt(1.0, low=0.0)  # Operation II, shallow teacher -> deep students (details), mean over students
+    w_sl: float = _opt(1.0, low=0.0)  # Operation III, deep teacher -> shallow students (context), mean over students
+    form: str = _opt("hard", choices=("hard", "soft"))  # Operation II: hard targets or softened distributions
+    temperature: float = _opt(1.0, low=0.01)  # of the softmaxes of Operation II's soft form
+    warmup_epochs: int = _opt(0, low=0)  # epochs with Operation I only
+
+
+@dataclass
 class CamConfig:
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(output_stride=16))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.01, crop_size=512))
     scales: list[float] = _opt([1.0, 0.5, 1.5, 2.0])  # multi-scale CAM inference
     flip: bool = True  # add the horizontally flipped image at every scale
     bg_threshold: float = _opt(0.15, low=0.0, high=1.0)  # CAM score below which a pixel is background
+    # Without pixel labels the image-level loss is the main supervision, so it keeps the baseline's weight 1.
+    sr: SRConfig = field(default_factory=lambda: SRConfig(w_cls=1.0))
 
 
 @dataclass
@@ -105,6 +123,7 @@ class SegConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, lr=0.007, crop_size=512))
     aspp_rates: list[int] = _opt([6, 12, 18])  # at output stride 16; double them at stride 8
     flip_predict: bool = True  # average the prediction with that of the flipped image
+    sr: SRConfig = field(default_factory=SRConfig)
 
 
 @dataclass
@@ -170,6 +189,15 @@ def config_from_dict(raw: dict) -> Config:
         scale_range = getattr(cfg, section).train.scale_range
         if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
             raise ConfigError(f"config key '{section}.train.scale_range' must be [low, high] with 0 < low <= high")
+        exits = getattr(cfg, section).sr.exits
+        unknown = [level for level in exits if level not in BACKBONE_LEVELS]
+        if unknown:
+            raise ConfigError(f"config key '{section}.sr.exits' lists {unknown[0]!r}; "
+                              f"levels are {', '.join(BACKBONE_LEVELS)}")
+        if len(set(exits)) != len(exits):
+            raise ConfigError(f"config key '{section}.sr.exits' lists a level twice: {exits}")
+        if getattr(cfg, section).sr.enabled and not exits:
+            raise ConfigError(f"config key '{section}.sr.exits' must list at least one level when SR is enabled")
     if not cfg.cam.scales or any(s <= 0 for s in cfg.cam.scales):
         raise ConfigError("cam.scales must be a non-empty list of positive numbers")
     if cfg.refine.bg_threshold > cfg.refine.fg_threshold:

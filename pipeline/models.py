@@ -2,7 +2,9 @@
 
 The backbone returns the features of all five levels (stem, layer1..layer4) so that
 Self-Regulation heads can attach to any of them; the CAM and segmentation networks
-themselves only use the deepest level.
+themselves only use the deepest level. With ``sr.enabled`` a network also holds the
+training-only ``sr_heads`` and offers ``forward_exits``; its inference methods
+(``CAMNet.cams``, ``DeepLab.forward``) never call them.
 """
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
-from pipeline.config import BackboneConfig
+from pipeline.config import BACKBONE_LEVELS, BackboneConfig, SRConfig
 from pipeline.errors import ConfigError
+from pipeline.self_regulation import Exit, SRHeads
 
 
 def _dilate(layer: nn.Sequential, dilation: int) -> None:
@@ -67,8 +70,8 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = []
-        for level in (self.stem, self.layer1, self.layer2, self.layer3, self.layer4):
-            x = level(x)
+        for level in BACKBONE_LEVELS:
+            x = getattr(self, level)(x)
             features.append(x)
         return features
 
@@ -76,14 +79,16 @@ class Backbone(nn.Module):
 class CAMNet(nn.Module):
     """Multi-label classifier whose 1x1 classifier weights give Class Activation Maps."""
 
-    def __init__(self, backbone_cfg: BackboneConfig, num_foreground: int):
+    def __init__(self, backbone_cfg: BackboneConfig, num_foreground: int, sr: SRConfig | None = None):
         super().__init__()
         self.backbone = Backbone(backbone_cfg)
         # No bias: a CAM is then exactly the classifier applied at every location.
         self.classifier = nn.Conv2d(self.backbone.channels[-1], num_foreground, 1, bias=False)
+        self.sr_heads = (SRHeads(sr, self.backbone.channels, num_foreground, num_foreground, main_classifier=False)
+                         if sr is not None and sr.enabled else None)
 
     def new_parameters(self) -> list[nn.Parameter]:
-        return list(self.classifier.parameters())
+        return [p for head in (self.classifier, self.sr_heads) if head is not None for p in head.parameters()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Image-level logits, one per foreground class."""
@@ -94,11 +99,18 @@ class CAMNet(nn.Module):
         """ReLU of the classifier applied to the last feature map: (B, C-1, h, w)."""
         return F.relu(self.classifier(self.backbone(x)[-1]))
 
+    def forward_exits(self, x: torch.Tensor) -> list[Exit]:
+        """Training with SR: every exit's (maps, logits), shallow -> deep; the main exit's maps
+        are the CAMs before the ReLU and its logits those of ``forward``."""
+        features = self.backbone(x)
+        return self.sr_heads(features, self.classifier(features[-1]))
+
 
 class DeepLab(nn.Module):
     """DeepLab-v3-style segmenter: dilated ResNet + ASPP head, logits at input size."""
 
-    def __init__(self, backbone_cfg: BackboneConfig, num_classes: int, aspp_rates: list[int]):
+    def __init__(self, backbone_cfg: BackboneConfig, num_classes: int, aspp_rates: list[int],
+                 sr: SRConfig | None = None):
         super().__init__()
         self.backbone = Backbone(backbone_cfg)
         self.head = nn.Sequential(
@@ -108,11 +120,19 @@ class DeepLab(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(256, num_classes, 1),
         )
+        self.sr_heads = (SRHeads(sr, self.backbone.channels, num_classes, num_classes - 1, main_classifier=True)
+                         if sr is not None and sr.enabled else None)
 
     def new_parameters(self) -> list[nn.Parameter]:
-        return list(self.head.parameters())
+        return [p for head in (self.head, self.sr_heads) if head is not None for p in head.parameters()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.head(self.backbone(x)[-1])
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    def forward_exits(self, x: torch.Tensor) -> list[Exit]:
+        """Training with SR: every exit's (maps, logits), shallow -> deep; the main exit's maps
+        are the head's logits at the backbone's output stride."""
+        features = self.backbone(x)
+        return self.sr_heads(features, self.head(features[-1]))
 

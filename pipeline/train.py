@@ -1,7 +1,8 @@
 """The training loop shared by every stage: SGD, poly learning rate, tqdm progress.
 
-A stage supplies the model, the data set and a ``compute_loss(model, batch)`` that
-returns a dict of named loss terms with the total under "loss". The loader and the
+A stage supplies the model, the data set and a ``compute_loss(model, batch, epoch)``
+(epoch 0-based, for schedules such as Self-Regulation's warm-up) that returns a dict
+of named loss terms with the total under "loss". The loader and the
 loop are the two places DistributedDataParallel plugs into (a DistributedSampler in
 ``make_train_loader``, the DDP wrapper around ``model``), hence they live here only.
 """
@@ -19,7 +20,9 @@ from pipeline.config import TrainConfig
 from pipeline.io import atomic_write_bytes
 from pipeline.runtime import is_main_process
 
-LossFn = Callable[[nn.Module, dict], dict]
+LossFn = Callable[[nn.Module, dict, int], dict]
+# Training-only submodules (the Self-Regulation heads): not part of the saved inference network.
+TRAINING_ONLY_PREFIX = "sr_heads."
 
 
 def make_train_loader(dataset, cfg: TrainConfig, workers: int, generator: torch.Generator):
@@ -59,7 +62,7 @@ def train(model: nn.Module, loader, compute_loss: LossFn, cfg: TrainConfig, devi
             for group in optimizer.param_groups:  # poly schedule, as in DeepLab
                 group["lr"] = group["base_lr"] * (1 - step / total_steps) ** 0.9
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            terms = compute_loss(model, batch)
+            terms = compute_loss(model, batch, epoch)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             optimizer.step()
@@ -74,9 +77,12 @@ def train(model: nn.Module, loader, compute_loss: LossFn, cfg: TrainConfig, devi
 
 
 def save_checkpoint(path: Path, model: nn.Module) -> None:
-    """A plain state_dict of tensors (loadable with ``torch.load(..., weights_only=True)``)."""
+    """The inference network's state_dict, a plain dict of tensors (loadable with
+    ``torch.load(..., weights_only=True)``); training-only heads are left out, so it loads
+    strictly into the same network built without them."""
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(TRAINING_ONLY_PREFIX)}
     buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
+    torch.save(state, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 

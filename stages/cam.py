@@ -4,9 +4,12 @@ Outputs in ``<run-dir>/cam/``: ``model.pt`` (state_dict), ``cams/<id>.npz`` with
 ``cams`` (float16, K x H x W, one map per class in the image label, max-normalised) and
 ``classes`` (the K class indices), and ``metrics.json`` scoring the CAMs on the train
 images against ground truth (ground truth is used for this score only).
+With ``cam.sr.enabled`` the classifier trains with Self-Regulation exits
+(pipeline/self_regulation.py); the CAMs still come from its main classifier alone.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,7 @@ from tqdm import tqdm
 
 from pipeline.cache import StageOutput
 from pipeline.cam import cam_to_label, multiscale_cams
-from pipeline.config import Config, section_for_cache
+from pipeline.config import Config, SRConfig, section_for_cache
 from pipeline.data import TrainingSet, normalize, open_dataset
 from pipeline.errors import CacheError
 from pipeline.io import load_arrays, save_arrays
@@ -22,7 +25,8 @@ from pipeline.losses import multilabel_loss
 from pipeline.metrics import confusion_matrix, iou_scores
 from pipeline.models import CAMNet
 from pipeline.runtime import is_main_process, seed_everything, select_device, shard
-from pipeline.train import make_train_loader, save_checkpoint, train
+from pipeline.self_regulation import self_regulation_loss
+from pipeline.train import LossFn, make_train_loader, save_checkpoint, train
 
 NAME = "cam"
 # Background thresholds scored on the train images, to report the best one beside the configured one.
@@ -39,8 +43,18 @@ def own_inputs(cfg: Config) -> dict:
             "data_fingerprint": dataset.fingerprint([cfg.data.train_split])}
 
 
-def classification_loss(model, batch) -> dict:
+def classification_loss(model, batch, epoch) -> dict:
     return {"loss": multilabel_loss(model(batch["image"]), batch["labels"])}
+
+
+def sr_classification_loss(model, batch, epoch, sr: SRConfig) -> dict:
+    """Self-Regulation without pixel labels: every exit's maps are its CAMs."""
+    return self_regulation_loss(model.forward_exits(batch["image"]), batch["labels"], sr, epoch)
+
+
+def training_loss(sr: SRConfig) -> LossFn:
+    """The baseline loss, or the Self-Regulation loss when ``sr.enabled``."""
+    return functools.partial(sr_classification_loss, sr=sr) if sr.enabled else classification_loss
 
 
 def load_cams(cam_dir: Path, image_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -59,10 +73,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
     generator = seed_everything(cfg.seed)
     train_ids = dataset.split_ids(cfg.data.train_split)
     with StageOutput(run_dir, NAME, own_inputs(cfg) | {"upstream": {}}) as out:
-        model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1).to(device)
+        model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1, cfg.cam.sr).to(device)
         train_set = TrainingSet(dataset, train_ids, cfg.cam.train.crop_size, cfg.cam.train.scale_range)
         loader = make_train_loader(train_set, cfg.cam.train, cfg.data.loader_workers, generator)
-        losses = train(model, loader, classification_loss, cfg.cam.train, device, "cam")
+        losses = train(model, loader, training_loss(cfg.cam.sr), cfg.cam.train, device, "cam")
         save_checkpoint(out.dir / "model.pt", model)
 
         cam_dir = out.dir / "cams"

@@ -3,9 +3,12 @@
 The pixel labels are the refine stage's pseudo masks in weak mode (255 = unsure,
 ignored by the loss) and the ground-truth masks in full mode (the upper bound).
 Outputs in ``<run-dir>/seg/``: ``model.pt``, ``predictions/<id>.png`` and ``metrics.json``.
+With ``seg.sr.enabled`` the segmenter trains with Self-Regulation exits
+(pipeline/self_regulation.py); prediction runs the main path alone.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +16,15 @@ import torch
 from tqdm import tqdm
 
 from pipeline.cache import StageOutput, upstream_keys
-from pipeline.config import Config, section_for_cache
+from pipeline.config import Config, SRConfig, section_for_cache
 from pipeline.data import TrainingSet, normalize, open_dataset
 from pipeline.io import load_mask, save_mask
 from pipeline.losses import pixel_cross_entropy
 from pipeline.metrics import confusion_matrix, iou_scores
 from pipeline.models import DeepLab
 from pipeline.runtime import is_main_process, seed_everything, select_device, shard
-from pipeline.train import make_train_loader, save_checkpoint, train
+from pipeline.self_regulation import self_regulation_loss
+from pipeline.train import LossFn, make_train_loader, save_checkpoint, train
 
 NAME = "seg"
 
@@ -45,8 +49,18 @@ class MaskFolder:
         return load_mask(self.folder / f"{image_id}.png")
 
 
-def segmentation_loss(model, batch) -> dict:
+def segmentation_loss(model, batch, epoch) -> dict:
     return {"loss": pixel_cross_entropy(model(batch["image"]), batch["mask"])}
+
+
+def sr_segmentation_loss(model, batch, epoch, sr: SRConfig) -> dict:
+    """Self-Regulation with the pixel labels; the image labels are the data set's (the tags in weak mode)."""
+    return self_regulation_loss(model.forward_exits(batch["image"]), batch["labels"], sr, epoch, mask=batch["mask"])
+
+
+def training_loss(sr: SRConfig) -> LossFn:
+    """The baseline loss, or the Self-Regulation loss when ``sr.enabled``."""
+    return functools.partial(sr_segmentation_loss, sr=sr) if sr.enabled else segmentation_loss
 
 
 @torch.no_grad()
@@ -66,11 +80,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
     inputs = own_inputs(cfg) | {"upstream": upstream_keys(run_dir, upstream(cfg))}
     pixel_labels = MaskFolder(run_dir / "refine" / "pseudo") if cfg.mode == "weak" else dataset.load_mask
     with StageOutput(run_dir, NAME, inputs) as out:
-        model = DeepLab(cfg.seg.backbone, dataset.num_classes, cfg.seg.aspp_rates).to(device)
+        model = DeepLab(cfg.seg.backbone, dataset.num_classes, cfg.seg.aspp_rates, cfg.seg.sr).to(device)
         train_set = TrainingSet(dataset, dataset.split_ids(cfg.data.train_split), cfg.seg.train.crop_size,
                                 cfg.seg.train.scale_range, pixel_labels=pixel_labels)
         loader = make_train_loader(train_set, cfg.seg.train, cfg.data.loader_workers, generator)
-        losses = train(model, loader, segmentation_loss, cfg.seg.train, device, f"seg ({cfg.mode})")
+        losses = train(model, loader, training_loss(cfg.seg.sr), cfg.seg.train, device, f"seg ({cfg.mode})")
         save_checkpoint(out.dir / "model.pt", model)
 
         prediction_dir = out.dir / "predictions"

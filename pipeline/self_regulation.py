@@ -1,0 +1,162 @@
+"""Self-Regulation (Zhang, Zhang, Tang, Hua, Sun, "Self-Regulation for Semantic Segmentation", ICCV 2021).
+
+Training-only losses that let the shallow and the deep layers of a network regulate
+each other, with no extra labels and no cost at inference.
+
+Multi-exit architecture: every configured backbone level (``sr.exits``) gets an
+:class:`ExitHead`, a small segmenter (two 3x3 conv-BN-ReLU of ``sr.head_channels``
+channels, then a 1x1 conv to the network's class maps) and a classifier (global
+average pooling of those maps, then a linear layer to the foreground logits). The
+network's own head is the deepest exit. Exits are ordered shallow -> deep, main last;
+each is a ``(maps, logits)`` pair with maps at the level's own resolution.
+
+* Operation I, supervise every exit: image-level BCE on every exit's logits, plus
+  (seg stage) pixel cross-entropy on every exit's maps upsampled to the label size.
+* Operation II, Shallow Teacher, Deep Students (details): the shallowest exit's maps
+  (detached) are the target of every deeper exit's maps, upsampled to the teacher's
+  resolution (stride 2 for the default ``stem`` teacher, a quarter of the input's
+  pixels). Seg stage: per pixel, the distribution over classes; ``form: hard`` is the
+  cross-entropy against the teacher's argmax (the authors' code), ``form: soft`` the
+  KL(teacher || student) of temperature-softened softmaxes times T^2. Cam stage (the
+  maps are CAMs, there is no background class): per class in the image label, the
+  distribution over pixels, softmax over the map at temperature T; ``soft`` is the
+  same KL, ``hard`` the KL from the uniform distribution over the teacher's pixels at
+  or above its spatial mean (the cross-entropy against it less its constant entropy).
+* Operation III, Deep Teacher, Shallow Students (context): the deepest exit's class
+  probabilities (sigmoid, detached) are BCE targets of every shallower exit's logits.
+
+Total: ``w_cls * sum_exits L_cls + w_seg * sum_exits L_seg + w_sf * L_II + w_sl * L_III``
+where L_II and L_III are means over their students (so their weights do not depend on
+how many exits are configured). During the first ``warmup_epochs`` only Operation I is on.
+
+The heads live in the model's ``sr_heads`` submodule, which the inference path never
+calls and :func:`pipeline.train.save_checkpoint` leaves out of ``model.pt``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.config import BACKBONE_LEVELS, SRConfig
+from pipeline.losses import multilabel_loss, pixel_cross_entropy
+
+Exit = tuple[torch.Tensor, torch.Tensor]  # (maps B x C x h x w, image-level logits B x (C-1 foreground))
+
+
+class ExitHead(nn.Module):
+    """Segmenter (2 x 3x3 conv-BN-ReLU, 1x1 conv to ``num_maps``) and classifier (GAP, linear)."""
+
+    def __init__(self, in_channels: int, hidden: int, num_maps: int, num_foreground: int):
+        super().__init__()
+        self.segmenter = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, num_maps, 1),
+        )
+        self.classifier = nn.Linear(num_maps, num_foreground)
+
+    def forward(self, features: torch.Tensor) -> Exit:
+        maps = self.segmenter(features)
+        return maps, self.classifier(maps.mean(dim=(2, 3)))
+
+
+class SRHeads(nn.Module):
+    """The training-only exits of a network: one :class:`ExitHead` per configured level, and
+    the classifier of the main exit where the network has none of its own (DeepLab)."""
+
+    def __init__(self, cfg: SRConfig, channels: list[int], num_maps: int, num_foreground: int,
+                 main_classifier: bool):
+        super().__init__()
+        self.exits = nn.ModuleDict({
+            level: ExitHead(channels[index], cfg.head_channels, num_maps, num_foreground)
+            for index, level in enumerate(BACKBONE_LEVELS) if level in cfg.exits
+        })
+        # Without its own classifier (CAMNet) the main exit's logits are the GAP of its maps:
+        # for CAMs that is exactly the network's logits, as the bias-free 1x1 classifier commutes with GAP.
+        self.main_classifier = nn.Linear(num_maps, num_foreground) if main_classifier else nn.Identity()
+
+    def forward(self, features: list[torch.Tensor], main_maps: torch.Tensor) -> list[Exit]:
+        """All exits shallow -> deep, given the backbone's five feature maps and the main head's maps."""
+        exits = [head(features[BACKBONE_LEVELS.index(level)]) for level, head in self.exits.items()]
+        return exits + [(main_maps, self.main_classifier(main_maps.mean(dim=(2, 3))))]
+
+
+def class_detail_loss(teacher: torch.Tensor, students: list[torch.Tensor], form: str,
+                      temperature: float) -> torch.Tensor:
+    """Operation II with pixel labels: B x C x h x w maps, all of one size; per pixel the
+    distribution over classes. The mean over the students."""
+    if form == "hard":
+        target = teacher.argmax(dim=1)
+        return torch.stack([F.cross_entropy(student, target) for student in students]).mean()
+    return softened_kl(teacher, students, temperature)
+
+
+def spatial_detail_loss(teacher: torch.Tensor, students: list[torch.Tensor], labels: torch.Tensor, form: str,
+                        temperature: float) -> torch.Tensor:
+    """Operation II on CAMs: B x K x h x w maps, all of one size; the distribution over the
+    pixels of each (image, class) pair in the image label. The mean over the students; 0 (with
+    a gradient path) when no image has a label."""
+    present = labels > 0.5
+    teacher, students = teacher[present].flatten(1), [student[present].flatten(1) for student in students]
+    if len(teacher) == 0:
+        return sum(student.sum() for student in students) * 0.0
+    if form == "hard":
+        # The minimum keeps the maximum in the support when rounding puts the mean above it.
+        threshold = torch.minimum(teacher.mean(dim=1, keepdim=True), teacher.amax(dim=1, keepdim=True))
+        support = (teacher >= threshold).float()
+        target = support / support.sum(dim=1, keepdim=True)
+        return torch.stack([F.kl_div(F.log_softmax(student, dim=1), target, reduction="none").sum(dim=1).mean()
+                            for student in students]).mean()
+    return softened_kl(teacher, students, temperature)
+
+
+def softened_kl(teacher: torch.Tensor, students: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the softmaxes over dim 1 at ``temperature``, times T^2 (so the
+    gradient scale does not depend on T), averaged over all other positions, then over the students."""
+    target = F.log_softmax(teacher / temperature, dim=1)
+    return torch.stack([
+        F.kl_div(F.log_softmax(student / temperature, dim=1), target, reduction="none", log_target=True)
+        .sum(dim=1).mean() for student in students
+    ]).mean() * temperature ** 2
+
+
+def context_loss(logits: list[torch.Tensor]) -> torch.Tensor:
+    """Operation III: mean over the shallower exits of the BCE against the deepest exit's probabilities."""
+    teacher = torch.sigmoid(logits[-1]).detach()
+    return torch.stack([F.binary_cross_entropy_with_logits(student, teacher) for student in logits[:-1]]).mean()
+
+
+def self_regulation_loss(exits: list[Exit], labels: torch.Tensor, cfg: SRConfig, epoch: int,
+                         mask: torch.Tensor | None = None) -> dict:
+    """The SR loss terms of one batch, total under "loss".
+
+    ``exits``: shallow -> deep, main last; ``labels``: B x (C-1) multi-hot image labels;
+    ``mask``: B x H x W pixel labels (seg stage) or None (cam stage: the maps are CAMs);
+    ``epoch``: 0-based, for the warm-up.
+    """
+    maps, logits = [m for m, _ in exits], [z for _, z in exits]
+    cls = torch.stack([multilabel_loss(z, labels) for z in logits]).sum()
+    terms = {"cls": cls}
+    total = cfg.w_cls * cls
+    if mask is not None:
+        seg = torch.stack([pixel_cross_entropy(resize(m, mask.shape[-2:]), mask) for m in maps]).sum()
+        terms["seg"] = seg
+        total = total + cfg.w_seg * seg
+    if epoch >= cfg.warmup_epochs:
+        teacher = maps[0].detach()
+        students = [resize(m, teacher.shape[-2:]) for m in maps[1:]]
+        terms["detail"] = (class_detail_loss(teacher, students, cfg.form, cfg.temperature) if mask is not None
+                           else spatial_detail_loss(teacher, students, labels, cfg.form, cfg.temperature))
+        terms["context"] = context_loss(logits)
+    else:
+        terms["detail"] = terms["context"] = cls.new_zeros(())
+    total = total + cfg.w_sf * terms["detail"] + cfg.w_sl * terms["context"]
+    return {"loss": total} | terms
+
+
+def resize(maps: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear resize to ``size`` (h, w); the tensor itself when it already has that size."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
