@@ -279,7 +279,9 @@ def config_to_dict(cfg) -> dict:
 
 
 def section_for_cache(cfg: Config, *keys: str) -> dict:
-    """The listed top-level sections/keys of ``cfg`` without execution-only keys."""
+    """The listed top-level sections/keys of ``cfg`` without execution-only keys; a switched-off
+    feature (a section with ``enabled: false``) counts by its switch alone, so tuning its
+    parameters while it is off does not invalidate the cache."""
     full = config_to_dict(cfg)
     picked = {k: full[k] for k in keys}
     for dotted in EXECUTION_ONLY_KEYS:
@@ -289,4 +291,12 @@ def section_for_cache(cfg: Config, *keys: str) -> dict:
                 picked[head].pop(tail, None)
             elif not tail:
                 picked.pop(head)
-    return picked
+    return _collapse_disabled(picked)
+
+
+def _collapse_disabled(tree):
+    if not isinstance(tree, dict):
+        return tree
+    if tree.get("enabled") is False:
+        return {"enabled": False}
+    return {key: _collapse_disabled(value) for key, value in tree.items()}

@@ -41,3 +41,9 @@ def voc_folder(tmp_path):
     masks = {"a": two_object_mask(), "b": two_object_mask(cls_b=1), "empty": np.zeros((24, 40), np.uint8)}
     masks["b"][0, :] = 255
     return write_voc_folder(tmp_path / "voc", masks, splits={"train": ["a", "b", "empty"], "val": ["a"]})
+
+
+@pytest.fixture(autouse=True)
+def run_from_repo_root(monkeypatch):
+    """Tests name configs/demo.yaml as a user would, from the repository root, wherever pytest starts."""
+    monkeypatch.chdir(ROOT)

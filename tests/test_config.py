@@ -83,3 +83,11 @@ def test_a_partly_given_section_keeps_its_parents_defaults():
     assert cfg.seg.backbone.name == "resnet101" and cfg.seg.backbone.output_stride == 8
     assert cfg.cam.train == config_from_dict({}).cam.train
     assert config_from_dict({"demo": {}}).demo.num_train == 400
+
+
+def test_parameters_of_a_disabled_feature_stay_out_of_cache_sections():
+    off = section_for_cache(config_from_dict({"cam": {"sr": {"w_sf": 0.5}}}), "cam")
+    assert off["cam"]["sr"] == {"enabled": False}
+    assert off == section_for_cache(config_from_dict({}), "cam")
+    on = section_for_cache(config_from_dict({"cam": {"sr": {"enabled": True, "w_sf": 0.5}}}), "cam")
+    assert on["cam"]["sr"]["w_sf"] == 0.5
