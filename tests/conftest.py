@@ -2,6 +2,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = str(ROOT / "configs" / "demo.yaml")
 sys.path.insert(0, str(ROOT))
 
 import numpy as np
@@ -41,9 +42,3 @@ def voc_folder(tmp_path):
     masks = {"a": two_object_mask(), "b": two_object_mask(cls_b=1), "empty": np.zeros((24, 40), np.uint8)}
     masks["b"][0, :] = 255
     return write_voc_folder(tmp_path / "voc", masks, splits={"train": ["a", "b", "empty"], "val": ["a"]})
-
-
-@pytest.fixture(autouse=True)
-def run_from_repo_root(monkeypatch):
-    """Tests name configs/demo.yaml as a user would, from the repository root, wherever pytest starts."""
-    monkeypatch.chdir(ROOT)

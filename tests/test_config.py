@@ -2,10 +2,11 @@ import pytest
 
 from pipeline.config import apply_override, config_from_dict, load_config, section_for_cache
 from pipeline.errors import ConfigError
+from conftest import DEMO_CONFIG
 
 
 def test_demo_config_loads_and_overrides_apply(tmp_path):
-    cfg = load_config("configs/demo.yaml", ["seed=3", "seg.train.epochs=2", "cam.scales=[1.0, 0.5]"], mode="full")
+    cfg = load_config(DEMO_CONFIG, ["seed=3", "seg.train.epochs=2", "cam.scales=[1.0, 0.5]"], mode="full")
     assert cfg.seed == 3 and cfg.seg.train.epochs == 2 and cfg.cam.scales == [1.0, 0.5] and cfg.mode == "full"
     assert cfg.cam.backbone.name == "resnet18"
 

@@ -5,6 +5,7 @@ import pytest
 
 from pipeline.config import load_config
 from run_pipeline import main
+from conftest import DEMO_CONFIG
 
 TINY = [
     "demo.num_train=24", "demo.num_val=8", "demo.min_size=48", "demo.max_size=64",
@@ -15,7 +16,7 @@ TINY = [
 
 
 def run(tmp_path, *args):
-    argv = ["--config", "configs/demo.yaml", "--run-dir", str(tmp_path / "run")]
+    argv = ["--config", DEMO_CONFIG, "--run-dir", str(tmp_path / "run")]
     for item in TINY + [f"data.root={tmp_path / 'demo'}"]:
         argv += ["--set", item]
     return main(argv + list(args))
@@ -74,7 +75,7 @@ def test_changed_seed_makes_upstream_stale_and_stops_before_work(weak_run, capsy
 
 def test_dry_run_reports_stale_stages_and_writes_nothing(weak_run, capsys):
     before = sorted(p.name for p in (weak_run / "run").iterdir())
-    old = load_config("configs/demo.yaml").refine.fg_threshold  # the demo's tuned value, whatever it is
+    old = load_config(DEMO_CONFIG).refine.fg_threshold  # the demo's tuned value, whatever it is
     assert run(weak_run, "--dry-run", "--set", "refine.fg_threshold=0.95") == 0
     out = capsys.readouterr().out
     assert "cam     cached" in out and "refine  stale" in out and f"refine.fg_threshold {old!r} -> 0.95" in out
@@ -99,7 +100,7 @@ def test_corrupt_cache_file_is_a_clear_error_and_leaves_no_output(weak_run, caps
 def test_full_mode_trains_seg_on_ground_truth_without_cam_or_refine(weak_run, capsys):
     full_dir = weak_run / "full"
     argv = ["--mode", "full", "--stages", "seg", "--run-dir", str(full_dir)]
-    assert main(["--config", "configs/demo.yaml"] + sum((["--set", s] for s in TINY + [f"data.root={weak_run / 'demo'}"]), []) + argv) == 0
+    assert main(["--config", DEMO_CONFIG] + sum((["--set", s] for s in TINY + [f"data.root={weak_run / 'demo'}"]), []) + argv) == 0
     assert sorted(p.name for p in full_dir.iterdir()) == ["seg"]
     assert json.loads((full_dir / "seg" / "metrics.json").read_text())["mode"] == "full"
     assert "seg" in capsys.readouterr().out
@@ -116,7 +117,7 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
         ["--config", str(tmp_path / "none.yaml")],
     ]
     for extra in cases:
-        assert main(["--config", "configs/demo.yaml", "--run-dir", str(run_dir)] + extra) == 2
+        assert main(["--config", DEMO_CONFIG, "--run-dir", str(run_dir)] + extra) == 2
         error = capsys.readouterr().err.strip()
         assert error.startswith("error: ") and len(error.splitlines()) == 1, (extra, error)
     assert not run_dir.exists()

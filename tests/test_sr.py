@@ -15,6 +15,7 @@ from pipeline.self_regulation import (class_detail_loss, context_loss, self_regu
                                       spatial_detail_loss)
 from pipeline.train import load_checkpoint, save_checkpoint, train
 from stages import cam as cam_stage, seg as seg_stage
+from conftest import DEMO_CONFIG
 
 BACKBONE = BackboneConfig(name="resnet18", output_stride=16)
 SR = SRConfig(enabled=True)
@@ -47,7 +48,7 @@ def hand_made_exits(channels=4, sizes=(16, 8, 4, 4), requires_grad=True):
 # --- config ---------------------------------------------------------------------------------
 
 def test_sr_config_defaults_and_keys():
-    cfg = load_config("configs/demo.yaml", ["cam.sr.enabled=true", "seg.sr.form=soft", "seg.sr.exits=[layer1, stem]"])
+    cfg = load_config(DEMO_CONFIG, ["cam.sr.enabled=true", "seg.sr.form=soft", "seg.sr.exits=[layer1, stem]"])
     assert cfg.cam.sr.enabled and not cfg.seg.sr.enabled
     assert cfg.cam.sr.exits == list(BACKBONE_LEVELS) and cfg.seg.sr.form == "soft"
     assert cfg.seg.sr.exits == ["layer1", "stem"]
