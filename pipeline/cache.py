@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pipeline.errors import CacheError, ConfigError
 from pipeline.io import atomic_write_json
 
 MANIFEST = "manifest.json"
@@ -27,6 +28,18 @@ METRICS = "metrics.json"
 
 def cache_key(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_fingerprint(path: str | None, key: str) -> str | None:
+    """Size and mtime of a file the config names (e.g. backbone weights), so replacing the
+    file invalidates the cache as a changed path would."""
+    if path is None:
+        return None
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config key '{key}': file {file} does not exist")
+    stat = file.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def read_json(path: Path):
@@ -89,8 +102,11 @@ class StageOutput:
 
     def __enter__(self) -> "StageOutput":
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in self.run_dir.glob(f".{self.stage}.partial-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        # What killed runs of this stage left: unfinished folders, and old outputs retired
+        # but not yet deleted when the kill came between the swap's two renames.
+        for pattern in (f".{self.stage}.partial-*", f".{self.stage}.retired-*"):
+            for leftover in self.run_dir.glob(pattern):
+                shutil.rmtree(leftover, ignore_errors=True)
         self.dir.mkdir()
         self.started = time.perf_counter()
         return self
@@ -119,8 +135,6 @@ class StageOutput:
 
 def upstream_keys(run_dir: Path, stages: list[str]) -> dict:
     """Keys of the finished upstream outputs a stage is about to read."""
-    from pipeline.errors import CacheError
-
     keys = {}
     for stage in stages:
         manifest = read_json(Path(run_dir) / stage / MANIFEST)

@@ -24,7 +24,7 @@ MODES = ("weak", "full")
 
 
 def _opt(default, **checks):
-    """A field with validation metadata: choices=, low=, high= (inclusive)."""
+    """A field with validation metadata: choices=, low=/high= (inclusive), above=/below= (exclusive)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: list(default) if isinstance(default, list) else dict(default),
                      metadata=checks)
@@ -36,7 +36,9 @@ class DataConfig:
     root: str = "data/VOC2012"  # relative paths are relative to the working directory
     train_split: str = "train"  # ImageSets/Segmentation/<split>.txt
     val_split: str = "val"
-    loader_workers: int = _opt(0, low=0)  # DataLoader worker processes; 0 = load in the main process
+    # DataLoader worker processes; 0 = load in the main process. Part of the cache key: workers
+    # draw augmentations from their own seeds, so the trained model depends on it.
+    loader_workers: int = _opt(0, low=0)
 
 
 @dataclass
@@ -46,7 +48,7 @@ class DemoConfig:
     num_val: int = _opt(100, low=1)
     min_size: int = _opt(96, low=16)
     max_size: int = _opt(128, low=16)
-    seed: int = 0
+    seed: int = _opt(0, low=0, high=2**32 - 1)
 
 
 @dataclass
@@ -98,11 +100,11 @@ class CamConfig:
 class CrfConfig:
     """Dense CRF (Kraehenbuehl & Koltun) on label maps; defaults from IRNet."""
     iterations: int = _opt(10, low=1)
-    gt_prob: float = _opt(0.7, low=0.0, high=1.0)  # confidence given to the input labels
-    gaussian_sxy: float = _opt(3.0, low=0.0)
+    gt_prob: float = _opt(0.7, above=0.0, below=1.0)  # confidence given to the input labels
+    gaussian_sxy: float = _opt(3.0, above=0.0)
     gaussian_compat: float = _opt(3.0, low=0.0)
-    bilateral_sxy: float = _opt(50.0, low=0.0)
-    bilateral_srgb: float = _opt(5.0, low=0.0)
+    bilateral_sxy: float = _opt(50.0, above=0.0)
+    bilateral_srgb: float = _opt(5.0, above=0.0)
     bilateral_compat: float = _opt(10.0, low=0.0)
 
 
@@ -128,7 +130,7 @@ class SegConfig:
 
 @dataclass
 class Config:
-    seed: int = 0
+    seed: int = _opt(0, low=0, high=2**32 - 1)  # NumPy seeds must fit in 32 bits
     mode: str = _opt("weak", choices=MODES)
     device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
     num_threads: int = _opt(0, low=0)  # torch CPU threads; 0 = torch's default
@@ -140,7 +142,7 @@ class Config:
 
 
 # Keys that change how fast a stage runs but never what it computes; they stay out of cache keys.
-EXECUTION_ONLY_KEYS = {"device", "num_threads", "data.loader_workers", "refine.workers"}
+EXECUTION_ONLY_KEYS = {"device", "num_threads", "refine.workers"}
 
 
 def load_config(path: str | Path, overrides: list[str] = (), mode: str | None = None) -> Config:
@@ -270,19 +272,19 @@ def _check(metadata, value, key):
         raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, metadata['choices']))}; got {value!r}")
     if "low" in metadata and value < metadata["low"]:
         raise ConfigError(f"config key '{key}' must be >= {metadata['low']}, got {value!r}")
+    if "above" in metadata and value <= metadata["above"]:
+        raise ConfigError(f"config key '{key}' must be > {metadata['above']}, got {value!r}")
+    if "below" in metadata and value >= metadata["below"]:
+        raise ConfigError(f"config key '{key}' must be < {metadata['below']}, got {value!r}")
     if "high" in metadata and value > metadata["high"]:
         raise ConfigError(f"config key '{key}' must be <= {metadata['high']}, got {value!r}")
-
-
-def config_to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
 
 
 def section_for_cache(cfg: Config, *keys: str) -> dict:
     """The listed top-level sections/keys of ``cfg`` without execution-only keys; a switched-off
     feature (a section with ``enabled: false``) counts by its switch alone, so tuning its
     parameters while it is off does not invalidate the cache."""
-    full = config_to_dict(cfg)
+    full = dataclasses.asdict(cfg)
     picked = {k: full[k] for k in keys}
     for dotted in EXECUTION_ONLY_KEYS:
         head, _, tail = dotted.partition(".")

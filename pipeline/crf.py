@@ -18,8 +18,6 @@ def crf_refine_labels(image: np.ndarray, labels: np.ndarray, num_labels: int, cf
     height, width = labels.shape
     if image.shape[:2] != (height, width):
         raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in size")
-    if num_labels < 2:
-        return np.zeros_like(labels)
     crf = dcrf.DenseCRF2D(width, height, num_labels)
     crf.setUnaryEnergy(unary_from_labels(labels, num_labels, gt_prob=cfg.gt_prob, zero_unsure=False))
     crf.addPairwiseGaussian(sxy=cfg.gaussian_sxy, compat=cfg.gaussian_compat)

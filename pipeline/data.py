@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.demo_data import generate_demo_dataset
 from pipeline.io import atomic_write_json, load_mask
 
@@ -104,14 +104,15 @@ class VOCDataset:
         """Checks every listed id: image present, mask present, same size, valid indices."""
         for split in splits:
             for image_id in self.split_ids(split):
-                with Image.open(self.image_path(image_id)) as image:
-                    image_size = image.size
-                with Image.open(self.mask_path(image_id)) as mask:
-                    mask_size = mask.size
+                image_size = _image_size(self.image_path(image_id))
+                mask_size = _image_size(self.mask_path(image_id))
                 if image_size != mask_size:
                     raise DataError(f"mask {self.mask_path(image_id)} is {mask_size[0]}x{mask_size[1]} "
                                     f"but its image is {image_size[0]}x{image_size[1]}")
-                self.image_labels(image_id)
+                try:
+                    self.image_labels(image_id)
+                except ValueError as error:  # e.g. an RGB mask instead of class indices
+                    raise DataError(str(error)) from None
 
     def fingerprint(self, splits: list[str]) -> str:
         """Identifies the data a stage reads: split lists plus size and mtime of every file."""
@@ -124,6 +125,14 @@ class VOCDataset:
                     stat = path.stat()
                     digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
         return digest.hexdigest()[:16]
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except OSError as error:  # PIL's UnidentifiedImageError is an OSError
+        raise DataError(f"{path} is not a readable image ({type(error).__name__})") from None
 
 
 @functools.lru_cache(maxsize=8)
@@ -208,6 +217,11 @@ def prepare_data(cfg) -> VOCDataset:
         ensure_demo_data(Path(cfg.data.root), cfg.demo)
     dataset = open_dataset(cfg.data.root)
     dataset.validate([cfg.data.train_split, cfg.data.val_split])
+    num_train = len(dataset.split_ids(cfg.data.train_split))
+    for section in ("cam", "seg"):
+        if num_train < getattr(cfg, section).train.batch_size:
+            raise ConfigError(f"config key '{section}.train.batch_size' is {getattr(cfg, section).train.batch_size} "
+                              f"but the train split has only {num_train} images")
     return dataset
 
 
@@ -224,8 +238,9 @@ def ensure_demo_data(root: Path, demo) -> None:
     if root.exists() and not marker.is_file():
         raise DataError(f"data.root {root} exists but is not a generated demo data set; "
                         "point data.root elsewhere or remove the demo: section")
+    for leftover in root.parent.glob(f".{root.name}.partial-*"):  # from killed generations
+        shutil.rmtree(leftover, ignore_errors=True)
     partial = root.with_name(f".{root.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
     generate_demo_dataset(partial, num_train=demo.num_train, num_val=demo.num_val,
                           min_size=demo.min_size, max_size=demo.max_size, seed=demo.seed)
     atomic_write_json(partial / "demo.json", params)

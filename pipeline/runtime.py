@@ -16,6 +16,8 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import numpy as np
 import torch
 
+from pipeline.errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -40,7 +42,6 @@ def select_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from pipeline.errors import ConfigError
         raise ConfigError("config key 'device' is cuda but no CUDA device is available")
     return torch.device(name)
 

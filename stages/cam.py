@@ -10,12 +10,13 @@ With ``cam.sr.enabled`` the classifier trains with Self-Regulation exits
 from __future__ import annotations
 
 import functools
+import zipfile
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cache import StageOutput
+from pipeline.cache import StageOutput, file_fingerprint
 from pipeline.cam import cam_to_label, multiscale_cams
 from pipeline.config import Config, SRConfig, section_for_cache
 from pipeline.data import TrainingSet, normalize, open_dataset
@@ -40,7 +41,8 @@ def upstream(cfg: Config) -> list[str]:
 def own_inputs(cfg: Config) -> dict:
     dataset = open_dataset(cfg.data.root)
     return {"config": section_for_cache(cfg, "seed", "data", "cam"),
-            "data_fingerprint": dataset.fingerprint([cfg.data.train_split])}
+            "data_fingerprint": dataset.fingerprint([cfg.data.train_split]),
+            "weights_fingerprint": file_fingerprint(cfg.cam.backbone.weights, "cam.backbone.weights")}
 
 
 def classification_loss(model, batch, epoch) -> dict:
@@ -62,7 +64,7 @@ def load_cams(cam_dir: Path, image_id: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         arrays = load_arrays(path)
         return arrays["cams"].astype(np.float32), arrays["classes"].astype(np.int64)
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
         raise CacheError(f"CAM file {path} is missing or unreadable ({type(error).__name__}); "
                          "recompute it: --stages cam --force") from None
 

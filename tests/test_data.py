@@ -38,6 +38,18 @@ def test_mask_size_mismatch_is_a_clear_error(voc_folder):
         VOCDataset(voc_folder).validate(["train"])
 
 
+def test_colour_mask_is_a_clear_error(voc_folder):
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(voc_folder / "SegmentationClass" / "a.png")
+    with pytest.raises(DataError, match="a.png: a mask must be a palette or grayscale PNG"):
+        VOCDataset(voc_folder).validate(["train"])
+
+
+def test_unreadable_image_is_a_clear_error(voc_folder):
+    (voc_folder / "JPEGImages" / "b.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="b.png is not a readable image"):
+        VOCDataset(voc_folder).validate(["train"])
+
+
 def test_class_index_beyond_classes_txt_is_an_error(voc_folder):
     mask = two_object_mask(cls_b=7)
     Image.fromarray(mask, mode="L").save(voc_folder / "SegmentationClass" / "a.png")

@@ -87,12 +87,13 @@ def test_corrupt_cache_file_is_a_clear_error_and_leaves_no_output(weak_run, caps
     run_dir = weak_run / "run"
     victim = sorted((run_dir / "cam" / "cams").glob("*.npz"))[3]
     data = victim.read_bytes()
-    victim.write_bytes(b"not an npz")
     try:
-        assert run(weak_run, "--stages", "refine", "--force") == 2
-        assert victim.name in capsys.readouterr().err
-        assert (run_dir / "refine" / "manifest.json").exists()  # the previous output survives
-        assert not list(run_dir.glob(".refine*"))
+        for corrupt in (b"not an npz", data[: len(data) // 2]):
+            victim.write_bytes(corrupt)
+            assert run(weak_run, "--stages", "refine", "--force") == 2
+            assert victim.name in capsys.readouterr().err
+            assert (run_dir / "refine" / "manifest.json").exists()  # the previous output survives
+            assert not list(run_dir.glob(".refine*"))
     finally:
         victim.write_bytes(data)
 
@@ -115,6 +116,10 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
         ["--mode", "full", "--stages", "cam"],
         ["--set", "demo=null", "--set", f"data.root={tmp_path / 'missing'}"],
         ["--config", str(tmp_path / "none.yaml")],
+        ["--set", f"data.root={tmp_path / 'demo'}", "--set", "demo.num_train=4", "--set", "demo.num_val=2",
+         "--set", "demo.min_size=32", "--set", "demo.max_size=32"],  # batch 16 > 4 train images
+        sum((["--set", item] for item in TINY), []) + ["--set", f"data.root={tmp_path / 'demo'}",
+                                                       "--set", f"cam.backbone.weights={tmp_path / 'none.pth'}"],
     ]
     for extra in cases:
         assert main(["--config", DEMO_CONFIG, "--run-dir", str(run_dir)] + extra) == 2
