@@ -32,17 +32,28 @@ VARIANTS = {
 
 def run_variant(args, name: str, seed: int) -> Path:
     mode, cam_sr, seg_sr, shares = VARIANTS[name]
-    run_dir = Path(args.out) / f"{name}-seed{seed}"
-    if shares is not None and not (run_dir / "refine").exists():
+    run_dir = args.out / f"{name}-seed{seed}"
+    if shares is not None:
         for stage in ("cam", "refine"):
-            shutil.copytree(Path(args.out) / f"{shares}-seed{seed}" / stage, run_dir / stage, dirs_exist_ok=True)
+            source, target = args.out / f"{shares}-seed{seed}" / stage, run_dir / stage
+            if not (source / "manifest.json").exists():
+                sys.exit(f"error: variant {name} reuses {source}, which does not exist: run variant {shares} too")
+            if not (target / "manifest.json").exists():
+                # Copy under a temporary name, then rename: a killed copy is never taken as cached.
+                partial = run_dir / f".{stage}.copy"
+                shutil.rmtree(partial, ignore_errors=True)
+                shutil.copytree(source, partial)
+                shutil.rmtree(target, ignore_errors=True)
+                partial.rename(target)
     command = [sys.executable, str(ROOT / "run_pipeline.py"), "--config", args.config, "--mode", mode,
                "--run-dir", str(run_dir), "--set", f"seed={seed}",
                "--set", f"cam.sr.enabled={str(cam_sr).lower()}", "--set", f"seg.sr.enabled={str(seg_sr).lower()}"]
     for item in args.overrides:
         command += ["--set", item]
     print(" ".join(command), flush=True)
-    subprocess.run(command, check=True, cwd=ROOT, stderr=subprocess.DEVNULL)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.with_suffix(".log"), "w") as log:  # progress bars and errors, per run
+        subprocess.run(command, check=True, cwd=ROOT, stderr=log)
     return run_dir
 
 
@@ -66,18 +77,20 @@ def main() -> None:
     parser.add_argument("--out", default="runs/sr-ablation")
     parser.add_argument("--classes", nargs="+", default=["ball", "lamp", "table", "plate", "tile", "bus", "house"])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--report-only", action="store_true", help="print the table of finished runs, run nothing")
     args = parser.parse_args()
+    args.out = ROOT / args.out  # the CLI runs from the repository root, so relative paths mean the same there
 
     # Shared upstreams first, so the variants that reuse them find them.
     order = sorted(args.variants, key=lambda name: VARIANTS[name][3] is not None)
-    for seed in args.seeds:
+    for seed in [] if args.report_only else args.seeds:
         for name in order:
             run_variant(args, name, seed)
 
     print(f"\nseeds {args.seeds}; mIoU % mean ± spread")
     print(f"{'variant':<10}{'CAM':>14}{'pseudo':>14}{'seg val':>14}  " + "  ".join(f"{c:>11}" for c in args.classes))
     for name in args.variants:
-        runs = [Path(args.out) / f"{name}-seed{seed}" for seed in args.seeds]
+        runs = [args.out / f"{name}-seed{seed}" for seed in args.seeds]
         row = []
         for stage in ("cam", "refine", "seg"):
             row.append(mean_spread([m["miou"] for r in runs if (m := read_metrics(r, stage))]))
