@@ -88,10 +88,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
         for image_id in tqdm(shard(train_ids), desc="cam inference", leave=False, disable=not is_main_process()):
             image = normalize(dataset.load_image(image_id)).to(device)
             classes = dataset.image_labels(image_id)
-            cams = multiscale_cams(model, image, classes, cfg.cam.scales, cfg.cam.flip)
-            save_arrays(cam_dir / f"{image_id}.npz", cams=cams.astype(np.float16), classes=classes.astype(np.uint8))
-            # Score exactly what refine will read: the float16 maps.
-            stored, _ = load_cams(cam_dir, image_id)
+            cams = multiscale_cams(model, image, classes, cfg.cam.scales, cfg.cam.flip).astype(np.float16)
+            save_arrays(cam_dir / f"{image_id}.npz", cams=cams, classes=classes.astype(np.uint8))
+            # Score exactly what refine will read: the float16 maps, as load_cams returns them.
+            stored = cams.astype(np.float32)
             gt = dataset.load_mask(image_id)
             for t in thresholds:
                 confusions[t] = confusions[t] + confusion_matrix(gt, cam_to_label(stored, classes, t), dataset.num_classes)
