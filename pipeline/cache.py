@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline.errors import CacheError, ConfigError
+from pipeline.errors import CacheError
 from pipeline.io import atomic_write_json
 
 MANIFEST = "manifest.json"
@@ -28,18 +28,6 @@ METRICS = "metrics.json"
 
 def cache_key(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def file_fingerprint(path: str | None, key: str) -> str | None:
-    """Size and mtime of a file the config names (e.g. backbone weights), so replacing the
-    file invalidates the cache as a changed path would."""
-    if path is None:
-        return None
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"config key '{key}': file {file} does not exist")
-    stat = file.stat()
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def read_json(path: Path):

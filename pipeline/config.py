@@ -18,7 +18,7 @@ import yaml
 
 from pipeline.errors import ConfigError
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_lite0")
 BACKBONE_LEVELS = ("stem", "layer1", "layer2", "layer3", "layer4")  # the feature maps the backbone returns
 MODES = ("weak", "full")
 
@@ -54,7 +54,8 @@ class DemoConfig:
 @dataclass
 class BackboneConfig:
     name: str = _opt("resnet50", choices=BACKBONES)
-    weights: Optional[str] = None  # null: random initialisation; or a path to a torchvision state_dict
+    # null: random initialisation; imagenet: the published ImageNet weights; or the path of a local state_dict
+    weights: Optional[str] = None
     output_stride: int = _opt(16, choices=(8, 16, 32))
 
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 import colorsys
 import io
 import pathlib
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image

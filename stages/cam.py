@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cache import StageOutput, file_fingerprint
+from pipeline.backbones import weights_fingerprint
+from pipeline.cache import StageOutput
 from pipeline.cam import cam_to_label, multiscale_cams
 from pipeline.config import Config, SRConfig, section_for_cache
 from pipeline.data import TrainingSet, normalize, open_dataset
@@ -42,7 +43,7 @@ def own_inputs(cfg: Config) -> dict:
     dataset = open_dataset(cfg.data.root)
     return {"config": section_for_cache(cfg, "seed", "data", "cam"),
             "data_fingerprint": dataset.fingerprint([cfg.data.train_split]),
-            "weights_fingerprint": file_fingerprint(cfg.cam.backbone.weights, "cam.backbone.weights")}
+            "weights_fingerprint": weights_fingerprint(cfg.cam.backbone, "cam.backbone.weights")}
 
 
 def classification_loss(model, batch, epoch) -> dict:

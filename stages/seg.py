@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.cache import StageOutput, file_fingerprint, upstream_keys
+from pipeline.backbones import weights_fingerprint
+from pipeline.cache import StageOutput, upstream_keys
 from pipeline.config import Config, SRConfig, section_for_cache
 from pipeline.data import TrainingSet, normalize, open_dataset
 from pipeline.io import load_mask, save_mask
@@ -37,7 +38,7 @@ def own_inputs(cfg: Config) -> dict:
     dataset = open_dataset(cfg.data.root)
     return {"config": section_for_cache(cfg, "seed", "mode", "data", "seg"),
             "data_fingerprint": dataset.fingerprint([cfg.data.train_split, cfg.data.val_split]),
-            "weights_fingerprint": file_fingerprint(cfg.seg.backbone.weights, "seg.backbone.weights")}
+            "weights_fingerprint": weights_fingerprint(cfg.seg.backbone, "seg.backbone.weights")}
 
 
 class MaskFolder:

