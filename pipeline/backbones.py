@@ -5,8 +5,9 @@ with dilation), named as in a ResNet: ``stem``, ``layer1`` .. ``layer4``. The CA
 segmentation networks use the deepest level; Self-Regulation exits attach to any of them.
 
 - ``resnet18/34/50/101``: torchvision ResNets, dilated for output stride 8 or 16.
-- ``efficientnet_lite0``: timm's EfficientNet-Lite0 (levels = the ends of its stride-2,
-  4, 8, 16 and 32 block groups; 16, 24, 40, 112 and 320 channels).
+- ``efficientnet_lite0``: timm's EfficientNet-Lite0, dilated by timm (levels = the ends
+  of its stride-2, 4, 8, 16 and 32 block groups, the last one through its 1x1 head conv;
+  16, 24, 40, 112 and 1280 channels).
 
 ``backbone.weights`` is ``null`` (random initialisation), ``imagenet`` or the path of a
 local state_dict. ImageNet weights for the ResNets are torchvision's, downloaded into
@@ -98,7 +99,7 @@ def load_checked(model: nn.Module, state: dict, path: Path, key: str, skip_prefi
     """Loads ``state`` into ``model``; keys under ``skip_prefixes`` (a classifier the backbone
     does not use) are dropped, and any other mismatch is an error that lists the keys."""
     state = {k: v for k, v in state.items() if not k.startswith(skip_prefixes)}
-    expected = model.state_dict()
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(skip_prefixes)}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ConfigError(f"config key '{key}': weights {path} do not fit {type(model).__name__}: "
@@ -108,7 +109,7 @@ def load_checked(model: nn.Module, state: dict, path: Path, key: str, skip_prefi
     if wrong:
         raise ConfigError(f"config key '{key}': weights {path} have other shapes for {wrong[:5]}, "
                           f"e.g. {tuple(state[wrong[0]].shape)} instead of {tuple(expected[wrong[0]].shape)}")
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=not skip_prefixes)  # strict on everything but the skipped keys
 
 
 def efficientnet_lite0_state_dict(path: Path, key: str) -> dict[str, torch.Tensor]:
@@ -154,14 +155,20 @@ class Backbone(nn.Module):
         if cfg.name == "efficientnet_lite0":
             import timm
 
-            body = timm.create_model("efficientnet_lite0", features_only=True, out_indices=tuple(range(5)),
-                                     output_stride=cfg.output_stride)
+            net = timm.create_model("efficientnet_lite0", output_stride=cfg.output_stride)
             if weights is not None:
-                # The feature extractor has no conv_head/bn2/classifier.
-                load_checked(body, efficientnet_lite0_state_dict(weights, f"{key}.weights"), weights,
-                             f"{key}.weights", skip_prefixes=("conv_head.", "bn2.", "classifier."))
-            self.body = body
-            self.channels = list(body.feature_info.channels())
+                load_checked(net, efficientnet_lite0_state_dict(weights, f"{key}.weights"), weights,
+                             f"{key}.weights", skip_prefixes=("classifier.",))
+            blocks = net.blocks
+            # The deepest level ends with the network's own 1x1 head conv (1280 channels, ReLU6):
+            # the features its ImageNet classifier pools. The 320-channel block output before it is
+            # linear (no activation) and pools to nearly nothing, which stalls CAM training.
+            self.body = nn.ModuleDict({
+                "stem": nn.Sequential(net.conv_stem, net.bn1, blocks[0]),
+                "layer1": blocks[1], "layer2": blocks[2],
+                "layer3": nn.Sequential(blocks[3], blocks[4]),
+                "layer4": nn.Sequential(blocks[5], blocks[6], net.conv_head, net.bn2)})
+            self.channels = [16, 24, 40, 112, net.num_features]
         else:
             resnet = getattr(torchvision.models, cfg.name)(weights=None)
             if weights is not None:
@@ -188,10 +195,8 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.renormalize:
             x = x * self.input_scale + self.input_shift
-        if isinstance(self.body, nn.ModuleDict):
-            features = []
-            for level in BACKBONE_LEVELS:
-                x = self.body[level](x)
-                features.append(x)
-            return features
-        return self.body(x)
+        features = []
+        for level in BACKBONE_LEVELS:
+            x = self.body[level](x)
+            features.append(x)
+        return features

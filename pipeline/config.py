@@ -34,7 +34,17 @@ def _opt(default, **checks):
 @dataclass
 class DataConfig:
     root: str = "data/VOC2012"  # relative paths are relative to the working directory
-    train_split: str = "train"  # ImageSets/Segmentation/<split>.txt
+    train_split: str = "train"  # ImageSets/Segmentation/<split>.txt: the ids every network trains on
+    # Folder (under root) of the train split's masks: image labels come from them, and full mode trains on them.
+    train_masks: str = "SegmentationClass"
+    # Used instead, with SegmentationClass, when train_split's list or train_masks' folder is missing
+    # (VOC: train_aug + SegmentationClassAug, else train); null: a missing one is an error.
+    fallback_train_split: Optional[str] = None
+    # Ids whose CAMs and pseudo masks are scored against SegmentationClass; null: the train split.
+    # Must be among the train split's ids (VOC: the 1,464 train ids inside train_aug).
+    score_split: Optional[str] = None
+    # Image-level labels from a file instead of the masks: IRNet's cls_labels.npy (relative to root).
+    image_labels: Optional[str] = None
     val_split: str = "val"
     # DataLoader worker processes; 0 = load in the main process. Part of the cache key: workers
     # draw augmentations from their own seeds, so the trained model depends on it.

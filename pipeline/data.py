@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -37,13 +38,19 @@ STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
 class VOCDataset:
-    """Read access to one data folder; every path problem is a one-line DataError."""
+    """Read access to one data folder; every path problem is a one-line DataError.
 
-    def __init__(self, root: str | Path):
+    ``train_masks`` is the folder of the train split's masks (VOC: SegmentationClassAug for
+    train_aug); ground truth for scoring always comes from SegmentationClass.
+    ``image_labels_file`` optionally gives the image-level labels (IRNet's cls_labels.npy).
+    """
+
+    def __init__(self, root: str | Path, train_masks: str = "SegmentationClass",
+                 image_labels_file: Optional[str] = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"data folder {self.root} does not exist (config key data.root)")
-        for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation", train_masks):
             if not (self.root / sub).is_dir():
                 raise DataError(f"data folder {self.root} has no {sub}/ (expected the VOC layout, see README)")
         classes_file = self.root / "classes.txt"
@@ -52,6 +59,10 @@ class VOCDataset:
         self.classes = [line.strip() for line in classes_file.read_text().splitlines() if line.strip()]
         if len(self.classes) < 2:
             raise DataError(f"{classes_file} must name the background and at least one class")
+        self.train_masks = train_masks
+        self.image_labels_path = self.root / image_labels_file if image_labels_file else None
+        self._file_labels = (_read_label_file(self.image_labels_path, len(self.classes))
+                             if self.image_labels_path else None)
         self._labels: dict[str, np.ndarray] = {}
 
     @property
@@ -59,13 +70,16 @@ class VOCDataset:
         return len(self.classes)
 
     def split_ids(self, split: str) -> list[str]:
-        path = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        path = self.split_path(split)
         if not path.is_file():
             raise DataError(f"split file {path} does not exist (config keys data.train_split / data.val_split)")
         ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         if not ids:
             raise DataError(f"split file {path} lists no ids")
         return ids
+
+    def split_path(self, split: str) -> Path:
+        return self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
 
     def image_path(self, image_id: str) -> Path:
         for suffix in IMAGE_SUFFIXES:
@@ -74,57 +88,101 @@ class VOCDataset:
                 return path
         raise DataError(f"id {image_id!r} has no image JPEGImages/{image_id}.jpg|png in {self.root}")
 
-    def mask_path(self, image_id: str) -> Path:
-        path = self.root / "SegmentationClass" / f"{image_id}.png"
+    def mask_path(self, image_id: str, folder: str = "SegmentationClass") -> Path:
+        path = self.root / folder / f"{image_id}.png"
         if not path.is_file():
             raise DataError(f"id {image_id!r} has no mask {path}")
         return path
 
     def load_image(self, image_id: str) -> np.ndarray:
-        """HxWx3 uint8; grayscale images are replicated to three channels."""
+        """HxWx3 uint8; grayscale images are replicated to three channels (so ImageNet
+        backbones take them unchanged)."""
         with Image.open(self.image_path(image_id)) as image:
             return np.array(image.convert("RGB"))
 
     def load_mask(self, image_id: str) -> np.ndarray:
+        """Ground truth, for scoring."""
         return load_mask(self.mask_path(image_id))
 
+    def load_train_mask(self, image_id: str) -> np.ndarray:
+        """The training mask of a train-split id (full mode's pixel labels)."""
+        return load_mask(self.mask_path(image_id, self.train_masks))
+
     def image_labels(self, image_id: str) -> np.ndarray:
-        """Sorted foreground class indices (1..C-1) present in the image's mask."""
+        """Sorted foreground class indices (1..C-1) of a train-split id."""
+        if self._file_labels is not None:
+            for key in (image_id, image_id.replace("_", "")):  # IRNet keys VOC ids as integers
+                if key in self._file_labels:
+                    return self._file_labels[key]
+            raise DataError(f"{self.image_labels_path} has no labels for id {image_id!r}")
         if image_id not in self._labels:
-            mask = self.load_mask(image_id)
-            present = np.unique(mask)
-            bad = present[(present >= self.num_classes) & (present != IGNORE)]
-            if bad.size:
-                raise DataError(f"mask {self.mask_path(image_id)} has class index {int(bad[0])}, "
-                                f"but classes.txt names only {self.num_classes} classes")
-            self._labels[image_id] = present[(present > 0) & (present != IGNORE)].astype(np.int64)
+            self._labels[image_id] = self._classes_in(self.mask_path(image_id, self.train_masks))
         return self._labels[image_id]
 
-    def validate(self, splits: list[str]) -> None:
+    def _classes_in(self, path: Path) -> np.ndarray:
+        try:
+            present = np.unique(load_mask(path))
+        except ValueError as error:  # e.g. an RGB mask instead of class indices
+            raise DataError(str(error)) from None
+        bad = present[(present >= self.num_classes) & (present != IGNORE)]
+        if bad.size:
+            raise DataError(f"mask {path} has class index {int(bad[0])}, "
+                            f"but classes.txt names only {self.num_classes} classes")
+        return present[(present > 0) & (present != IGNORE)].astype(np.int64)
+
+    def validate(self, train_split: str, scored_splits: list[str]) -> None:
         """Checks every listed id: image present, mask present, same size, valid indices."""
-        for split in splits:
+        for split, folder in [(train_split, self.train_masks)] + [(s, "SegmentationClass") for s in scored_splits]:
             for image_id in self.split_ids(split):
                 image_size = _image_size(self.image_path(image_id))
-                mask_size = _image_size(self.mask_path(image_id))
+                mask = self.mask_path(image_id, folder)
+                mask_size = _image_size(mask)
                 if image_size != mask_size:
-                    raise DataError(f"mask {self.mask_path(image_id)} is {mask_size[0]}x{mask_size[1]} "
+                    raise DataError(f"mask {mask} is {mask_size[0]}x{mask_size[1]} "
                                     f"but its image is {image_size[0]}x{image_size[1]}")
-                try:
+                self._classes_in(mask)
+                if split == train_split:
                     self.image_labels(image_id)
-                except ValueError as error:  # e.g. an RGB mask instead of class indices
-                    raise DataError(str(error)) from None
 
-    def fingerprint(self, splits: list[str]) -> str:
-        """Identifies the data a stage reads: split lists plus size and mtime of every file."""
-        digest = hashlib.sha256(str(self.classes).encode())
-        for split in splits:
+    def fingerprint(self, train_split: Optional[str] = None, scored_splits: list[str] = ()) -> str:
+        """Identifies the data a stage reads: split lists, the size and mtime of every image and
+        mask (training masks for the train split, ground truth for scored splits) and of the
+        image-label file."""
+        digest = hashlib.sha256(f"{self.classes}:{self.train_masks}".encode())
+        if self.image_labels_path is not None:
+            stat = self.image_labels_path.stat()
+            digest.update(f"labels:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        parts = ([(train_split, self.train_masks)] if train_split else []) + \
+            [(split, "SegmentationClass") for split in scored_splits]
+        for split, folder in parts:
             ids = self.split_ids(split)
-            digest.update(f"{split}:{','.join(ids)}".encode())
+            digest.update(f"{split}:{folder}:{','.join(ids)}".encode())
             for image_id in ids:
-                for path in (self.image_path(image_id), self.mask_path(image_id)):
+                for path in (self.image_path(image_id), self.mask_path(image_id, folder)):
                     stat = path.stat()
                     digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
         return digest.hexdigest()[:16]
+
+
+def _read_label_file(path: Path, num_classes: int) -> dict[str, np.ndarray]:
+    """IRNet's cls_labels.npy: a pickled dict from id to a multi-hot vector over the C-1
+    foreground classes, keyed by id or, as IRNet does for VOC, by the id as an integer
+    (2007_000032 -> 2007000032)."""
+    if not path.is_file():
+        raise DataError(f"image label file {path} does not exist (config key data.image_labels)")
+    try:
+        # A pickled dict is the format IRNet publishes; load only label files you trust.
+        table = np.load(path, allow_pickle=True).item()
+        labels = {}
+        for key, vector in table.items():
+            vector = np.asarray(vector).ravel()
+            if vector.size != num_classes - 1:
+                raise DataError(f"{path}: labels of {key!r} have {vector.size} entries, "
+                                f"expected {num_classes - 1} (one per foreground class)")
+            labels[str(key)] = np.flatnonzero(vector > 0.5).astype(np.int64) + 1
+        return labels
+    except (ValueError, OSError, AttributeError, EOFError) as error:
+        raise DataError(f"{path} is not a cls_labels.npy dict of multi-hot vectors ({type(error).__name__})") from None
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -135,10 +193,19 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise DataError(f"{path} is not a readable image ({type(error).__name__})") from None
 
 
+def open_dataset(data) -> VOCDataset:
+    """The data set a DataConfig describes; one instance per process, so labels are read once."""
+    return _open_dataset(data.root, data.train_masks, data.image_labels)
+
+
 @functools.lru_cache(maxsize=8)
-def open_dataset(root: str) -> VOCDataset:
-    """One VOCDataset per folder per process, so image labels are read once."""
-    return VOCDataset(root)
+def _open_dataset(root: str, train_masks: str, image_labels: Optional[str]) -> VOCDataset:
+    return VOCDataset(root, train_masks, image_labels)
+
+
+def score_ids(data, dataset: VOCDataset) -> set[str]:
+    """The train ids whose CAMs and pseudo masks are scored against ground truth."""
+    return set(dataset.split_ids(data.score_split or data.train_split))
 
 
 def normalize(image: np.ndarray) -> torch.Tensor:
@@ -215,14 +282,36 @@ def prepare_data(cfg) -> VOCDataset:
     """Generates the demo data set when the config asks for it, then checks every listed id."""
     if cfg.demo is not None:
         ensure_demo_data(Path(cfg.data.root), cfg.demo)
-    dataset = open_dataset(cfg.data.root)
-    dataset.validate([cfg.data.train_split, cfg.data.val_split])
-    num_train = len(dataset.split_ids(cfg.data.train_split))
+    _fall_back_if_missing(cfg.data)
+    dataset = open_dataset(cfg.data)
+    data = cfg.data
+    train_ids = dataset.split_ids(data.train_split)
+    if data.score_split:
+        outside = sorted(set(dataset.split_ids(data.score_split)) - set(train_ids))
+        if outside:
+            raise DataError(f"data.score_split {data.score_split!r} lists {len(outside)} ids outside "
+                            f"data.train_split {data.train_split!r}, e.g. {outside[0]!r}")
+    dataset.validate(data.train_split, [data.val_split] + ([data.score_split] if data.score_split else []))
+    num_train = len(train_ids)
     for section in ("cam", "seg"):
         if num_train < getattr(cfg, section).train.batch_size:
             raise ConfigError(f"config key '{section}.train.batch_size' is {getattr(cfg, section).train.batch_size} "
                               f"but the train split has only {num_train} images")
     return dataset
+
+
+def _fall_back_if_missing(data) -> None:
+    """Switches to ``fallback_train_split`` with SegmentationClass when the configured train
+    split's list or mask folder is missing (VOC without the SBD augmentation); says so on stderr.
+    The switch happens before any cache key is computed, so the keys record what was used."""
+    root = Path(data.root)
+    missing = [str(p) for p in (root / "ImageSets" / "Segmentation" / f"{data.train_split}.txt", root / data.train_masks)
+               if not p.exists()]
+    if data.fallback_train_split is None or not missing or data.train_split == data.fallback_train_split:
+        return
+    print(f"note: {missing[0]} not found; training on split {data.fallback_train_split!r} with "
+          "SegmentationClass (data.fallback_train_split)", file=sys.stderr)
+    data.train_split, data.train_masks = data.fallback_train_split, "SegmentationClass"
 
 
 def ensure_demo_data(root: Path, demo) -> None:
@@ -248,4 +337,4 @@ def ensure_demo_data(root: Path, demo) -> None:
         shutil.rmtree(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     os.replace(partial, root)
-    open_dataset.cache_clear()
+    _open_dataset.cache_clear()

@@ -20,7 +20,7 @@ from pipeline.backbones import weights_fingerprint
 from pipeline.cache import StageOutput
 from pipeline.cam import cam_to_label, multiscale_cams
 from pipeline.config import Config, SRConfig, section_for_cache
-from pipeline.data import TrainingSet, normalize, open_dataset
+from pipeline.data import TrainingSet, normalize, open_dataset, score_ids
 from pipeline.errors import CacheError
 from pipeline.io import load_arrays, save_arrays
 from pipeline.losses import multilabel_loss
@@ -40,9 +40,9 @@ def upstream(cfg: Config) -> list[str]:
 
 
 def own_inputs(cfg: Config) -> dict:
-    dataset = open_dataset(cfg.data.root)
+    dataset = open_dataset(cfg.data)
     return {"config": section_for_cache(cfg, "seed", "data", "cam"),
-            "data_fingerprint": dataset.fingerprint([cfg.data.train_split]),
+            "data_fingerprint": dataset.fingerprint(cfg.data.train_split, [cfg.data.score_split or cfg.data.train_split]),
             "weights_fingerprint": weights_fingerprint(cfg.cam.backbone, "cam.backbone.weights")}
 
 
@@ -71,10 +71,11 @@ def load_cams(cam_dir: Path, image_id: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
-    dataset = open_dataset(cfg.data.root)
+    dataset = open_dataset(cfg.data)
     device = select_device(cfg.device)
     generator = seed_everything(cfg.seed)
     train_ids = dataset.split_ids(cfg.data.train_split)
+    scored = score_ids(cfg.data, dataset)
     with StageOutput(run_dir, NAME, own_inputs(cfg) | {"upstream": {}}) as out:
         model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1, cfg.cam.sr).to(device)
         train_set = TrainingSet(dataset, train_ids, cfg.cam.train.crop_size, cfg.cam.train.scale_range)
@@ -91,6 +92,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
             classes = dataset.image_labels(image_id)
             cams = multiscale_cams(model, image, classes, cfg.cam.scales, cfg.cam.flip).astype(np.float16)
             save_arrays(cam_dir / f"{image_id}.npz", cams=cams, classes=classes.astype(np.uint8))
+            if image_id not in scored:
+                continue
             # Score exactly what refine will read: the float16 maps, as load_cams returns them.
             stored = cams.astype(np.float32)
             gt = dataset.load_mask(image_id)

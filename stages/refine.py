@@ -17,9 +17,9 @@ from tqdm import tqdm
 
 from pipeline.cache import StageOutput, upstream_keys
 from pipeline.cam import cam_argmax
-from pipeline.config import Config, RefineConfig, section_for_cache
+from pipeline.config import Config, DataConfig, RefineConfig, section_for_cache
 from pipeline.crf import crf_refine_labels
-from pipeline.data import IGNORE, open_dataset
+from pipeline.data import IGNORE, open_dataset, score_ids
 from pipeline.io import save_mask
 from pipeline.metrics import confident_confusion_matrix, confusion_matrix, iou_scores
 from pipeline.runtime import is_main_process, parallel_map, shard
@@ -33,9 +33,9 @@ def upstream(cfg: Config) -> list[str]:
 
 
 def own_inputs(cfg: Config) -> dict:
-    dataset = open_dataset(cfg.data.root)
+    dataset = open_dataset(cfg.data)
     return {"config": section_for_cache(cfg, "data", "refine"),
-            "data_fingerprint": dataset.fingerprint([cfg.data.train_split])}
+            "data_fingerprint": dataset.fingerprint(cfg.data.train_split, [cfg.data.score_split or cfg.data.train_split])}
 
 
 def pseudo_mask(image: np.ndarray, cams: np.ndarray, classes: np.ndarray, cfg: RefineConfig) -> np.ndarray:
@@ -53,12 +53,16 @@ def pseudo_mask(image: np.ndarray, cams: np.ndarray, classes: np.ndarray, cfg: R
     return mask
 
 
-def _refine_one(image_id: str, data_root: str, cam_dir: Path, out_dir: Path, cfg: RefineConfig):
-    """Worker task: writes one pseudo mask; returns its confusion matrices and unsure count."""
-    dataset = open_dataset(data_root)
+def _refine_one(image_id: str, data: DataConfig, scored: set[str], cam_dir: Path, out_dir: Path,
+                cfg: RefineConfig):
+    """Worker task: writes one pseudo mask; returns its confusion matrices (zero when the id
+    is not scored) and its unsure pixel count."""
+    dataset = open_dataset(data)
     cams, classes = load_cams(cam_dir, image_id)
     mask = pseudo_mask(dataset.load_image(image_id), cams, classes, cfg)
     save_mask(out_dir / f"{image_id}.png", mask)
+    if image_id not in scored:
+        return 0, 0, int((mask == IGNORE).sum()), mask.size
     gt = dataset.load_mask(image_id)
     as_background = np.where(mask == IGNORE, 0, mask).astype(np.uint8)
     return (confusion_matrix(gt, as_background, dataset.num_classes),
@@ -67,13 +71,13 @@ def _refine_one(image_id: str, data_root: str, cam_dir: Path, out_dir: Path, cfg
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
-    dataset = open_dataset(cfg.data.root)
+    dataset = open_dataset(cfg.data)
     train_ids = shard(dataset.split_ids(cfg.data.train_split))
     inputs = own_inputs(cfg) | {"upstream": upstream_keys(run_dir, upstream(cfg))}
     with StageOutput(run_dir, NAME, inputs) as out:
         pseudo_dir = out.dir / "pseudo"
         pseudo_dir.mkdir()
-        task = functools.partial(_refine_one, data_root=cfg.data.root, cam_dir=run_dir / "cam" / "cams",
+        task = functools.partial(_refine_one, data=cfg.data, scored=score_ids(cfg.data, dataset), cam_dir=run_dir / "cam" / "cams",
                                  out_dir=pseudo_dir, cfg=cfg.refine)
         confusion = confident = 0
         unsure = total = 0

@@ -35,9 +35,9 @@ def upstream(cfg: Config) -> list[str]:
 
 
 def own_inputs(cfg: Config) -> dict:
-    dataset = open_dataset(cfg.data.root)
+    dataset = open_dataset(cfg.data)
     return {"config": section_for_cache(cfg, "seed", "mode", "data", "seg"),
-            "data_fingerprint": dataset.fingerprint([cfg.data.train_split, cfg.data.val_split]),
+            "data_fingerprint": dataset.fingerprint(cfg.data.train_split, [cfg.data.val_split]),
             "weights_fingerprint": weights_fingerprint(cfg.seg.backbone, "seg.backbone.weights")}
 
 
@@ -76,11 +76,11 @@ def predict(model: DeepLab, image: torch.Tensor, flip: bool) -> np.ndarray:
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
-    dataset = open_dataset(cfg.data.root)
+    dataset = open_dataset(cfg.data)
     device = select_device(cfg.device)
     generator = seed_everything(cfg.seed)
     inputs = own_inputs(cfg) | {"upstream": upstream_keys(run_dir, upstream(cfg))}
-    pixel_labels = MaskFolder(run_dir / "refine" / "pseudo") if cfg.mode == "weak" else dataset.load_mask
+    pixel_labels = MaskFolder(run_dir / "refine" / "pseudo") if cfg.mode == "weak" else dataset.load_train_mask
     with StageOutput(run_dir, NAME, inputs) as out:
         model = DeepLab(cfg.seg.backbone, dataset.num_classes, cfg.seg.aspp_rates, cfg.seg.sr).to(device)
         train_set = TrainingSet(dataset, dataset.split_ids(cfg.data.train_split), cfg.seg.train.crop_size,

@@ -3,9 +3,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import two_object_mask, write_voc_folder
-from pipeline.data import IGNORE, TrainingSet, VOCDataset, multi_hot
+from conftest import ROOT, two_object_mask, write_voc_folder
+from pipeline.config import load_config
+from pipeline.data import IGNORE, TrainingSet, VOCDataset, multi_hot, prepare_data, score_ids
 from pipeline.errors import DataError
+from pipeline.io import save_mask
 
 
 def test_reader_derives_image_labels_from_masks(voc_folder):
@@ -17,7 +19,7 @@ def test_reader_derives_image_labels_from_masks(voc_folder):
     assert dataset.image_labels("empty").size == 0
     assert dataset.load_image("a").shape == (32, 32, 3)
     np.testing.assert_array_equal(multi_hot(dataset.image_labels("a"), 3), [1.0, 1.0])
-    dataset.validate(["train", "val"])
+    dataset.validate("train", ["val"])
 
 
 def test_grayscale_images_become_three_channels(tmp_path):
@@ -29,32 +31,32 @@ def test_grayscale_images_become_three_channels(tmp_path):
 def test_missing_image_is_a_clear_error(voc_folder):
     (voc_folder / "JPEGImages" / "b.png").unlink()
     with pytest.raises(DataError, match="'b' has no image"):
-        VOCDataset(voc_folder).validate(["train"])
+        VOCDataset(voc_folder).validate("train", [])
 
 
 def test_mask_size_mismatch_is_a_clear_error(voc_folder):
     Image.fromarray(np.zeros((10, 10), np.uint8), mode="L").save(voc_folder / "SegmentationClass" / "a.png")
     with pytest.raises(DataError, match="a.png is 10x10 but its image is 32x32"):
-        VOCDataset(voc_folder).validate(["train"])
+        VOCDataset(voc_folder).validate("train", [])
 
 
 def test_colour_mask_is_a_clear_error(voc_folder):
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(voc_folder / "SegmentationClass" / "a.png")
     with pytest.raises(DataError, match="a.png: a mask must be a palette or grayscale PNG"):
-        VOCDataset(voc_folder).validate(["train"])
+        VOCDataset(voc_folder).validate("train", [])
 
 
 def test_unreadable_image_is_a_clear_error(voc_folder):
     (voc_folder / "JPEGImages" / "b.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="b.png is not a readable image"):
-        VOCDataset(voc_folder).validate(["train"])
+        VOCDataset(voc_folder).validate("train", [])
 
 
 def test_class_index_beyond_classes_txt_is_an_error(voc_folder):
     mask = two_object_mask(cls_b=7)
     Image.fromarray(mask, mode="L").save(voc_folder / "SegmentationClass" / "a.png")
     with pytest.raises(DataError, match="class index 7"):
-        VOCDataset(voc_folder).validate(["train"])
+        VOCDataset(voc_folder).validate("train", [])
 
 
 @pytest.mark.parametrize("remove, message", [
@@ -64,7 +66,7 @@ def test_class_index_beyond_classes_txt_is_an_error(voc_folder):
 def test_layout_problems_name_the_file(voc_folder, remove, message):
     (voc_folder / remove).unlink()
     with pytest.raises(DataError, match=message):
-        VOCDataset(voc_folder).validate(["train", "val"])
+        VOCDataset(voc_folder).validate("train", ["val"])
 
 
 def test_missing_root_is_an_error(tmp_path):
@@ -91,10 +93,77 @@ def test_training_crops_keep_masks_nearest_neighbour_and_pad_with_ignore(voc_fol
 
 
 def test_fingerprint_changes_when_a_file_changes(voc_folder):
-    before = VOCDataset(voc_folder).fingerprint(["train"])
-    assert VOCDataset(voc_folder).fingerprint(["train"]) == before
+    before = VOCDataset(voc_folder).fingerprint("train")
+    assert VOCDataset(voc_folder).fingerprint("train") == before
     save_path = voc_folder / "SegmentationClass" / "a.png"
     mask = np.array(Image.open(save_path))
     mask[0, 0] = 2
     Image.fromarray(mask, mode="L").save(save_path)
-    assert VOCDataset(voc_folder).fingerprint(["train"]) != before
+    assert VOCDataset(voc_folder).fingerprint("train") != before
+
+
+def _voc12_like(tmp_path, with_aug=True):
+    """A VOC-shaped folder: train (2 ids) inside train_aug (3 ids) and, optionally, the SBD extras."""
+    masks = {"2007_000032": two_object_mask(), "2007_000039": two_object_mask(cls_b=1),
+             "2008_000002": two_object_mask(cls_a=2)}
+    root = write_voc_folder(tmp_path / "VOC2012", {k: masks[k] for k in ("2007_000032", "2007_000039")},
+                            splits={"train": ["2007_000032", "2007_000039"], "val": ["2007_000039"]})
+    # The third image exists only in the augmented set.
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "JPEGImages" / "2008_000002.jpg")
+    if with_aug:
+        (root / "SegmentationClassAug").mkdir()
+        for image_id, mask in masks.items():
+            save_mask(root / "SegmentationClassAug" / f"{image_id}.png", mask)
+        (root / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("\n".join(masks) + "\n")
+    return root
+
+
+def _voc12_config(root, *overrides):
+    sets = [f"data.root={root}", "cam.train.batch_size=2", "seg.train.batch_size=2"] + list(overrides)
+    return load_config(ROOT / "configs" / "voc12.yaml", sets)
+
+
+def test_voc12_trains_on_train_aug_and_scores_on_train(tmp_path):
+    cfg = _voc12_config(_voc12_like(tmp_path))
+    dataset = prepare_data(cfg)
+    assert (cfg.data.train_split, cfg.data.train_masks) == ("train_aug", "SegmentationClassAug")
+    assert len(dataset.split_ids(cfg.data.train_split)) == 3
+    assert score_ids(cfg.data, dataset) == {"2007_000032", "2007_000039"}
+    np.testing.assert_array_equal(dataset.image_labels("2008_000002"), [2])  # from SegmentationClassAug
+    assert dataset.load_train_mask("2008_000002").max() == 2
+
+
+def test_voc12_falls_back_to_train_without_the_augmented_set(tmp_path, capsys):
+    cfg = _voc12_config(_voc12_like(tmp_path, with_aug=False))
+    dataset = prepare_data(cfg)
+    assert (cfg.data.train_split, cfg.data.train_masks) == ("train", "SegmentationClass")
+    assert "training on split 'train'" in capsys.readouterr().err
+    assert dataset.split_ids(cfg.data.train_split) == ["2007_000032", "2007_000039"]
+
+
+def test_without_a_fallback_a_missing_train_split_is_an_error(tmp_path):
+    cfg = _voc12_config(_voc12_like(tmp_path, with_aug=False), "data.fallback_train_split=null")
+    with pytest.raises(DataError, match="SegmentationClassAug"):
+        prepare_data(cfg)
+
+
+def test_irnet_cls_labels_file_gives_the_image_labels(tmp_path):
+    root = _voc12_like(tmp_path)
+    classes = 2  # cat, dog
+    table = {2007000032: np.array([1, 1], np.float32), 2007000039: np.array([1, 0], np.float32),
+             "2008_000002": np.array([0, 1], np.float32)}
+    np.save(root / "cls_labels.npy", table)
+    dataset = prepare_data(_voc12_config(root, "data.image_labels=cls_labels.npy"))
+    np.testing.assert_array_equal(dataset.image_labels("2007_000032"), [1, 2])
+    np.testing.assert_array_equal(dataset.image_labels("2008_000002"), [2])
+    np.save(root / "bad_labels.npy", {"2007_000032": np.ones(classes + 3)})
+    with pytest.raises(DataError, match="bad_labels.npy: labels of '2007_000032' have 5 entries, expected 2"):
+        prepare_data(_voc12_config(root, "data.image_labels=bad_labels.npy"))
+
+
+def test_score_split_outside_the_train_split_is_an_error(tmp_path):
+    root = _voc12_like(tmp_path)
+    with pytest.raises(DataError, match="data.score_split 'train_aug' lists 1 ids outside data.train_split 'train'"
+                                        ", e.g. '2008_000002'"):
+        prepare_data(_voc12_config(root, "data.train_split=train", "data.train_masks=SegmentationClass",
+                                   "data.score_split=train_aug"))
