@@ -167,3 +167,35 @@ def test_score_split_outside_the_train_split_is_an_error(tmp_path):
                                         ", e.g. '2008_000002'"):
         prepare_data(_voc12_config(root, "data.train_split=train", "data.train_masks=SegmentationClass",
                                    "data.score_split=train_aug"))
+
+
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.mark.parametrize("name, num_classes", [("msrc", 17), ("acdc", 4)])
+def test_real_data_configs_read_their_data_set(name, num_classes):
+    root = SHARED / f"{name}-dev"
+    if not root.is_dir():
+        pytest.skip(f"{root} is not here; a fresh clone has no ../shared")
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml", [f"data.root={root}"])
+    dataset = prepare_data(cfg)
+    assert dataset.num_classes == num_classes
+    train_ids = dataset.split_ids(cfg.data.train_split)
+    val_ids = set(dataset.split_ids(cfg.data.val_split))
+    assert train_ids and val_ids and not set(train_ids) & val_ids
+    image = dataset.load_image(train_ids[0])
+    assert image.ndim == 3 and image.shape[2] == 3 and image.shape[:2] == dataset.load_mask(train_ids[0]).shape
+
+
+def test_grayscale_images_become_three_equal_channels_and_masks_stay_class_indices(tmp_path):
+    mask = two_object_mask(size=37)
+    mask[0, :] = IGNORE
+    root = write_voc_folder(tmp_path / "gray", {"g": mask}, gray=True)
+    dataset = VOCDataset(root)
+    image = dataset.load_image("g")
+    assert image.shape == (37, 37, 3)
+    assert (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()
+    torch.manual_seed(0)
+    train_set = TrainingSet(dataset, ["g"], crop_size=24, scale_range=[0.6, 1.7], pixel_labels=dataset.load_mask)
+    for _ in range(10):  # every rescale keeps labels from the original set: nearest-neighbour
+        assert set(torch.unique(train_set[0]["mask"]).tolist()) <= {0, 1, 2, IGNORE}
