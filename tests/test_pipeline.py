@@ -126,3 +126,30 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
         error = capsys.readouterr().err.strip()
         assert error.startswith("error: ") and len(error.splitlines()) == 1, (extra, error)
     assert not run_dir.exists()
+
+
+def test_pretrained_efficientnet_lite0_runs_through_every_stage(weak_run):
+    """Both networks on the offline ImageNet weights, in a run of their own."""
+    lite = ["--set", "cam.backbone.name=efficientnet_lite0", "--set", "cam.backbone.weights=imagenet",
+            "--set", "seg.backbone.name=efficientnet_lite0", "--set", "seg.backbone.weights=imagenet"]
+    argv = ["--config", DEMO_CONFIG, "--run-dir", str(weak_run / "lite0")]
+    assert main(argv + sum((["--set", s] for s in TINY + [f"data.root={weak_run / 'demo'}"]), []) + lite) == 0
+    manifest = json.loads((weak_run / "lite0" / "seg" / "manifest.json").read_text())
+    assert manifest["inputs"]["weights_fingerprint"].startswith("imagenet:efficientnet-lite0")
+
+
+def test_imagenet_weights_that_cannot_be_fetched_stop_before_any_stage(tmp_path, capsys, monkeypatch):
+    import torch
+    from urllib.error import URLError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+    def offline(*args, **kwargs):
+        raise URLError("offline")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    # seg is the last stage: its weights must be checked before cam trains.
+    assert run(tmp_path, "--set", "seg.backbone.weights=imagenet") == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "seg.backbone.weights: /path/to/resnet18-f37072fd.pth" in error
+    assert not (tmp_path / "run").exists()
