@@ -140,9 +140,13 @@ class VOCDataset:
                 if image_size != mask_size:
                     raise DataError(f"mask {mask} is {mask_size[0]}x{mask_size[1]} "
                                     f"but its image is {image_size[0]}x{image_size[1]}")
-                self._classes_in(mask)
-                if split == train_split:
-                    self.image_labels(image_id)
+                classes = self._classes_in(mask)
+                if split != train_split:
+                    continue
+                if self._file_labels is None:
+                    self._labels[image_id] = classes  # what image_labels would read from the same mask
+                else:
+                    self.image_labels(image_id)  # the label file must cover every train id
 
     def fingerprint(self, train_split: Optional[str] = None, scored_splits: list[str] = ()) -> str:
         """Identifies the data a stage reads: split lists, the size and mtime of every image and
@@ -203,9 +207,13 @@ def _open_dataset(root: str, train_masks: str, image_labels: Optional[str]) -> V
     return VOCDataset(root, train_masks, image_labels)
 
 
+def score_split(data) -> str:
+    """The split whose CAMs and pseudo masks are scored against ground truth."""
+    return data.score_split or data.train_split
+
+
 def score_ids(data, dataset: VOCDataset) -> set[str]:
-    """The train ids whose CAMs and pseudo masks are scored against ground truth."""
-    return set(dataset.split_ids(data.score_split or data.train_split))
+    return set(dataset.split_ids(score_split(data)))
 
 
 def normalize(image: np.ndarray) -> torch.Tensor:

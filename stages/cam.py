@@ -20,7 +20,7 @@ from pipeline.backbones import weights_fingerprint
 from pipeline.cache import StageOutput
 from pipeline.cam import cam_to_label, multiscale_cams
 from pipeline.config import Config, SRConfig, section_for_cache
-from pipeline.data import TrainingSet, normalize, open_dataset, score_ids
+from pipeline.data import TrainingSet, normalize, open_dataset, score_ids, score_split
 from pipeline.errors import CacheError
 from pipeline.io import load_arrays, save_arrays
 from pipeline.losses import multilabel_loss
@@ -42,7 +42,7 @@ def upstream(cfg: Config) -> list[str]:
 def own_inputs(cfg: Config) -> dict:
     dataset = open_dataset(cfg.data)
     return {"config": section_for_cache(cfg, "seed", "data", "cam"),
-            "data_fingerprint": dataset.fingerprint(cfg.data.train_split, [cfg.data.score_split or cfg.data.train_split]),
+            "data_fingerprint": dataset.fingerprint(cfg.data.train_split, [score_split(cfg.data)]),
             "weights_fingerprint": weights_fingerprint(cfg.cam.backbone, "cam.backbone.weights")}
 
 

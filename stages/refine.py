@@ -19,7 +19,7 @@ from pipeline.cache import StageOutput, upstream_keys
 from pipeline.cam import cam_argmax
 from pipeline.config import Config, DataConfig, RefineConfig, section_for_cache
 from pipeline.crf import crf_refine_labels
-from pipeline.data import IGNORE, open_dataset, score_ids
+from pipeline.data import IGNORE, open_dataset, score_ids, score_split
 from pipeline.io import save_mask
 from pipeline.metrics import confident_confusion_matrix, confusion_matrix, iou_scores
 from pipeline.runtime import is_main_process, parallel_map, shard
@@ -35,7 +35,7 @@ def upstream(cfg: Config) -> list[str]:
 def own_inputs(cfg: Config) -> dict:
     dataset = open_dataset(cfg.data)
     return {"config": section_for_cache(cfg, "data", "refine"),
-            "data_fingerprint": dataset.fingerprint(cfg.data.train_split, [cfg.data.score_split or cfg.data.train_split])}
+            "data_fingerprint": dataset.fingerprint(cfg.data.train_split, [score_split(cfg.data)])}
 
 
 def pseudo_mask(image: np.ndarray, cams: np.ndarray, classes: np.ndarray, cfg: RefineConfig) -> np.ndarray:
@@ -77,8 +77,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
     with StageOutput(run_dir, NAME, inputs) as out:
         pseudo_dir = out.dir / "pseudo"
         pseudo_dir.mkdir()
-        task = functools.partial(_refine_one, data=cfg.data, scored=score_ids(cfg.data, dataset), cam_dir=run_dir / "cam" / "cams",
-                                 out_dir=pseudo_dir, cfg=cfg.refine)
+        task = functools.partial(_refine_one, data=cfg.data, scored=score_ids(cfg.data, dataset),
+                                 cam_dir=run_dir / "cam" / "cams", out_dir=pseudo_dir, cfg=cfg.refine)
         confusion = confident = 0
         unsure = total = 0
         with parallel_map(task, train_ids, cfg.refine.workers) as results:

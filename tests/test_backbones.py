@@ -1,6 +1,5 @@
 """Backbones: every name builds into five levels; weights by name, by file, and their errors."""
 import os
-from pathlib import Path
 from urllib.error import URLError
 
 import numpy as np

@@ -16,6 +16,7 @@ TINY = [
 
 
 def run(tmp_path, *args):
+    """The CLI on the tiny demo in ``tmp_path``; a later ``--run-dir`` in ``args`` wins."""
     argv = ["--config", DEMO_CONFIG, "--run-dir", str(tmp_path / "run")]
     for item in TINY + [f"data.root={tmp_path / 'demo'}"]:
         argv += ["--set", item]
@@ -100,8 +101,7 @@ def test_corrupt_cache_file_is_a_clear_error_and_leaves_no_output(weak_run, caps
 
 def test_full_mode_trains_seg_on_ground_truth_without_cam_or_refine(weak_run, capsys):
     full_dir = weak_run / "full"
-    argv = ["--mode", "full", "--stages", "seg", "--run-dir", str(full_dir)]
-    assert main(["--config", DEMO_CONFIG] + sum((["--set", s] for s in TINY + [f"data.root={weak_run / 'demo'}"]), []) + argv) == 0
+    assert run(weak_run, "--mode", "full", "--stages", "seg", "--run-dir", str(full_dir)) == 0
     assert sorted(p.name for p in full_dir.iterdir()) == ["seg"]
     assert json.loads((full_dir / "seg" / "metrics.json").read_text())["mode"] == "full"
     assert "seg" in capsys.readouterr().out
@@ -132,8 +132,7 @@ def test_pretrained_efficientnet_lite0_runs_through_every_stage(weak_run):
     """Both networks on the offline ImageNet weights, in a run of their own."""
     lite = ["--set", "cam.backbone.name=efficientnet_lite0", "--set", "cam.backbone.weights=imagenet",
             "--set", "seg.backbone.name=efficientnet_lite0", "--set", "seg.backbone.weights=imagenet"]
-    argv = ["--config", DEMO_CONFIG, "--run-dir", str(weak_run / "lite0")]
-    assert main(argv + sum((["--set", s] for s in TINY + [f"data.root={weak_run / 'demo'}"]), []) + lite) == 0
+    assert run(weak_run, "--run-dir", str(weak_run / "lite0"), *lite) == 0
     manifest = json.loads((weak_run / "lite0" / "seg" / "manifest.json").read_text())
     assert manifest["inputs"]["weights_fingerprint"].startswith("imagenet:efficientnet-lite0")
 
