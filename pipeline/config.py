@@ -120,13 +120,41 @@ class CrfConfig:
 
 
 @dataclass
+class AffinityNetConfig:
+    """AffinityNet (Ahn & Kwak, CVPR 2018): pixel embeddings whose distances say which pixels
+    belong together, learnt from the confident pixels of the CRF pseudo masks."""
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(output_stride=16))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8, lr=0.1, crop_size=448))
+    feature_stride: int = _opt(4, choices=(4, 8))  # of the embedding map the affinities live on
+    embedding_channels: int = _opt(128, low=1)
+    radius: int = _opt(5, low=1)  # label pairs closer than this, in embedding-map pixels
+
+
+@dataclass
+class RandomWalkConfig:
+    """Propagation of the CAMs along the learnt affinities (changing these never retrains the net)."""
+    radius: int = _opt(5, low=1)  # transitions between pixels closer than this, in embedding-map pixels
+    beta: float = _opt(10.0, above=0.0)  # affinities are raised to this power: sharper region borders
+    iterations: int = _opt(256, low=1)  # t, the number of transition steps (PSA and IRNet: 2^8)
+    bg_power: float = _opt(8.0, above=0.0)  # background map (1 - max CAM)^bg_power, propagated with the CAMs
+    # Pixels whose winning (max-normalised) propagated score is below this stay unsure (255).
+    min_score: float = _opt(0.3, low=0.0, high=1.0)
+    crf: bool = False  # snap the walk's labels to image edges with the dense CRF (refine.crf settings)
+
+
+@dataclass
 class RefineConfig:
+    # crf: the CRF pseudo masks are final; affinity: they train an AffinityNet, and a random
+    # walk along its affinities turns the CAMs into the final pseudo masks.
+    method: str = _opt("crf", choices=("crf", "affinity"))
     # IRNet's two thresholds: a pixel is confidently foreground when the CRF keeps it
     # foreground even against a high background score, confidently background when the
     # CRF calls it background even against a low one; everything between is unsure (255).
     fg_threshold: float = _opt(0.30, low=0.0, high=1.0)
     bg_threshold: float = _opt(0.05, low=0.0, high=1.0)
     crf: CrfConfig = field(default_factory=CrfConfig)
+    affinity: AffinityNetConfig = field(default_factory=AffinityNetConfig)
+    random_walk: RandomWalkConfig = field(default_factory=RandomWalkConfig)
     workers: int = _opt(2, low=1)  # CRF worker processes
 
 
@@ -198,10 +226,11 @@ def config_from_dict(raw: dict) -> Config:
     cfg = _build(Config, raw, "")
     if cfg.demo is not None and cfg.demo.min_size > cfg.demo.max_size:
         raise ConfigError("demo.min_size must not exceed demo.max_size")
-    for section in ("cam", "seg"):
-        scale_range = getattr(cfg, section).train.scale_range
+    for section, train in (("cam", cfg.cam.train), ("seg", cfg.seg.train), ("refine.affinity", cfg.refine.affinity.train)):
+        scale_range = train.scale_range
         if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
             raise ConfigError(f"config key '{section}.train.scale_range' must be [low, high] with 0 < low <= high")
+    for section in ("cam", "seg"):
         exits = getattr(cfg, section).sr.exits
         unknown = [level for level in exits if level not in BACKBONE_LEVELS]
         if unknown:

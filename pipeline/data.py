@@ -229,6 +229,16 @@ def multi_hot(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return vector
 
 
+class MaskFolder:
+    """Pixel labels read from ``<folder>/<id>.png`` (picklable, for DataLoader workers)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __call__(self, image_id: str) -> np.ndarray:
+        return load_mask(self.folder / f"{image_id}.png")
+
+
 class TrainingSet(torch.utils.data.Dataset):
     """Random rescale, horizontal flip, pad and crop of an image (and its pixel labels).
 

@@ -1,8 +1,9 @@
-"""Networks: the CAM classifier and the DeepLab segmenter on a five-level backbone.
+"""Networks: the CAM classifier, the DeepLab segmenter and AffinityNet on a five-level backbone.
 
 The backbone (pipeline/backbones.py) returns the features of all five levels (stem, layer1..layer4) so that
 Self-Regulation heads can attach to any of them; the CAM and segmentation networks
-themselves only use the deepest level. With ``sr.enabled`` a network also holds the
+themselves only use the deepest level; AffinityNet combines the levels from its
+feature stride down. With ``sr.enabled`` a network also holds the
 training-only ``sr_heads`` and offers ``forward_exits``; its inference methods
 (``CAMNet.cams``, ``DeepLab.forward``) never call them.
 """
@@ -78,3 +79,33 @@ class DeepLab(nn.Module):
         features = self.backbone(x)
         return self.sr_heads(features, self.head(features[-1]))
 
+
+
+class AffinityNet(nn.Module):
+    """Pixel embeddings for learned affinity (pipeline/affinity.py): every backbone level from
+    ``feature_stride`` down is projected (1x1 conv, BN, ReLU), resized to that stride's map,
+    concatenated and mixed by a 1x1 conv into ``embedding_channels``; shallow levels bring
+    edges, deep ones semantics."""
+
+    def __init__(self, backbone_cfg: BackboneConfig, feature_stride: int, embedding_channels: int):
+        super().__init__()
+        self.backbone = Backbone(backbone_cfg, "refine.affinity.backbone")
+        self.first_level = {4: 1, 8: 2}[feature_stride]  # layer1 is at stride 4, layer2 at stride 8
+        widths = [64, 128, 256, 256][self.first_level - 1:]
+        self.projections = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+            for channels, width in zip(self.backbone.channels[self.first_level:], widths)
+        )
+        self.embed = nn.Conv2d(sum(widths), embedding_channels, 1)
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        return [p for head in (self.projections, self.embed) for p in head.parameters()]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """B x embedding_channels x h x w, h x w the size of the feature-stride level."""
+        features = self.backbone(x)[self.first_level:]
+        size = features[0].shape[-2:]
+        projected = [F.interpolate(project(f), size=size, mode="bilinear", align_corners=False)
+                     if f.shape[-2:] != size else project(f)
+                     for project, f in zip(self.projections, features)]
+        return self.embed(torch.cat(projected, dim=1))

@@ -11,7 +11,7 @@ import contextlib
 import multiprocessing
 import os
 import random
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -60,11 +60,12 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 @contextlib.contextmanager
-def parallel_map(task: Callable, items: Sequence, workers: int) -> Iterator[Iterator]:
+def parallel_map(task: Callable, items: Iterable, workers: int) -> Iterator[Iterator]:
     """Results of ``task`` over ``items`` (in any order) from ``workers`` processes.
 
     fork, not spawn: workers inherit the already opened data set and start at once; the
-    tasks given here use NumPy and pydensecrf only, never torch.
+    tasks given here use NumPy and pydensecrf only, never torch. ``items`` may be a lazy
+    iterable: the parent computes it (torch allowed there) while the workers take tasks.
     """
     if workers == 1:
         yield map(task, items)

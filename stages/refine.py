@@ -1,31 +1,55 @@
-"""Stage refine: CAMs -> pseudo masks with a background score, a dense CRF and two thresholds.
+"""Stage refine: CAMs -> pseudo masks (0 background, 1..C-1 classes, 255 unsure).
 
-As in IRNet, each image's CAMs are labelled twice, once against a high background
-score (``fg_threshold``: what survives is confidently foreground) and once against a
-low one (``bg_threshold``: what is still background is confidently background); a CRF
-snaps both label maps to image edges. Pixels that neither confirms are unsure (255).
-Outputs in ``<run-dir>/refine/``: ``pseudo/<id>.png`` (uint8 palette PNG: 0 background,
-1..C-1 classes, 255 unsure) and ``metrics.json``.
+``refine.method: crf``. As in IRNet, each image's CAMs are labelled twice, once against a
+high background score (``fg_threshold``: what survives is confidently foreground) and
+once against a low one (``bg_threshold``: what is still background is confidently
+background); a dense CRF snaps both label maps to image edges. Pixels that neither
+confirms are unsure.
+
+``refine.method: affinity`` (AffinityNet, Ahn & Kwak, CVPR 2018) goes on from there:
+the CRF masks' confident pixels teach an AffinityNet which neighbouring pixels belong
+together; a random walk along those affinities spreads each CAM, and a background map,
+over the rest of its object; each pixel takes the class whose propagated (max-normalised)
+score wins, and stays unsure when that score is below ``random_walk.min_score``.
+The AffinityNet and the CRF masks it learnt from are cached in ``<run-dir>/affinitynet/``
+under their own key, which leaves out the random-walk settings, so rerunning refine
+with only those changed reuses the trained network.
+
+Outputs in ``<run-dir>/refine/``: ``pseudo/<id>.png`` (the final masks, what seg trains
+on; palette PNGs), with the affinity method also ``crf/<id>.png`` (the CRF masks), and
+``metrics.json`` scoring every set of masks on the scored ids.
 """
 from __future__ import annotations
 
+import copy
 import functools
+import shutil
+import sys
+import time
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.cache import StageOutput, upstream_keys
+from pipeline.affinity import affinity_loss, random_walk, transition_weights
+from pipeline.backbones import weights_fingerprint
+from pipeline.cache import METRICS, StageOutput, read_json, stage_status, upstream_keys
 from pipeline.cam import cam_argmax
-from pipeline.config import Config, DataConfig, RefineConfig, section_for_cache
+from pipeline.config import Config, DataConfig, RandomWalkConfig, RefineConfig, section_for_cache
 from pipeline.crf import crf_refine_labels
-from pipeline.data import IGNORE, open_dataset, score_ids, score_split
+from pipeline.data import IGNORE, MaskFolder, TrainingSet, normalize, open_dataset, score_ids, score_split
 from pipeline.io import save_mask
 from pipeline.metrics import confident_confusion_matrix, confusion_matrix, iou_scores
-from pipeline.runtime import is_main_process, parallel_map, shard
+from pipeline.models import AffinityNet
+from pipeline.runtime import is_main_process, parallel_map, seed_everything, select_device, shard
+from pipeline.train import load_checkpoint, make_train_loader, save_checkpoint, train
 from stages.cam import load_cams
 
 NAME = "refine"
+AFFINITY_NET = "affinitynet"  # the cached AffinityNet's folder in the run folder
 
 
 def upstream(cfg: Config) -> list[str]:
@@ -34,9 +58,28 @@ def upstream(cfg: Config) -> list[str]:
 
 def own_inputs(cfg: Config) -> dict:
     dataset = open_dataset(cfg.data)
-    return {"config": section_for_cache(cfg, "data", "refine"),
-            "data_fingerprint": dataset.fingerprint(cfg.data.train_split, [score_split(cfg.data)])}
+    if cfg.refine.method == "crf":
+        config = section_for_cache(cfg, "data", "refine")
+        # The affinity settings do not touch CRF masks.
+        config["refine"] = {k: v for k, v in config["refine"].items() if k not in ("affinity", "random_walk")}
+        extra = {}
+    else:
+        config = section_for_cache(cfg, "seed", "data", "refine")
+        extra = {"weights_fingerprint": weights_fingerprint(cfg.refine.affinity.backbone,
+                                                            "refine.affinity.backbone.weights")}
+    return {"config": config,
+            "data_fingerprint": dataset.fingerprint(cfg.data.train_split, [score_split(cfg.data)])} | extra
 
+
+def affinity_net_inputs(cfg: Config, cam_key: str) -> dict:
+    """The AffinityNet's cache key: everything refine depends on except the random walk."""
+    inputs = copy.deepcopy(own_inputs(cfg))
+    inputs["config"]["refine"].pop("random_walk")
+    inputs["config"]["refine"].pop("method")
+    return inputs | {"upstream": {"cam": cam_key}}
+
+
+# --- CRF masks ---------------------------------------------------------------------------
 
 def pseudo_mask(image: np.ndarray, cams: np.ndarray, classes: np.ndarray, cfg: RefineConfig) -> np.ndarray:
     """uint8 mask: 0 confident background, class index where confidently foreground, 255 unsure."""
@@ -53,45 +96,165 @@ def pseudo_mask(image: np.ndarray, cams: np.ndarray, classes: np.ndarray, cfg: R
     return mask
 
 
-def _refine_one(image_id: str, data: DataConfig, scored: set[str], cam_dir: Path, out_dir: Path,
-                cfg: RefineConfig):
-    """Worker task: writes one pseudo mask; returns its confusion matrices (zero when the id
-    is not scored) and its unsure pixel count."""
-    dataset = open_dataset(data)
-    cams, classes = load_cams(cam_dir, image_id)
-    mask = pseudo_mask(dataset.load_image(image_id), cams, classes, cfg)
+def _save_and_score(image_id: str, mask: np.ndarray, data: DataConfig, scored: set[str], out_dir: Path):
+    """Writes one mask; returns its confusion matrices (zero when the id is not scored: unsure
+    as background, and confident pixels only) and its unsure and total pixel counts."""
     save_mask(out_dir / f"{image_id}.png", mask)
+    counts = int((mask == IGNORE).sum()), mask.size
     if image_id not in scored:
-        return 0, 0, int((mask == IGNORE).sum()), mask.size
+        return (0, 0) + counts
+    dataset = open_dataset(data)
     gt = dataset.load_mask(image_id)
     as_background = np.where(mask == IGNORE, 0, mask).astype(np.uint8)
     return (confusion_matrix(gt, as_background, dataset.num_classes),
-            confident_confusion_matrix(gt, mask, dataset.num_classes),
-            int((mask == IGNORE).sum()), mask.size)
+            confident_confusion_matrix(gt, mask, dataset.num_classes)) + counts
+
+
+def _crf_mask_one(image_id: str, data: DataConfig, scored: set[str], cam_dir: Path, out_dir: Path,
+                  cfg: RefineConfig):
+    """Worker task: the CRF pseudo mask of one image, written and scored."""
+    cams, classes = load_cams(cam_dir, image_id)
+    mask = pseudo_mask(open_dataset(data).load_image(image_id), cams, classes, cfg)
+    return _save_and_score(image_id, mask, data, scored, out_dir)
+
+
+def _collect_scores(results: Iterable, total: int, class_names: list[str], desc: str) -> dict:
+    """Sums the workers' confusion matrices into the masks' scores; times the whole pass."""
+    started = time.perf_counter()
+    confusion = confident = 0
+    unsure = pixels = 0
+    for cm, cm_sure, n_unsure, n_pixels in tqdm(results, total=total, desc=desc, leave=False,
+                                                disable=not is_main_process()):
+        confusion, confident = confusion + cm, confident + cm_sure
+        unsure, pixels = unsure + n_unsure, pixels + n_pixels
+    confident_scores = iou_scores(confident, class_names)
+    return iou_scores(confusion, class_names) | {
+        "unsure_fraction": round(unsure / max(pixels, 1), 4),
+        "confident_miou": confident_scores["miou"],
+        "confident_per_class_iou": confident_scores["per_class_iou"],
+        "seconds_per_image": round((time.perf_counter() - started) / max(total, 1), 4),
+    }
+
+
+def write_crf_masks(cfg: Config, run_dir: Path, ids: list[str], out_dir: Path) -> dict:
+    dataset = open_dataset(cfg.data)
+    out_dir.mkdir()
+    task = functools.partial(_crf_mask_one, data=cfg.data, scored=score_ids(cfg.data, dataset),
+                             cam_dir=run_dir / "cam" / "cams", out_dir=out_dir, cfg=cfg.refine)
+    with parallel_map(task, ids, cfg.refine.workers) as results:
+        scores = _collect_scores(results, len(ids), dataset.classes, "refine (CRF)")
+    return scores | {"fg_threshold": cfg.refine.fg_threshold, "bg_threshold": cfg.refine.bg_threshold,
+                     "workers": cfg.refine.workers}
+
+
+# --- AffinityNet -------------------------------------------------------------------------
+
+def _affinity_training_loss(model, batch, epoch, radius: int) -> dict:
+    return affinity_loss(model(batch["image"]), batch["mask"], radius)
+
+
+def affinity_net(cfg: Config, run_dir: Path, cam_key: str, device: torch.device) -> tuple[AffinityNet, Path]:
+    """The trained AffinityNet and its folder (with ``crf/``, the CRF masks it learnt from):
+    from the cache when its key matches, else made now (CRF masks, then training)."""
+    dataset = open_dataset(cfg.data)
+    net_cfg = cfg.refine.affinity
+    inputs = affinity_net_inputs(cfg, cam_key)
+    model = AffinityNet(net_cfg.backbone, net_cfg.feature_stride, net_cfg.embedding_channels)
+    status = stage_status(run_dir, AFFINITY_NET, inputs)
+    if status.state == "cached":
+        if is_main_process():
+            print(f"refine: reusing the AffinityNet in {run_dir / AFFINITY_NET} (its inputs are unchanged)",
+                  file=sys.stderr)
+    else:
+        with StageOutput(run_dir, AFFINITY_NET, inputs) as out:
+            train_ids = dataset.split_ids(cfg.data.train_split)
+            crf_scores = write_crf_masks(cfg, run_dir, shard(train_ids), out.dir / "crf")
+            started = time.perf_counter()
+            generator = seed_everything(cfg.seed)
+            train_set = TrainingSet(dataset, train_ids, net_cfg.train.crop_size, net_cfg.train.scale_range,
+                                    pixel_labels=MaskFolder(out.dir / "crf"))
+            loader = make_train_loader(train_set, net_cfg.train, cfg.data.loader_workers, generator)
+            losses = train(model.to(device), loader, functools.partial(_affinity_training_loss, radius=net_cfg.radius),
+                           net_cfg.train, device, "affinitynet")
+            save_checkpoint(out.dir / "model.pt", model)
+            out.metrics = {"crf": crf_scores, "train_loss_by_epoch": [round(v, 4) for v in losses],
+                           "train_seconds": round(time.perf_counter() - started, 1)}
+    load_checkpoint(run_dir / AFFINITY_NET / "model.pt", model)
+    return model.to(device).eval(), run_dir / AFFINITY_NET
+
+
+# --- Random walk -------------------------------------------------------------------------
+
+@torch.no_grad()
+def propagated_scores(model: AffinityNet, image: torch.Tensor, cams: np.ndarray, cfg: RandomWalkConfig) -> np.ndarray:
+    """(K+1) x H x W scores of the background and the K CAMs after the random walk on one
+    3 x H x W image, each map divided by its maximum."""
+    embeddings = model(image[None])
+    maps = F.adaptive_avg_pool2d(torch.from_numpy(cams).to(image.device)[None], embeddings.shape[-2:])
+    background = (1 - maps.amax(dim=1, keepdim=True)).pow(cfg.bg_power)
+    weights, offsets = transition_weights(embeddings, cfg.radius, cfg.beta)
+    maps = random_walk(torch.cat([background, maps], dim=1), weights, offsets, cfg.iterations)
+    maps = F.interpolate(maps, size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
+    return (maps / maps.flatten(1).amax(dim=1).clamp_min(1e-5)[:, None, None]).cpu().numpy()
+
+
+def walk_mask(image: np.ndarray, scores: np.ndarray, classes: np.ndarray, cfg: RefineConfig) -> np.ndarray:
+    """uint8 pseudo mask from propagated scores (background first): the winning class, or the
+    CRF's refinement of it; unsure where the winner's score is below ``min_score``."""
+    labels = scores.argmax(axis=0)
+    if cfg.random_walk.crf:
+        labels = crf_refine_labels(image, labels, len(scores), cfg.crf)
+    keys = np.concatenate([[0], classes]).astype(np.uint8)
+    mask = keys[labels]
+    mask[np.take_along_axis(scores, labels[None], axis=0)[0] < cfg.random_walk.min_score] = IGNORE
+    return mask
+
+
+def _walk_mask_one(item, data: DataConfig, scored: set[str], out_dir: Path, cfg: RefineConfig):
+    """Worker task: the final mask of one image from its propagated scores, written and scored."""
+    image_id, scores, classes = item
+    dataset = open_dataset(data)
+    if len(classes) == 0:
+        mask = np.zeros(dataset.load_image(image_id).shape[:2], dtype=np.uint8)
+    else:
+        mask = walk_mask(dataset.load_image(image_id), scores.astype(np.float32), classes, cfg)
+    return _save_and_score(image_id, mask, data, scored, out_dir)
+
+
+def _walk_all(model: AffinityNet, ids: list[str], cfg: Config, cam_dir: Path, device: torch.device) -> Iterator:
+    """(id, propagated scores as float16, classes) per image, computed on ``device``."""
+    dataset = open_dataset(cfg.data)
+    for image_id in ids:
+        cams, classes = load_cams(cam_dir, image_id)
+        if len(classes) == 0:
+            yield image_id, None, classes
+            continue
+        image = normalize(dataset.load_image(image_id)).to(device)
+        yield image_id, propagated_scores(model, image, cams, cfg.refine.random_walk).astype(np.float16), classes
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
     dataset = open_dataset(cfg.data)
     train_ids = shard(dataset.split_ids(cfg.data.train_split))
     inputs = own_inputs(cfg) | {"upstream": upstream_keys(run_dir, upstream(cfg))}
+    if cfg.refine.method == "crf":
+        with StageOutput(run_dir, NAME, inputs) as out:
+            out.metrics = {"method": "crf"} | write_crf_masks(cfg, run_dir, train_ids, out.dir / "pseudo")
+        return out.metrics
+
+    device = select_device(cfg.device)
+    model, net_dir = affinity_net(cfg, run_dir, inputs["upstream"]["cam"], device)
     with StageOutput(run_dir, NAME, inputs) as out:
-        pseudo_dir = out.dir / "pseudo"
-        pseudo_dir.mkdir()
-        task = functools.partial(_refine_one, data=cfg.data, scored=score_ids(cfg.data, dataset),
-                                 cam_dir=run_dir / "cam" / "cams", out_dir=pseudo_dir, cfg=cfg.refine)
-        confusion = confident = 0
-        unsure = total = 0
-        with parallel_map(task, train_ids, cfg.refine.workers) as results:
-            for cm, cm_sure, n_unsure, n_pixels in tqdm(results, total=len(train_ids), desc="refine (CRF)",
-                                                        leave=False, disable=not is_main_process()):
-                confusion, confident = confusion + cm, confident + cm_sure
-                unsure, total = unsure + n_unsure, total + n_pixels
-        confident_scores = iou_scores(confident, dataset.classes)
-        out.metrics = iou_scores(confusion, dataset.classes) | {
-            "unsure_fraction": round(unsure / max(total, 1), 4),
-            "confident_miou": confident_scores["miou"],
-            "confident_per_class_iou": confident_scores["per_class_iou"],
-            "fg_threshold": cfg.refine.fg_threshold,
-            "bg_threshold": cfg.refine.bg_threshold,
+        shutil.copytree(net_dir / "crf", out.dir / "crf")
+        (out.dir / "pseudo").mkdir()
+        task = functools.partial(_walk_mask_one, data=cfg.data, scored=score_ids(cfg.data, dataset),
+                                 out_dir=out.dir / "pseudo", cfg=cfg.refine)
+        walked = _walk_all(model, train_ids, cfg, run_dir / "cam" / "cams", device)
+        with parallel_map(task, walked, cfg.refine.workers) as results:
+            scores = _collect_scores(results, len(train_ids), dataset.classes, "refine (random walk)")
+        net_metrics = read_json(net_dir / METRICS) or {}
+        out.metrics = {"method": "affinity"} | scores | {
+            "crf": net_metrics.get("crf"),
+            "affinity_net_train_seconds": net_metrics.get("train_seconds"),
         }
     return out.metrics

@@ -18,8 +18,8 @@ from tqdm import tqdm
 from pipeline.backbones import weights_fingerprint
 from pipeline.cache import StageOutput, upstream_keys
 from pipeline.config import Config, SRConfig, section_for_cache
-from pipeline.data import TrainingSet, normalize, open_dataset
-from pipeline.io import load_mask, save_mask
+from pipeline.data import MaskFolder, TrainingSet, normalize, open_dataset
+from pipeline.io import save_mask
 from pipeline.losses import pixel_cross_entropy
 from pipeline.metrics import confusion_matrix, iou_scores
 from pipeline.models import DeepLab
@@ -39,16 +39,6 @@ def own_inputs(cfg: Config) -> dict:
     return {"config": section_for_cache(cfg, "seed", "mode", "data", "seg"),
             "data_fingerprint": dataset.fingerprint(cfg.data.train_split, [cfg.data.val_split]),
             "weights_fingerprint": weights_fingerprint(cfg.seg.backbone, "seg.backbone.weights")}
-
-
-class MaskFolder:
-    """Pixel labels read from ``<folder>/<id>.png`` (picklable, for DataLoader workers)."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def __call__(self, image_id: str) -> np.ndarray:
-        return load_mask(self.folder / f"{image_id}.png")
 
 
 def segmentation_loss(model, batch, epoch) -> dict:

@@ -1,5 +1,6 @@
 """End to end on a tiny demo: real networks, real CRF, real files, one epoch each."""
 import json
+import shutil
 
 import pytest
 
@@ -23,9 +24,9 @@ def run(tmp_path, *args):
     return main(argv + list(args))
 
 
-def manifest_time(tmp_path, stage):
-    return json.loads((tmp_path / "run" / stage / "manifest.json").read_text())["finished_at"], \
-        (tmp_path / "run" / stage / "manifest.json").stat().st_mtime_ns
+def manifest_time(tmp_path, stage, run_dir=None):
+    manifest = (run_dir or tmp_path / "run") / stage / "manifest.json"
+    return json.loads(manifest.read_text())["finished_at"], manifest.stat().st_mtime_ns
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +153,40 @@ def test_imagenet_weights_that_cannot_be_fetched_stop_before_any_stage(tmp_path,
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "seg.backbone.weights: /path/to/resnet18-f37072fd.pth" in error
     assert not (tmp_path / "run").exists()
+
+
+AFFINITY = ["refine.method=affinity", "refine.affinity.backbone.name=resnet18", "refine.affinity.train.epochs=1",
+            "refine.affinity.train.batch_size=8", "refine.affinity.train.crop_size=48",
+            "refine.affinity.train.head_lr_mult=1", "refine.affinity.embedding_channels=16",
+            "refine.random_walk.iterations=8"]
+
+
+def test_affinity_refine_keeps_crf_and_final_masks_and_caches_the_net_under_its_own_key(weak_run, capsys):
+    run_dir = weak_run / "affinity"
+    shutil.copytree(weak_run / "run" / "cam", run_dir / "cam")
+    settings = sum((["--set", item] for item in AFFINITY), ["--run-dir", str(run_dir)])
+    assert run(weak_run, *settings) == 0  # refine (CRF masks, AffinityNet, walk) and seg
+    metrics = json.loads((run_dir / "refine" / "metrics.json").read_text())
+    assert metrics["method"] == "affinity" and 0 <= metrics["crf"]["miou"] <= 1 and 0 <= metrics["miou"] <= 1
+    for folder in ("crf", "pseudo"):
+        assert len(list((run_dir / "refine" / folder).glob("*.png"))) == 24
+    net_before = manifest_time(weak_run, "affinitynet", run_dir)
+    capsys.readouterr()
+
+    # A random-walk parameter: refine and seg are stale, the AffinityNet is reused.
+    assert run(weak_run, *settings, "--set", "refine.random_walk.beta=4", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "refine  stale" in out and "refine.random_walk.beta 10.0 -> 4" in out and "seg     stale" in out
+    assert run(weak_run, *settings, "--set", "refine.random_walk.beta=4", "--stages", "refine") == 0
+    assert "reusing the AffinityNet" in capsys.readouterr().err
+    assert manifest_time(weak_run, "affinitynet", run_dir) == net_before
+
+    # An AffinityNet parameter retrains it.
+    assert run(weak_run, *settings, "--set", "refine.affinity.radius=3", "--stages", "refine") == 0
+    assert "reusing" not in capsys.readouterr().err
+    assert manifest_time(weak_run, "affinitynet", run_dir) != net_before
+
+
+def test_crf_refine_ignores_affinity_settings(weak_run, capsys):
+    assert run(weak_run, "--dry-run", "--set", "refine.random_walk.beta=3", "--set", "refine.affinity.radius=2") == 0
+    assert "refine  cached" in capsys.readouterr().out

@@ -1,0 +1,129 @@
+"""Learned affinity (AffinityNet, Ahn & Kwak, CVPR 2018) and the random walk that spreads CAMs with it.
+
+* **Affinity labels.** From a pseudo mask with its unsure label 255, brought to the
+  embedding map's size: a pair of pixels closer than ``radius`` gets label 1 when both
+  carry the same confident label (split into background-positive and foreground-positive
+  pairs), 0 when they carry different confident labels, and is ignored when either is
+  unsure or outside the image.
+* **Affinity.** ``a(i, j) = exp(-mean_c |e_i - e_j|)`` over the embedding channels
+  (PSA's form): 1 for identical embeddings, towards 0 for distant ones; symmetric.
+* **Loss.** Cross-entropy of the affinities against the labels, averaged separately over
+  background-positive, foreground-positive and negative pairs and combined
+  ``bg/4 + fg/4 + neg/2`` (PSA's balance), so the abundant background pairs do not drown
+  the others.
+* **Random walk.** Transition probabilities ``T = D^-1 A^beta`` between every pixel and
+  the pixels within ``radius`` (itself included), ``D`` the row sums; the maps are
+  updated ``t`` times by ``x <- T x``, each pixel taking the transition-weighted mean of
+  its neighbours' scores (as in PSA and IRNet). ``T`` is stored as one weight per
+  (pixel, offset), so memory is linear in the image size, and the update is a batched
+  tensor operation that runs on the GPU when there is one.
+
+Offsets are ``(dy, dx)`` with ``dy^2 + dx^2 < radius^2``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.data import IGNORE
+
+# Codes of the pair labels.
+NEGATIVE, BACKGROUND_POSITIVE, FOREGROUND_POSITIVE = 0, 1, 2
+
+
+def neighbour_offsets(radius: int, half: bool) -> list[tuple[int, int]]:
+    """Offsets within ``radius``, (0, 0) excluded. ``half``: one of each pair +-(dy, dx)
+    (the loss counts a pair once); otherwise all of them (the walk's neighbourhood)."""
+    offsets = []
+    for dy in range(-radius + 1, radius):
+        for dx in range(-radius + 1, radius):
+            if (dy, dx) == (0, 0) or dy * dy + dx * dx >= radius * radius:
+                continue
+            if half and (dy < 0 or (dy == 0 and dx < 0)):
+                continue
+            offsets.append((dy, dx))
+    return offsets
+
+
+def _shifted(padded: torch.Tensor, pad: int, dy: int, dx: int, height: int, width: int) -> torch.Tensor:
+    """The neighbour at (y + dy, x + dx) of every position of a map padded by ``pad``."""
+    return padded[..., pad + dy:pad + dy + height, pad + dx:pad + dx + width]
+
+
+def affinity_labels(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Pair labels of a B x h x w long mask (0 background, classes, 255 unsure): B x O x h x w
+    uint8 codes (NEGATIVE, BACKGROUND_POSITIVE, FOREGROUND_POSITIVE, or 255 ignored) for the
+    pairs (p, p + offset), offsets from ``neighbour_offsets(radius, half=True)``."""
+    height, width = mask.shape[-2:]
+    pad = radius
+    padded = F.pad(mask, (pad, pad, pad, pad), value=IGNORE)  # outside the image: unsure
+    labels = []
+    for dy, dx in neighbour_offsets(radius, half=True):
+        other = _shifted(padded, pad, dy, dx, height, width)
+        code = torch.full_like(mask, IGNORE)
+        sure = (mask != IGNORE) & (other != IGNORE)
+        code[sure & (mask != other)] = NEGATIVE
+        code[sure & (mask == other) & (mask == 0)] = BACKGROUND_POSITIVE
+        code[sure & (mask == other) & (mask != 0)] = FOREGROUND_POSITIVE
+        labels.append(code)
+    return torch.stack(labels, dim=1).to(torch.uint8)
+
+
+def pair_affinities(embeddings: torch.Tensor, offsets: list[tuple[int, int]]) -> torch.Tensor:
+    """B x D x h x w embeddings -> B x O x h x w affinities between p and p + offset (values
+    for neighbours outside the image are meaningless: callers mask them)."""
+    height, width = embeddings.shape[-2:]
+    pad = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    padded = F.pad(embeddings, (pad, pad, pad, pad))
+    return torch.stack([
+        torch.exp(-(embeddings - _shifted(padded, pad, dy, dx, height, width)).abs().mean(dim=1))
+        for dy, dx in offsets
+    ], dim=1)
+
+
+def affinity_loss(embeddings: torch.Tensor, mask: torch.Tensor, radius: int) -> dict:
+    """The balanced pair loss of B x D x h x w embeddings against a B x H x W pseudo mask
+    (brought to h x w by nearest neighbour); terms "bg", "fg", "neg" and the total "loss"."""
+    mask = F.interpolate(mask[:, None].float(), size=embeddings.shape[-2:], mode="nearest")[:, 0].long()
+    labels = affinity_labels(mask, radius)
+    affinity = pair_affinities(embeddings, neighbour_offsets(radius, half=True))
+    eps = 1e-5
+
+    def mean_over(code: int, values: torch.Tensor) -> torch.Tensor:
+        chosen = labels == code
+        # No pair of this kind in the batch: 0, with a gradient path.
+        return values[chosen].mean() if chosen.any() else values.sum() * 0.0
+
+    terms = {
+        "bg": mean_over(BACKGROUND_POSITIVE, -torch.log(affinity + eps)),
+        "fg": mean_over(FOREGROUND_POSITIVE, -torch.log(affinity + eps)),
+        "neg": mean_over(NEGATIVE, -torch.log(1.0 + eps - affinity)),
+    }
+    return {"loss": terms["bg"] / 4 + terms["fg"] / 4 + terms["neg"] / 2} | terms
+
+
+def transition_weights(embeddings: torch.Tensor, radius: int, beta: float) -> tuple[torch.Tensor, list]:
+    """Row-normalised transition probabilities of the walk: B x O x h x w, O the offsets of
+    ``neighbour_offsets(radius, half=False)`` plus (0, 0); each position's weights sum to 1
+    and are 0 towards positions outside the image."""
+    offsets = [(0, 0)] + neighbour_offsets(radius, half=False)
+    height, width = embeddings.shape[-2:]
+    weights = pair_affinities(embeddings, offsets).pow(beta)
+    pad = radius
+    inside = F.pad(embeddings.new_ones(1, 1, height, width), (pad, pad, pad, pad))
+    inside = torch.cat([_shifted(inside, pad, dy, dx, height, width) for dy, dx in offsets], dim=1)
+    weights = weights * inside
+    return weights / weights.sum(dim=1, keepdim=True), offsets
+
+
+def random_walk(maps: torch.Tensor, weights: torch.Tensor, offsets: list[tuple[int, int]],
+                iterations: int) -> torch.Tensor:
+    """``iterations`` steps of ``x <- T x`` for B x K x h x w maps, T given by
+    :func:`transition_weights` (weights and offsets)."""
+    height, width = maps.shape[-2:]
+    pad = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    for _ in range(iterations):
+        padded = F.pad(maps, (pad, pad, pad, pad))
+        maps = sum(weights[:, index:index + 1] * _shifted(padded, pad, dy, dx, height, width)
+                   for index, (dy, dx) in enumerate(offsets))
+    return maps

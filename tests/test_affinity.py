@@ -1,0 +1,152 @@
+"""AffinityNet labels and loss, and the random walk, on hand-made tensors."""
+import numpy as np
+import pytest
+import torch
+
+from pipeline.affinity import (BACKGROUND_POSITIVE, FOREGROUND_POSITIVE, NEGATIVE, affinity_labels, affinity_loss,
+                               neighbour_offsets, pair_affinities, random_walk, transition_weights)
+from pipeline.config import BackboneConfig, RandomWalkConfig, RefineConfig
+from pipeline.models import AffinityNet
+from stages.refine import walk_mask
+
+IGNORED = 255
+
+
+def test_offsets_lie_within_the_radius_and_half_counts_each_pair_once():
+    assert sorted(neighbour_offsets(2, half=True)) == [(0, 1), (1, -1), (1, 0), (1, 1)]
+    full = neighbour_offsets(5, half=False)
+    assert len(full) == 68 and all(0 < dy * dy + dx * dx < 25 for dy, dx in full)
+    half = neighbour_offsets(5, half=True)
+    assert len(half) == 34 and not any((-dy, -dx) in half for dy, dx in half)
+
+
+def test_affinity_labels_of_a_hand_made_mask():
+    mask = torch.tensor([[[1, 1, 0, IGNORED, 0, 0]]])  # one row: class 1, class 1, bg, unsure, bg, bg
+    labels = affinity_labels(mask, radius=2)
+    offsets = neighbour_offsets(2, half=True)
+    right = labels[0, offsets.index((0, 1)), 0].tolist()
+    # pairs (0,1) same class, (1,2) class vs bg, (2,3) and (3,4) touch the unsure pixel,
+    # (4,5) both background, (5, outside) ignored
+    assert right == [FOREGROUND_POSITIVE, NEGATIVE, IGNORED, IGNORED, BACKGROUND_POSITIVE, IGNORED]
+    # every other offset goes to the next row, outside this one-row image
+    assert (labels[0, [i for i, o in enumerate(offsets) if o != (0, 1)]] == IGNORED).all()
+
+
+def test_pairs_at_or_beyond_the_radius_get_no_label():
+    mask = torch.zeros(1, 1, 8, dtype=torch.long)
+    mask[0, 0, 4:] = 1
+    labels = affinity_labels(mask, radius=3)  # dx = 1, 2 only
+    offsets = neighbour_offsets(3, half=True)
+    assert (0, 3) not in offsets
+    row_2 = labels[0, offsets.index((0, 2)), 0].tolist()
+    assert row_2 == [BACKGROUND_POSITIVE, BACKGROUND_POSITIVE, NEGATIVE, NEGATIVE, FOREGROUND_POSITIVE,
+                     FOREGROUND_POSITIVE, IGNORED, IGNORED]
+
+
+def test_affinity_is_one_for_equal_embeddings_and_symmetric():
+    embeddings = torch.randn(1, 4, 5, 5)
+    embeddings[..., 2, 2] = embeddings[..., 2, 3]
+    forward = pair_affinities(embeddings, [(0, 1)])
+    backward = pair_affinities(embeddings, [(0, -1)])
+    assert forward[0, 0, 2, 2] == pytest.approx(1.0)
+    assert torch.allclose(forward[0, 0, :, :-1], backward[0, 0, :, 1:])
+    assert ((forward > 0) & (forward <= 1)).all()
+
+
+def test_affinity_loss_is_minimal_when_embeddings_agree_with_the_labels():
+    mask = torch.zeros(1, 6, 6, dtype=torch.long)
+    mask[:, :, 3:] = 1
+    perfect = torch.zeros(1, 2, 6, 6)
+    perfect[:, :, :, 3:] = 50.0  # same class: equal embeddings; different: far apart
+    terms = affinity_loss(perfect, mask, radius=3)
+    assert terms["loss"].item() == pytest.approx(0.0, abs=1e-4)
+    wrong = torch.zeros(1, 2, 6, 6)  # every pair looks alike, including the negatives
+    assert affinity_loss(wrong, mask, radius=3)["neg"].item() > 5
+
+
+def test_training_embeddings_on_the_loss_separates_regions():
+    torch.manual_seed(0)
+    mask = torch.zeros(2, 8, 8, dtype=torch.long)
+    mask[:, 2:6, 2:6] = 1
+    mask[:, 0, :] = IGNORED
+    embeddings = torch.randn(2, 8, 8, 8, requires_grad=True)
+    optimizer = torch.optim.Adam([embeddings], lr=0.1)
+    first = None
+    for _ in range(200):
+        loss = affinity_loss(embeddings, mask, radius=3)["loss"]
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < first / 5
+    inside_to_outside = pair_affinities(embeddings.detach(), [(0, 1)])[0, 0, 3, 5]  # (3,5) -> (3,6)
+    inside_to_inside = pair_affinities(embeddings.detach(), [(0, 1)])[0, 0, 3, 3]
+    assert inside_to_outside < 0.2 < 0.8 < inside_to_inside
+
+
+def test_affinity_loss_without_pairs_of_a_kind_is_finite():
+    mask = torch.full((1, 4, 4), IGNORED, dtype=torch.long)
+    embeddings = torch.randn(1, 3, 4, 4, requires_grad=True)
+    terms = affinity_loss(embeddings, mask, radius=2)
+    terms["loss"].backward()
+    assert terms["loss"].item() == 0.0 and torch.isfinite(embeddings.grad).all()
+
+
+def test_transition_rows_sum_to_one_and_never_leave_the_image():
+    weights, offsets = transition_weights(torch.randn(2, 3, 6, 7), radius=3, beta=8)
+    assert torch.allclose(weights.sum(dim=1), torch.ones(2, 6, 7))
+    corner = weights[0, :, 0, 0]
+    outside = [i for i, (dy, dx) in enumerate(offsets) if dy < 0 or dx < 0]
+    assert (corner[outside] == 0).all()
+
+
+def _two_regions(height=6, width=10):
+    """Embeddings of a left and a right region that have (numerically) zero affinity."""
+    embeddings = torch.zeros(1, 2, height, width)
+    embeddings[..., width // 2:] = 100.0
+    embeddings[:, 1] += torch.linspace(0, 0.5, width)  # some texture inside each region
+    return embeddings
+
+
+def test_random_walk_spreads_inside_a_region_and_not_across_a_zero_affinity_edge():
+    embeddings = _two_regions()
+    weights, offsets = transition_weights(embeddings, radius=3, beta=10)
+    cam = torch.zeros(1, 1, 6, 10)
+    cam[0, 0, 2, 1] = 1.0
+    walked = random_walk(cam, weights, offsets, iterations=100)[0, 0]
+    left, right = walked[:, :5], walked[:, 5:]
+    assert (left > 0).all() and (right == 0).all()
+    assert left.max() / left.min() < 2  # spread, not left as a peak
+
+
+def test_random_walk_conserves_mass_weighted_by_degree():
+    # T = D^-1 A with A symmetric: sum_p d_p x_p is invariant (d_p the row sums of A^beta),
+    # the CAM form of "a walker's probability is conserved".
+    torch.manual_seed(0)
+    embeddings = torch.rand(1, 3, 7, 9)
+    radius, beta = 3, 4.0
+    weights, offsets = transition_weights(embeddings, radius, beta)
+    affinity = pair_affinities(embeddings, offsets).pow(beta)
+    inside = weights > 0
+    degree = (affinity * inside).sum(dim=1)
+    maps = torch.rand(1, 2, 7, 9)
+    walked = random_walk(maps, weights, offsets, iterations=20)
+    assert torch.allclose((degree * walked).sum(dim=(-2, -1)), (degree * maps).sum(dim=(-2, -1)), rtol=1e-4)
+    constant = random_walk(torch.ones(1, 1, 7, 9), weights, offsets, iterations=20)
+    assert torch.allclose(constant, torch.ones_like(constant))
+
+
+def test_walk_mask_labels_winners_and_leaves_weak_pixels_unsure():
+    scores = np.zeros((3, 2, 3), dtype=np.float32)
+    scores[0] = [[1.0, 0.9, 0.1], [0.2, 0.1, 0.1]]  # background
+    scores[1] = [[0.0, 0.1, 0.8], [0.1, 0.6, 0.1]]  # class 4
+    scores[2] = [[0.0, 0.0, 0.0], [0.9, 0.0, 0.2]]  # class 7
+    cfg = RefineConfig(random_walk=RandomWalkConfig(min_score=0.5, crf=False))
+    mask = walk_mask(np.zeros((2, 3, 3), np.uint8), scores, np.array([4, 7]), cfg)
+    assert mask.tolist() == [[0, 0, 4], [7, 4, IGNORED]]
+
+
+@pytest.mark.parametrize("stride, size", [(4, (24, 25)), (8, (12, 13))])
+def test_affinitynet_gives_embeddings_at_its_feature_stride(stride, size):
+    model = AffinityNet(BackboneConfig(name="resnet18", output_stride=16), stride, embedding_channels=32)
+    assert model(torch.randn(2, 3, 96, 100)).shape == (2, 32) + size
