@@ -136,10 +136,13 @@ class RandomWalkConfig:
     radius: int = _opt(5, low=1)  # transitions between pixels closer than this, in embedding-map pixels
     beta: float = _opt(10.0, above=0.0)  # affinities are raised to this power: sharper region borders
     iterations: int = _opt(256, low=1)  # t, the number of transition steps (PSA and IRNet: 2^8)
-    bg_power: float = _opt(8.0, above=0.0)  # background map (1 - max CAM)^bg_power, propagated with the CAMs
-    # Pixels whose winning (max-normalised) propagated score is below this stay unsure (255).
-    min_score: float = _opt(0.3, low=0.0, high=1.0)
-    crf: bool = False  # snap the walk's labels to image edges with the dense CRF (refine.crf settings)
+    # Two background maps (1 - max CAM)^power are walked with the CAMs, the walk's version of
+    # refine's two thresholds: against the strong one (low power) a pixel where a class still
+    # wins is confident foreground; against the weak one (high power) a pixel where the
+    # background still wins is confident background; the rest is unsure (255).
+    fg_bg_power: float = _opt(1.0, above=0.0)
+    bg_bg_power: float = _opt(4.0, above=0.0)
+    crf: bool = True  # snap both label maps to image edges with the dense CRF (refine.crf settings)
 
 
 @dataclass
@@ -244,6 +247,8 @@ def config_from_dict(raw: dict) -> Config:
         raise ConfigError("cam.scales must be a non-empty list of positive numbers")
     if cfg.refine.bg_threshold > cfg.refine.fg_threshold:
         raise ConfigError("refine.bg_threshold must not exceed refine.fg_threshold")
+    if cfg.refine.random_walk.fg_bg_power > cfg.refine.random_walk.bg_bg_power:
+        raise ConfigError("refine.random_walk.fg_bg_power must not exceed refine.random_walk.bg_bg_power")
     return cfg
 
 

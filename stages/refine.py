@@ -8,9 +8,10 @@ confirms are unsure.
 
 ``refine.method: affinity`` (AffinityNet, Ahn & Kwak, CVPR 2018) goes on from there:
 the CRF masks' confident pixels teach an AffinityNet which neighbouring pixels belong
-together; a random walk along those affinities spreads each CAM, and a background map,
+together; a random walk along those affinities spreads each CAM, and two background maps,
 over the rest of its object; each pixel takes the class whose propagated (max-normalised)
-score wins, and stays unsure when that score is below ``random_walk.min_score``.
+score wins over a strong and over a weak background map (``random_walk.fg_bg_power``,
+``bg_bg_power``), combined as the two thresholds are.
 The AffinityNet and the CRF masks it learnt from are cached in ``<run-dir>/affinitynet/``
 under their own key, which leaves out the random-walk settings, so rerunning refine
 with only those changed reuses the trained network.
@@ -87,9 +88,16 @@ def pseudo_mask(image: np.ndarray, cams: np.ndarray, classes: np.ndarray, cfg: R
         # The image label says there is no object: every pixel is background.
         return np.zeros(image.shape[:2], dtype=np.uint8)
     num_labels = len(classes) + 1
-    keys = np.concatenate([[0], classes]).astype(np.uint8)
     confident_fg = crf_refine_labels(image, cam_argmax(cams, cfg.fg_threshold), num_labels, cfg.crf)
     confident_bg = crf_refine_labels(image, cam_argmax(cams, cfg.bg_threshold), num_labels, cfg.crf)
+    return combine_confident(confident_fg, confident_bg, classes)
+
+
+def combine_confident(confident_fg: np.ndarray, confident_bg: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """The pseudo mask from two label maps (0 background, k for the k-th class of ``classes``),
+    one made against a strong background and one against a weak one: a class where the
+    first says so, background where both say so, unsure (255) elsewhere."""
+    keys = np.concatenate([[0], classes]).astype(np.uint8)
     mask = keys[confident_fg]
     mask[confident_fg == 0] = IGNORE
     mask[(confident_fg == 0) & (confident_bg == 0)] = 0
@@ -187,27 +195,28 @@ def affinity_net(cfg: Config, run_dir: Path, cam_key: str, device: torch.device)
 
 @torch.no_grad()
 def propagated_scores(model: AffinityNet, image: torch.Tensor, cams: np.ndarray, cfg: RandomWalkConfig) -> np.ndarray:
-    """(K+1) x H x W scores of the background and the K CAMs after the random walk on one
-    3 x H x W image, each map divided by its maximum."""
+    """(K+2) x H x W scores after the random walk on one 3 x H x W image: the strong and the
+    weak background map, then the K CAMs; each map divided by its maximum."""
     embeddings = model(image[None])
     maps = F.adaptive_avg_pool2d(torch.from_numpy(cams).to(image.device)[None], embeddings.shape[-2:])
-    background = (1 - maps.amax(dim=1, keepdim=True)).pow(cfg.bg_power)
+    evidence = 1 - maps.amax(dim=1, keepdim=True)
+    backgrounds = [evidence.pow(cfg.fg_bg_power), evidence.pow(cfg.bg_bg_power)]
     weights, offsets = transition_weights(embeddings, cfg.radius, cfg.beta)
-    maps = random_walk(torch.cat([background, maps], dim=1), weights, offsets, cfg.iterations)
+    # The walk is linear: both background maps go along in one pass.
+    maps = random_walk(torch.cat(backgrounds + [maps], dim=1), weights, offsets, cfg.iterations)
     maps = F.interpolate(maps, size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
     return (maps / maps.flatten(1).amax(dim=1).clamp_min(1e-5)[:, None, None]).cpu().numpy()
 
 
 def walk_mask(image: np.ndarray, scores: np.ndarray, classes: np.ndarray, cfg: RefineConfig) -> np.ndarray:
-    """uint8 pseudo mask from propagated scores (background first): the winning class, or the
-    CRF's refinement of it; unsure where the winner's score is below ``min_score``."""
-    labels = scores.argmax(axis=0)
-    if cfg.random_walk.crf:
-        labels = crf_refine_labels(image, labels, len(scores), cfg.crf)
-    keys = np.concatenate([[0], classes]).astype(np.uint8)
-    mask = keys[labels]
-    mask[np.take_along_axis(scores, labels[None], axis=0)[0] < cfg.random_walk.min_score] = IGNORE
-    return mask
+    """uint8 pseudo mask from :func:`propagated_scores`: the winners against the strong and
+    against the weak background (each snapped to edges by the CRF with ``random_walk.crf``),
+    combined as refine's two thresholds are."""
+    def winners(background: np.ndarray) -> np.ndarray:
+        labels = np.concatenate([background[None], scores[2:]]).argmax(axis=0)
+        return crf_refine_labels(image, labels, len(classes) + 1, cfg.crf) if cfg.random_walk.crf else labels
+
+    return combine_confident(winners(scores[0]), winners(scores[1]), classes)
 
 
 def _walk_mask_one(item, data: DataConfig, scored: set[str], out_dir: Path, cfg: RefineConfig):

@@ -136,14 +136,16 @@ def test_random_walk_conserves_mass_weighted_by_degree():
     assert torch.allclose(constant, torch.ones_like(constant))
 
 
-def test_walk_mask_labels_winners_and_leaves_weak_pixels_unsure():
-    scores = np.zeros((3, 2, 3), dtype=np.float32)
-    scores[0] = [[1.0, 0.9, 0.1], [0.2, 0.1, 0.1]]  # background
-    scores[1] = [[0.0, 0.1, 0.8], [0.1, 0.6, 0.1]]  # class 4
-    scores[2] = [[0.0, 0.0, 0.0], [0.9, 0.0, 0.2]]  # class 7
-    cfg = RefineConfig(random_walk=RandomWalkConfig(min_score=0.5, crf=False))
+def test_walk_mask_combines_the_strong_and_the_weak_background_as_the_two_thresholds():
+    scores = np.zeros((4, 2, 3), dtype=np.float32)
+    scores[0] = [[1.0, 0.9, 0.1], [0.5, 0.7, 0.9]]  # strong background
+    scores[1] = [[1.0, 0.2, 0.0], [0.1, 0.3, 0.9]]  # weak background
+    scores[2] = [[0.0, 0.5, 0.8], [0.1, 0.6, 0.1]]  # class 4
+    scores[3] = [[0.0, 0.0, 0.0], [0.9, 0.0, 0.2]]  # class 7
+    cfg = RefineConfig(random_walk=RandomWalkConfig(crf=False))
     mask = walk_mask(np.zeros((2, 3, 3), np.uint8), scores, np.array([4, 7]), cfg)
-    assert mask.tolist() == [[0, 0, 4], [7, 4, IGNORED]]
+    # (0,1) and (1,1): background against the strong map, class 4 against the weak one: unsure
+    assert mask.tolist() == [[0, IGNORED, 4], [7, IGNORED, 0]]
 
 
 @pytest.mark.parametrize("stride, size", [(4, (24, 25)), (8, (12, 13))])
