@@ -45,6 +45,11 @@ def neighbour_offsets(radius: int, half: bool) -> list[tuple[int, int]]:
     return offsets
 
 
+def _reach(offsets: list[tuple[int, int]]) -> int:
+    """The padding every offset's neighbour needs."""
+    return max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+
+
 def _shifted(padded: torch.Tensor, pad: int, dy: int, dx: int, height: int, width: int) -> torch.Tensor:
     """The neighbour at (y + dy, x + dx) of every position of a map padded by ``pad``."""
     return padded[..., pad + dy:pad + dy + height, pad + dx:pad + dx + width]
@@ -73,7 +78,7 @@ def pair_affinities(embeddings: torch.Tensor, offsets: list[tuple[int, int]]) ->
     """B x D x h x w embeddings -> B x O x h x w affinities between p and p + offset (values
     for neighbours outside the image are meaningless: callers mask them)."""
     height, width = embeddings.shape[-2:]
-    pad = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    pad = _reach(offsets)
     padded = F.pad(embeddings, (pad, pad, pad, pad))
     return torch.stack([
         torch.exp(-(embeddings - _shifted(padded, pad, dy, dx, height, width)).abs().mean(dim=1))
@@ -109,7 +114,7 @@ def transition_weights(embeddings: torch.Tensor, radius: int, beta: float) -> tu
     offsets = [(0, 0)] + neighbour_offsets(radius, half=False)
     height, width = embeddings.shape[-2:]
     weights = pair_affinities(embeddings, offsets).pow(beta)
-    pad = radius
+    pad = _reach(offsets)
     inside = F.pad(embeddings.new_ones(1, 1, height, width), (pad, pad, pad, pad))
     inside = torch.cat([_shifted(inside, pad, dy, dx, height, width) for dy, dx in offsets], dim=1)
     weights = weights * inside
@@ -121,7 +126,7 @@ def random_walk(maps: torch.Tensor, weights: torch.Tensor, offsets: list[tuple[i
     """``iterations`` steps of ``x <- T x`` for B x K x h x w maps, T given by
     :func:`transition_weights` (weights and offsets)."""
     height, width = maps.shape[-2:]
-    pad = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    pad = _reach(offsets)
     for _ in range(iterations):
         padded = F.pad(maps, (pad, pad, pad, pad))
         maps = sum(weights[:, index:index + 1] * _shifted(padded, pad, dy, dx, height, width)

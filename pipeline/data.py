@@ -310,11 +310,13 @@ def prepare_data(cfg) -> VOCDataset:
             raise DataError(f"data.score_split {data.score_split!r} lists {len(outside)} ids outside "
                             f"data.train_split {data.train_split!r}, e.g. {outside[0]!r}")
     dataset.validate(data.train_split, [data.val_split] + ([data.score_split] if data.score_split else []))
-    num_train = len(train_ids)
-    for section in ("cam", "seg"):
-        if num_train < getattr(cfg, section).train.batch_size:
-            raise ConfigError(f"config key '{section}.train.batch_size' is {getattr(cfg, section).train.batch_size} "
-                              f"but the train split has only {num_train} images")
+    trainings = {"cam": cfg.cam.train, "seg": cfg.seg.train}
+    if cfg.refine.method == "affinity":
+        trainings["refine.affinity"] = cfg.refine.affinity.train
+    for section, train in trainings.items():
+        if len(train_ids) < train.batch_size:
+            raise ConfigError(f"config key '{section}.train.batch_size' is {train.batch_size} "
+                              f"but the train split has only {len(train_ids)} images")
     return dataset
 
 

@@ -72,12 +72,13 @@ def own_inputs(cfg: Config) -> dict:
             "data_fingerprint": dataset.fingerprint(cfg.data.train_split, [score_split(cfg.data)])} | extra
 
 
-def affinity_net_inputs(cfg: Config, cam_key: str) -> dict:
-    """The AffinityNet's cache key: everything refine depends on except the random walk."""
-    inputs = copy.deepcopy(own_inputs(cfg))
+def affinity_net_inputs(refine_inputs: dict) -> dict:
+    """The AffinityNet's cache inputs, from refine's (affinity method, upstream included):
+    everything refine depends on except the random walk and the method switch."""
+    inputs = copy.deepcopy(refine_inputs)
     inputs["config"]["refine"].pop("random_walk")
     inputs["config"]["refine"].pop("method")
-    return inputs | {"upstream": {"cam": cam_key}}
+    return inputs
 
 
 # --- CRF masks ---------------------------------------------------------------------------
@@ -161,15 +162,15 @@ def _affinity_training_loss(model, batch, epoch, radius: int) -> dict:
     return affinity_loss(model(batch["image"]), batch["mask"], radius)
 
 
-def affinity_net(cfg: Config, run_dir: Path, cam_key: str, device: torch.device) -> tuple[AffinityNet, Path]:
+def affinity_net(cfg: Config, run_dir: Path, refine_inputs: dict, device: torch.device) -> tuple[AffinityNet, Path]:
     """The trained AffinityNet and its folder (with ``crf/``, the CRF masks it learnt from):
     from the cache when its key matches, else made now (CRF masks, then training)."""
     dataset = open_dataset(cfg.data)
     net_cfg = cfg.refine.affinity
-    inputs = affinity_net_inputs(cfg, cam_key)
+    inputs = affinity_net_inputs(refine_inputs)
     model = AffinityNet(net_cfg.backbone, net_cfg.feature_stride, net_cfg.embedding_channels)
-    status = stage_status(run_dir, AFFINITY_NET, inputs)
-    if status.state == "cached":
+    if stage_status(run_dir, AFFINITY_NET, inputs).state == "cached":
+        load_checkpoint(run_dir / AFFINITY_NET / "model.pt", model)
         if is_main_process():
             print(f"refine: reusing the AffinityNet in {run_dir / AFFINITY_NET} (its inputs are unchanged)",
                   file=sys.stderr)
@@ -187,7 +188,6 @@ def affinity_net(cfg: Config, run_dir: Path, cam_key: str, device: torch.device)
             save_checkpoint(out.dir / "model.pt", model)
             out.metrics = {"crf": crf_scores, "train_loss_by_epoch": [round(v, 4) for v in losses],
                            "train_seconds": round(time.perf_counter() - started, 1)}
-    load_checkpoint(run_dir / AFFINITY_NET / "model.pt", model)
     return model.to(device).eval(), run_dir / AFFINITY_NET
 
 
@@ -222,11 +222,10 @@ def walk_mask(image: np.ndarray, scores: np.ndarray, classes: np.ndarray, cfg: R
 def _walk_mask_one(item, data: DataConfig, scored: set[str], out_dir: Path, cfg: RefineConfig):
     """Worker task: the final mask of one image from its propagated scores, written and scored."""
     image_id, scores, classes = item
-    dataset = open_dataset(data)
-    if len(classes) == 0:
-        mask = np.zeros(dataset.load_image(image_id).shape[:2], dtype=np.uint8)
-    else:
-        mask = walk_mask(dataset.load_image(image_id), scores.astype(np.float32), classes, cfg)
+    image = open_dataset(data).load_image(image_id)
+    # No class in the image label (nothing was walked): every pixel is background.
+    mask = (np.zeros(image.shape[:2], dtype=np.uint8) if len(classes) == 0
+            else walk_mask(image, scores.astype(np.float32), classes, cfg))
     return _save_and_score(image_id, mask, data, scored, out_dir)
 
 
@@ -252,7 +251,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         return out.metrics
 
     device = select_device(cfg.device)
-    model, net_dir = affinity_net(cfg, run_dir, inputs["upstream"]["cam"], device)
+    model, net_dir = affinity_net(cfg, run_dir, inputs, device)
     with StageOutput(run_dir, NAME, inputs) as out:
         shutil.copytree(net_dir / "crf", out.dir / "crf")
         (out.dir / "pseudo").mkdir()

@@ -129,6 +129,13 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
     assert not run_dir.exists()
 
 
+def test_affinitynet_batch_larger_than_the_train_split_stops_before_any_stage(tmp_path, capsys):
+    assert run(tmp_path, "--set", "refine.method=affinity", "--set", "refine.affinity.train.batch_size=32") == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "'refine.affinity.train.batch_size' is 32" in error
+    assert not (tmp_path / "run").exists()
+
+
 def test_pretrained_efficientnet_lite0_runs_through_every_stage(weak_run):
     """Both networks on the offline ImageNet weights, in a run of their own."""
     lite = ["--set", "cam.backbone.name=efficientnet_lite0", "--set", "cam.backbone.weights=imagenet",
