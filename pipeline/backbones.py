@@ -28,6 +28,7 @@ import torchvision
 from pipeline.config import BACKBONE_LEVELS, BackboneConfig
 from pipeline.data import MEAN, STD
 from pipeline.errors import ConfigError
+from pipeline.io import file_digest
 
 RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 # Input statistics each network's ImageNet weights were trained with. The data pipeline
@@ -75,8 +76,7 @@ def weights_fingerprint(cfg: BackboneConfig, key: str) -> str | None:
         return None
     if cfg.weights == "imagenet":  # a published, versioned file: its name identifies it on every machine
         return f"imagenet:{path.name}"
-    stat = path.stat()
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
+    return f"file:{file_digest(path)}"
 
 
 def _torchvision_weights(name: str):

@@ -27,7 +27,7 @@ from PIL import Image
 
 from pipeline.errors import ConfigError, DataError
 from pipeline.demo_data import generate_demo_dataset
-from pipeline.io import atomic_write_json, load_mask
+from pipeline.io import atomic_write_json, file_digest, load_mask
 
 IGNORE = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -149,13 +149,12 @@ class VOCDataset:
                     self.image_labels(image_id)  # the label file must cover every train id
 
     def fingerprint(self, train_split: Optional[str] = None, scored_splits: list[str] = ()) -> str:
-        """Identifies the data a stage reads: split lists, the size and mtime of every image and
+        """Identifies the data a stage reads: split lists and the contents of every image and
         mask (training masks for the train split, ground truth for scored splits) and of the
         image-label file."""
         digest = hashlib.sha256(f"{self.classes}:{self.train_masks}".encode())
         if self.image_labels_path is not None:
-            stat = self.image_labels_path.stat()
-            digest.update(f"labels:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            digest.update(f"labels:{file_digest(self.image_labels_path)}".encode())
         parts = ([(train_split, self.train_masks)] if train_split else []) + \
             [(split, "SegmentationClass") for split in scored_splits]
         for split, folder in parts:
@@ -163,8 +162,7 @@ class VOCDataset:
             digest.update(f"{split}:{folder}:{','.join(ids)}".encode())
             for image_id in ids:
                 for path in (self.image_path(image_id), self.mask_path(image_id, folder)):
-                    stat = path.stat()
-                    digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+                    digest.update(f"{path.name}:{file_digest(path)}".encode())
         return digest.hexdigest()[:16]
 
 

@@ -6,6 +6,7 @@ process never leaves a truncated file under its final name.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -14,6 +15,22 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+# Content digests already computed in this process, by (path, size, mtime): a run plans
+# every stage, and each stage fingerprints the same files.
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """Hash of a file's bytes. Cache keys use contents, not mtimes: copying or re-syncing a
+    data folder (new mtimes, same bytes) must not make every cached stage stale."""
+    stat = path.stat()
+    memo_key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if memo_key not in _DIGESTS:
+        with open(path, "rb") as f:
+            _DIGESTS[memo_key] = hashlib.file_digest(f, "blake2b").hexdigest()[:32]
+    return _DIGESTS[memo_key]
+
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -1,3 +1,6 @@
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -100,6 +103,16 @@ def test_fingerprint_changes_when_a_file_changes(voc_folder):
     mask[0, 0] = 2
     Image.fromarray(mask, mode="L").save(save_path)
     assert VOCDataset(voc_folder).fingerprint("train") != before
+
+
+def test_fingerprint_ignores_mtimes(voc_folder, tmp_path):
+    """A copied or re-synced data folder (new mtimes, same bytes) keeps every stage cached."""
+    before = VOCDataset(voc_folder).fingerprint("train", ["val"])
+    copy = tmp_path / "copy"
+    shutil.copytree(voc_folder, copy)  # copytree keeps mtimes: set new ones
+    for path in copy.rglob("*"):
+        os.utime(path, ns=(1, 1))
+    assert VOCDataset(copy).fingerprint("train", ["val"]) == before
 
 
 def _voc12_like(tmp_path, with_aug=True):
