@@ -4,6 +4,7 @@
     python run_pipeline.py                                  # demo config, all stages, weak mode
     python run_pipeline.py --stages refine                  # rerun one stage from the cache
     python run_pipeline.py --mode full --stages seg         # fully supervised upper bound
+    python run_pipeline.py --mode mixed                     # a few full masks + weak labels
     python run_pipeline.py --set seed=1 --set seg.train.epochs=2 --dry-run
 """
 from __future__ import annotations
@@ -24,8 +25,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: %(default)s)")
     parser.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)} (default: all of the mode)")
-    parser.add_argument("--mode", choices=MODES, help="weak: image labels only; full: ground-truth masks "
-                        "(default: the config's mode, weak)")
+    parser.add_argument("--mode", choices=MODES, help="weak: image labels only; full: ground-truth masks; "
+                        "mixed: a few full masks plus weak labels (default: the config's mode, weak)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value (YAML-parsed), e.g. --set seg.train.epochs=2; repeatable")
     parser.add_argument("--run-dir", help="where stage outputs go (default: runs/<config stem>-<mode>)")
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, args.mode)
-        requested = parse_stages(args.stages, cfg.mode)
+        requested = parse_stages(args.stages, cfg)
         run_dir = Path(args.run_dir or f"runs/{Path(args.config).stem}-{cfg.mode}")
         prepare_data(cfg)
         planned = plan(cfg, run_dir, requested, args.force)

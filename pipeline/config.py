@@ -20,7 +20,7 @@ from pipeline.errors import ConfigError
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_lite0")
 BACKBONE_LEVELS = ("stem", "layer1", "layer2", "layer3", "layer4")  # the feature maps the backbone returns
-MODES = ("weak", "full")
+MODES = ("weak", "full", "mixed")
 
 
 def _opt(default, **checks):
@@ -171,6 +171,26 @@ class SegConfig:
 
 
 @dataclass
+class MixedConfig:
+    """--mode mixed: a dual-branch teacher-student segmenter (Dolz, Desrosiers, Ben Ayed, IPMI 2021);
+    see pipeline/mixed.py. Defaults are the authors' code's."""
+    # Share of the train split that keeps its full mask, picked by ``seed``; or the ids in full_list.
+    full_fraction: float = _opt(0.1, above=0.0, high=1.0)
+    full_list: Optional[str] = None  # a file of ids, one per line (relative to the working directory)
+    # The student's labels: pseudo (refine's pseudo masks), scribble (<data.root>/Scribbles/),
+    # erode (each region of the full mask eroded to a core of erode_keep of its pixels).
+    weak_source: str = _opt("pseudo", choices=("pseudo", "scribble", "erode"))
+    erode_keep: float = _opt(0.05, above=0.0, high=1.0)
+    weak_per_full: int = _opt(5, low=0)  # weak images per full image in a batch; 0: the full subset alone
+    w_partial: float = _opt(0.1, low=0.0)  # lambda_w, the student's partial cross-entropy
+    w_kl: float = _opt(50.0, low=0.0)  # lambda_kl, KL(teacher || student) on the full images
+    w_entropy: float = _opt(1.0, low=0.0)  # lambda_ent, the student's entropy on the weak images; 0: "KL only"
+    temperature: float = _opt(2.0, above=0.0)  # of the softmaxes in the KL term
+    # The authors' code lets the KL term's gradient reach the teacher; true stops it there.
+    detach_teacher: bool = False
+
+
+@dataclass
 class Config:
     seed: int = _opt(0, low=0, high=2**32 - 1)  # NumPy seeds must fit in 32 bits
     mode: str = _opt("weak", choices=MODES)
@@ -181,6 +201,7 @@ class Config:
     cam: CamConfig = field(default_factory=CamConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     seg: SegConfig = field(default_factory=SegConfig)
+    mixed: MixedConfig = field(default_factory=MixedConfig)  # used by --mode mixed only
 
 
 # Keys that change how fast a stage runs but never what it computes; they stay out of cache keys.

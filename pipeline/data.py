@@ -134,12 +134,12 @@ class VOCDataset:
         """Checks every listed id: image present, mask present, same size, valid indices."""
         for split, folder in [(train_split, self.train_masks)] + [(s, "SegmentationClass") for s in scored_splits]:
             for image_id in self.split_ids(split):
-                image_size = _image_size(self.image_path(image_id))
+                width, height = image_size(self.image_path(image_id))
                 mask = self.mask_path(image_id, folder)
-                mask_size = _image_size(mask)
-                if image_size != mask_size:
+                mask_size = image_size(mask)
+                if (width, height) != mask_size:
                     raise DataError(f"mask {mask} is {mask_size[0]}x{mask_size[1]} "
-                                    f"but its image is {image_size[0]}x{image_size[1]}")
+                                    f"but its image is {width}x{height}")
                 classes = self._classes_in(mask)
                 if split != train_split:
                     continue
@@ -187,7 +187,7 @@ def _read_label_file(path: Path, num_classes: int) -> dict[str, np.ndarray]:
         raise DataError(f"{path} is not a cls_labels.npy dict of multi-hot vectors ({type(error).__name__})") from None
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+def image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             return image.size
@@ -238,19 +238,20 @@ class MaskFolder:
 
 
 class TrainingSet(torch.utils.data.Dataset):
-    """Random rescale, horizontal flip, pad and crop of an image (and its pixel labels).
+    """Random rescale, horizontal flip, pad and crop of an image and its pixel labels.
 
-    ``pixel_labels`` maps an id to its uint8 mask (ground truth or pseudo mask); without
-    it only the image-level labels are returned (CAM training).
+    ``pixel_labels`` maps item keys to id -> uint8 mask functions (ground truth, pseudo
+    masks, weak labels), e.g. ``{"mask": dataset.load_train_mask}``; every mask gets the
+    image's augmentation. Without it only the image-level labels are returned (CAM training).
     """
 
     def __init__(self, dataset: VOCDataset, ids: list[str], crop_size: int, scale_range: list[float],
-                 pixel_labels: Optional[Callable[[str], np.ndarray]] = None):
+                 pixel_labels: Optional[dict[str, Callable[[str], np.ndarray]]] = None):
         self.dataset = dataset
         self.ids = ids
         self.crop_size = crop_size
         self.scale_range = scale_range
-        self.pixel_labels = pixel_labels
+        self.pixel_labels = pixel_labels or {}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -258,40 +259,35 @@ class TrainingSet(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         image_id = self.ids[index]
         image = Image.fromarray(self.dataset.load_image(image_id))
-        mask = Image.fromarray(self.pixel_labels(image_id)) if self.pixel_labels else None
+        masks = {key: Image.fromarray(load(image_id)) for key, load in self.pixel_labels.items()}
         # torch's RNG, not NumPy's: DataLoader seeds it per worker from the loader's generator.
         low, high = self.scale_range
         scale = low + (high - low) * torch.rand(()).item()
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         image = image.resize(size, Image.BILINEAR)
-        mask = mask.resize(size, Image.NEAREST) if mask is not None else None
+        masks = {key: mask.resize(size, Image.NEAREST) for key, mask in masks.items()}
         if torch.rand(()).item() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-            mask = mask.transpose(Image.FLIP_LEFT_RIGHT) if mask is not None else None
-        image_t = normalize(np.array(image))
-        mask_t = torch.from_numpy(np.array(mask, dtype=np.int64)) if mask is not None else None
-        image_t, mask_t = self._pad_and_crop(image_t, mask_t)
-        item = {"image": image_t, "labels": multi_hot(self.dataset.image_labels(image_id), self.dataset.num_classes)}
-        if mask_t is not None:
-            item["mask"] = mask_t
-        return item
+            masks = {key: mask.transpose(Image.FLIP_LEFT_RIGHT) for key, mask in masks.items()}
+        image_t, masks_t = self._pad_and_crop(
+            normalize(np.array(image)), {key: torch.from_numpy(np.array(mask, dtype=np.int64)) for key, mask in masks.items()})
+        return {"image": image_t, "labels": multi_hot(self.dataset.image_labels(image_id), self.dataset.num_classes)} \
+            | masks_t
 
-    def _pad_and_crop(self, image: torch.Tensor, mask: Optional[torch.Tensor]):
+    def _pad_and_crop(self, image: torch.Tensor, masks: dict[str, torch.Tensor]):
         crop = self.crop_size
         _, height, width = image.shape
         pad_h, pad_w = max(0, crop - height), max(0, crop - width)
         if pad_h or pad_w:
-            # Padding is zero after normalisation (the mean colour) and 'ignore' in the mask.
+            # Padding is zero after normalisation (the mean colour) and 'ignore' in the masks.
             image = torch.nn.functional.pad(image, (0, pad_w, 0, pad_h))
-            if mask is not None:
-                mask = torch.nn.functional.pad(mask, (0, pad_w, 0, pad_h), value=IGNORE)
+            masks = {key: torch.nn.functional.pad(mask, (0, pad_w, 0, pad_h), value=IGNORE)
+                     for key, mask in masks.items()}
         _, height, width = image.shape
         top = int(torch.randint(0, height - crop + 1, ()).item())
         left = int(torch.randint(0, width - crop + 1, ()).item())
-        image = image[:, top:top + crop, left:left + crop]
-        if mask is not None:
-            mask = mask[top:top + crop, left:left + crop]
-        return image, mask
+        return (image[:, top:top + crop, left:left + crop],
+                {key: mask[top:top + crop, left:left + crop] for key, mask in masks.items()})
 
 
 def prepare_data(cfg) -> VOCDataset:

@@ -1,7 +1,8 @@
-"""Confusion matrices and IoU, the single scoring code of every stage."""
+"""Confusion matrices, IoU, Dice and HD95: the single scoring code of every stage."""
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 from pipeline.data import IGNORE
 
@@ -36,3 +37,59 @@ def iou_scores(confusion: np.ndarray, class_names: list[str]) -> dict:
         "per_class_iou": {name: (None if np.isnan(v) else round(float(v), 4)) for name, v in zip(class_names, iou)},
         "pixel_accuracy": float(true_positive.sum() / max(confusion.sum(), 1)),
     }
+
+
+def dice_scores(confusion: np.ndarray, class_names: list[str]) -> dict:
+    """Dice 2TP / (2TP + FP + FN) per class over all pixels pooled (None if absent from the
+    ground truth), and its mean over the foreground classes present (the medical convention)."""
+    true_positive = np.diag(confusion).astype(np.float64)
+    gt_total, pred_total = confusion.sum(axis=1), confusion.sum(axis=0)
+    present = gt_total > 0
+    dice = np.where(present, 2 * true_positive / np.maximum(gt_total + pred_total, 1), np.nan)
+    foreground = dice[1:][present[1:]]
+    return {
+        "mean_dice": float(foreground.mean()) if foreground.size else 0.0,
+        "per_class_dice": {name: (None if np.isnan(v) else round(float(v), 4)) for name, v in zip(class_names, dice)},
+    }
+
+
+def hd95(a: np.ndarray, b: np.ndarray) -> float:
+    """95th-percentile symmetric Hausdorff distance in pixels between the borders of two
+    non-empty boolean masks: the larger of the two directed 95th percentiles (as medpy's hd95)."""
+    border_a = a & ~ndimage.binary_erosion(a)
+    border_b = b & ~ndimage.binary_erosion(b)
+    to_b = ndimage.distance_transform_edt(~border_b)[border_a]
+    to_a = ndimage.distance_transform_edt(~border_a)[border_b]
+    return float(max(np.percentile(to_b, 95), np.percentile(to_a, 95)))
+
+
+class SegmentationScores:
+    """Scores of a set of predictions: IoU and Dice from the pooled confusion matrix, and per
+    class the mean over images of HD95 where both the ground truth and the prediction contain
+    the class (images where only one does are counted under ``hd95_unmatched``, not averaged:
+    their distance is undefined). Pixels the ground truth leaves unlabelled are not scored."""
+
+    def __init__(self, class_names: list[str]):
+        self.class_names = class_names
+        self.confusion = np.zeros((len(class_names), len(class_names)), np.int64)
+        self.distances = {name: [] for name in class_names[1:]}
+        self.unmatched = {name: 0 for name in class_names[1:]}
+
+    def add(self, gt: np.ndarray, pred: np.ndarray) -> None:
+        self.confusion += confusion_matrix(gt, pred, len(self.class_names))
+        labelled = gt != IGNORE
+        for index, name in enumerate(self.class_names[1:], start=1):
+            in_gt, in_pred = gt == index, (pred == index) & labelled
+            if in_gt.any() and in_pred.any():
+                self.distances[name].append(hd95(in_gt, in_pred))
+            elif in_gt.any() or in_pred.any():
+                self.unmatched[name] += 1
+
+    def result(self) -> dict:
+        per_class = {name: (round(float(np.mean(d)), 2) if d else None) for name, d in self.distances.items()}
+        measured = [v for v in per_class.values() if v is not None]
+        return iou_scores(self.confusion, self.class_names) | dice_scores(self.confusion, self.class_names) | {
+            "mean_hd95": float(np.mean(measured)) if measured else None,
+            "per_class_hd95": per_class,
+            "hd95_unmatched": self.unmatched,
+        }

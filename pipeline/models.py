@@ -50,28 +50,31 @@ class CAMNet(nn.Module):
 
 
 class DeepLab(nn.Module):
-    """DeepLab-v3-style segmenter: dilated ResNet + ASPP head, logits at input size."""
+    """DeepLab-v3-style segmenter: dilated ResNet + ASPP head, logits at input size.
+
+    With ``teacher_head`` (--mode mixed, pipeline/mixed.py) a second head of the same
+    structure, with its own weights, shares the backbone: the teacher branch; ``head`` is the
+    student, the branch ``forward`` predicts with."""
 
     def __init__(self, backbone_cfg: BackboneConfig, num_classes: int, aspp_rates: list[int],
-                 sr: SRConfig | None = None):
+                 sr: SRConfig | None = None, teacher_head: bool = False):
         super().__init__()
         self.backbone = Backbone(backbone_cfg, "seg.backbone")
-        self.head = nn.Sequential(
-            ASPP(self.backbone.channels[-1], aspp_rates, out_channels=256),
-            nn.Conv2d(256, 256, 3, padding=1, bias=False),
-            nn.BatchNorm2d(256),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(256, num_classes, 1),
-        )
+        self.head = segmentation_head(self.backbone.channels[-1], num_classes, aspp_rates)
+        self.teacher_head = (segmentation_head(self.backbone.channels[-1], num_classes, aspp_rates)
+                             if teacher_head else None)
         self.sr_heads = (SRHeads(sr, self.backbone.channels, num_classes, num_classes - 1, main_classifier=True)
                          if sr is not None and sr.enabled else None)
 
     def new_parameters(self) -> list[nn.Parameter]:
-        return [p for head in (self.head, self.sr_heads) if head is not None for p in head.parameters()]
+        return [p for head in (self.head, self.teacher_head, self.sr_heads) if head is not None
+                for p in head.parameters()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.backbone(x)[-1])
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self._at_input_size(self.head(self.backbone(x)[-1]), x)
+
+    def forward_teacher(self, x: torch.Tensor) -> torch.Tensor:
+        return self._at_input_size(self.teacher_head(self.backbone(x)[-1]), x)
 
     def forward_exits(self, x: torch.Tensor) -> list[Exit]:
         """Training with SR: every exit's (maps, logits), shallow -> deep; the main exit's maps
@@ -79,6 +82,29 @@ class DeepLab(nn.Module):
         features = self.backbone(x)
         return self.sr_heads(features, self.head(features[-1]))
 
+    def forward_branches(self, x: torch.Tensor, with_exits: bool) -> dict:
+        """Mixed-mode training, one backbone pass: the student's and the teacher's logits at
+        input size and, ``with_exits``, the SR exits with the student as the main exit."""
+        features = self.backbone(x)
+        student = self.head(features[-1])
+        return {"student": self._at_input_size(student, x),
+                "teacher": self._at_input_size(self.teacher_head(features[-1]), x),
+                "exits": self.sr_heads(features, student) if with_exits else None}
+
+    @staticmethod
+    def _at_input_size(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def segmentation_head(in_channels: int, num_classes: int, aspp_rates: list[int]) -> nn.Sequential:
+    """ASPP, a 3x3 conv-BN-ReLU and a 1x1 classifier: DeepLab-v3's head."""
+    return nn.Sequential(
+        ASPP(in_channels, aspp_rates, out_channels=256),
+        nn.Conv2d(256, 256, 3, padding=1, bias=False),
+        nn.BatchNorm2d(256),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(256, num_classes, 1),
+    )
 
 
 class AffinityNet(nn.Module):

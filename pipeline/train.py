@@ -25,9 +25,13 @@ LossFn = Callable[[nn.Module, dict, int], dict]
 TRAINING_ONLY_PREFIX = "sr_heads."
 
 
-def make_train_loader(dataset, cfg: TrainConfig, workers: int, generator: torch.Generator):
+def make_train_loader(dataset, cfg: TrainConfig, workers: int, generator: torch.Generator, batch_sampler=None):
+    """Shuffled full batches, or the batches of ``batch_sampler`` (mixed mode's fixed composition)."""
     if len(dataset) < cfg.batch_size:
         raise ValueError(f"{len(dataset)} training images are fewer than one batch of {cfg.batch_size}")
+    if batch_sampler is not None:
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
+                                           generator=generator, persistent_workers=workers > 0)
     return torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, generator=generator,
         # Full batches only: BatchNorm (and ASPP's pooled branch) needs more than one sample.

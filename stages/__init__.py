@@ -15,7 +15,16 @@ from pipeline.errors import CacheError, ConfigError
 from stages import cam, refine, seg
 
 STAGES = {"cam": cam, "refine": refine, "seg": seg}
-DEFAULT_STAGES = {"weak": ["cam", "refine", "seg"], "full": ["seg"]}
+
+
+def mode_stages(cfg: Config) -> list[str]:
+    """The stages a mode runs: seg and everything upstream of it."""
+    needed, queue = [], ["seg"]
+    while queue:
+        name = queue.pop()
+        needed.append(name)
+        queue.extend(STAGES[name].upstream(cfg))
+    return [name for name in STAGES if name in needed]
 
 
 def expected_inputs(cfg: Config, stage: str) -> dict:
@@ -33,17 +42,17 @@ class PlannedStage:
     will_run: bool
 
 
-def parse_stages(text: str | None, mode: str) -> list[str]:
+def parse_stages(text: str | None, cfg: Config) -> list[str]:
     if text is None:
-        return list(DEFAULT_STAGES[mode])
+        return mode_stages(cfg)
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in STAGES]
     if unknown or not names:
         raise ConfigError(f"--stages: unknown stage {unknown[0] if unknown else text!r}; stages: {', '.join(STAGES)}")
-    unused = [name for name in names if name not in DEFAULT_STAGES[mode]]
+    unused = [name for name in names if name not in mode_stages(cfg)]
     if unused:
-        raise ConfigError(f"--stages: {', '.join(unused)} not used in --mode {mode} "
-                          f"(its stages: {', '.join(DEFAULT_STAGES[mode])})")
+        raise ConfigError(f"--stages: {', '.join(unused)} not used in --mode {cfg.mode} "
+                          f"(its stages: {', '.join(mode_stages(cfg))})")
     return [name for name in STAGES if name in names]  # pipeline order, whatever order was typed
 
 

@@ -181,7 +181,7 @@ def affinity_net(cfg: Config, run_dir: Path, refine_inputs: dict, device: torch.
             started = time.perf_counter()
             generator = seed_everything(cfg.seed)
             train_set = TrainingSet(dataset, train_ids, net_cfg.train.crop_size, net_cfg.train.scale_range,
-                                    pixel_labels=MaskFolder(out.dir / "crf"))
+                                    pixel_labels={"mask": MaskFolder(out.dir / "crf")})
             loader = make_train_loader(train_set, net_cfg.train, cfg.data.loader_workers, generator)
             losses = train(model.to(device), loader, functools.partial(_affinity_training_loss, radius=net_cfg.radius),
                            net_cfg.train, device, "affinitynet")

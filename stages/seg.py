@@ -1,8 +1,11 @@
 """Stage seg: train a DeepLab segmenter on pixel labels, predict and score the val split.
 
 The pixel labels are the refine stage's pseudo masks in weak mode (255 = unsure,
-ignored by the loss) and the ground-truth masks in full mode (the upper bound).
-Outputs in ``<run-dir>/seg/``: ``model.pt``, ``predictions/<id>.png`` and ``metrics.json``.
+ignored by the loss) and the ground-truth masks in full mode (the upper bound). In mixed
+mode a teacher branch learns from the full masks of a few images and a student branch
+from everyone's weak labels (pipeline/mixed.py); the student predicts, both are scored.
+Outputs in ``<run-dir>/seg/``: ``model.pt``, ``predictions/<id>.png`` and ``metrics.json``
+(IoU, Dice, HD95); mixed mode adds ``predictions_teacher/`` and ``full_ids.txt``.
 With ``seg.sr.enabled`` the segmenter trains with Self-Regulation exits
 (pipeline/self_regulation.py); prediction runs the main path alone.
 """
@@ -18,10 +21,12 @@ from tqdm import tqdm
 from pipeline.backbones import weights_fingerprint
 from pipeline.cache import StageOutput, upstream_keys
 from pipeline.config import Config, SRConfig, section_for_cache
-from pipeline.data import MaskFolder, TrainingSet, normalize, open_dataset
-from pipeline.io import save_mask
+from pipeline.data import MaskFolder, TrainingSet, VOCDataset, normalize, open_dataset
+from pipeline.io import atomic_write_bytes, save_mask
 from pipeline.losses import pixel_cross_entropy
-from pipeline.metrics import confusion_matrix, iou_scores
+from pipeline.metrics import SegmentationScores
+from pipeline.mixed import (MixedBatchSampler, MixedTrainingSet, full_subset, mixed_fingerprint,
+                            mixed_supervision_loss, weak_labels)
 from pipeline.models import DeepLab
 from pipeline.runtime import is_main_process, seed_everything, select_device, shard
 from pipeline.self_regulation import self_regulation_loss
@@ -30,15 +35,21 @@ from pipeline.train import LossFn, make_train_loader, save_checkpoint, train
 NAME = "seg"
 
 
+def uses_pseudo_masks(cfg: Config) -> bool:
+    return cfg.mode == "weak" or (cfg.mode == "mixed" and cfg.mixed.weak_source == "pseudo")
+
+
 def upstream(cfg: Config) -> list[str]:
-    return ["refine"] if cfg.mode == "weak" else []
+    return ["refine"] if uses_pseudo_masks(cfg) else []
 
 
 def own_inputs(cfg: Config) -> dict:
     dataset = open_dataset(cfg.data)
-    return {"config": section_for_cache(cfg, "seed", "mode", "data", "seg"),
+    mixed = cfg.mode == "mixed"
+    return {"config": section_for_cache(cfg, "seed", "mode", "data", "seg", *(["mixed"] if mixed else [])),
             "data_fingerprint": dataset.fingerprint(cfg.data.train_split, [cfg.data.val_split]),
-            "weights_fingerprint": weights_fingerprint(cfg.seg.backbone, "seg.backbone.weights")}
+            "weights_fingerprint": weights_fingerprint(cfg.seg.backbone, "seg.backbone.weights")} | (
+        {"mixed_fingerprint": mixed_fingerprint(cfg, dataset)} if mixed else {})
 
 
 def segmentation_loss(model, batch, epoch) -> dict:
@@ -55,11 +66,29 @@ def training_loss(sr: SRConfig) -> LossFn:
     return functools.partial(sr_segmentation_loss, sr=sr) if sr.enabled else segmentation_loss
 
 
+def training_loader(cfg: Config, dataset: VOCDataset, run_dir: Path, generator: torch.Generator,
+                    full_ids: list[str]):
+    train_ids = dataset.split_ids(cfg.data.train_split)
+    crop, scales = cfg.seg.train.crop_size, cfg.seg.train.scale_range
+    if cfg.mode == "mixed":
+        train_set = MixedTrainingSet(dataset, train_ids, full_ids, weak_labels(cfg.mixed, dataset, run_dir),
+                                     crop, scales)
+        full = set(full_ids)
+        sampler = MixedBatchSampler([i for i, x in enumerate(train_ids) if x in full],
+                                    [i for i, x in enumerate(train_ids) if x not in full],
+                                    cfg.seg.train.batch_size, cfg.mixed.weak_per_full, generator)
+        return make_train_loader(train_set, cfg.seg.train, cfg.data.loader_workers, generator, batch_sampler=sampler)
+    labels = MaskFolder(run_dir / "refine" / "pseudo") if cfg.mode == "weak" else dataset.load_train_mask
+    train_set = TrainingSet(dataset, train_ids, crop, scales, pixel_labels={"mask": labels})
+    return make_train_loader(train_set, cfg.seg.train, cfg.data.loader_workers, generator)
+
+
 @torch.no_grad()
-def predict(model: DeepLab, image: torch.Tensor, flip: bool) -> np.ndarray:
-    """Class-index mask for one 3xHxW image, averaging softmax with the mirrored image's."""
+def predict(forward, image: torch.Tensor, flip: bool) -> np.ndarray:
+    """Class-index mask for one 3xHxW image from a logits function (a branch of the model),
+    averaging softmax with the mirrored image's."""
     batch = torch.stack([image, image.flip(-1)]) if flip else image[None]
-    probs = model(batch).softmax(dim=1)
+    probs = forward(batch).softmax(dim=1)
     if flip:
         probs = probs[0:1] + probs[1:2].flip(-1)
     return probs[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
@@ -70,25 +99,35 @@ def run(cfg: Config, run_dir: Path) -> dict:
     device = select_device(cfg.device)
     generator = seed_everything(cfg.seed)
     inputs = own_inputs(cfg) | {"upstream": upstream_keys(run_dir, upstream(cfg))}
-    pixel_labels = MaskFolder(run_dir / "refine" / "pseudo") if cfg.mode == "weak" else dataset.load_train_mask
+    mixed = cfg.mode == "mixed"
+    full_ids = full_subset(dataset.split_ids(cfg.data.train_split), cfg.mixed, cfg.seed) if mixed else []
     with StageOutput(run_dir, NAME, inputs) as out:
-        model = DeepLab(cfg.seg.backbone, dataset.num_classes, cfg.seg.aspp_rates, cfg.seg.sr).to(device)
-        train_set = TrainingSet(dataset, dataset.split_ids(cfg.data.train_split), cfg.seg.train.crop_size,
-                                cfg.seg.train.scale_range, pixel_labels=pixel_labels)
-        loader = make_train_loader(train_set, cfg.seg.train, cfg.data.loader_workers, generator)
-        losses = train(model, loader, training_loss(cfg.seg.sr), cfg.seg.train, device, f"seg ({cfg.mode})")
+        model = DeepLab(cfg.seg.backbone, dataset.num_classes, cfg.seg.aspp_rates, cfg.seg.sr,
+                        teacher_head=mixed).to(device)
+        loader = training_loader(cfg, dataset, run_dir, generator, full_ids)
+        compute_loss = (functools.partial(mixed_supervision_loss, cfg=cfg.mixed, sr=cfg.seg.sr) if mixed
+                        else training_loss(cfg.seg.sr))
+        losses = train(model, loader, compute_loss, cfg.seg.train, device, f"seg ({cfg.mode})")
         save_checkpoint(out.dir / "model.pt", model)
 
-        prediction_dir = out.dir / "predictions"
-        prediction_dir.mkdir()
-        confusion = 0
+        # The student is the mixed model's prediction (``forward``); the teacher is scored beside it.
+        branches = {"predictions": model.forward} | ({"predictions_teacher": model.forward_teacher} if mixed else {})
+        scores = {folder: SegmentationScores(dataset.classes) for folder in branches}
+        for folder in branches:
+            (out.dir / folder).mkdir()
         for image_id in tqdm(shard(dataset.split_ids(cfg.data.val_split)), desc="seg prediction", leave=False,
                              disable=not is_main_process()):
-            mask = predict(model, normalize(dataset.load_image(image_id)).to(device), cfg.seg.flip_predict)
-            save_mask(prediction_dir / f"{image_id}.png", mask)
-            confusion = confusion + confusion_matrix(dataset.load_mask(image_id), mask, dataset.num_classes)
-        out.metrics = iou_scores(confusion, dataset.classes) | {
+            image, gt = normalize(dataset.load_image(image_id)).to(device), dataset.load_mask(image_id)
+            for folder, forward in branches.items():
+                mask = predict(forward, image, cfg.seg.flip_predict)
+                save_mask(out.dir / folder / f"{image_id}.png", mask)
+                scores[folder].add(gt, mask)
+        out.metrics = scores["predictions"].result() | {
             "mode": cfg.mode,
             "train_loss_by_epoch": [round(v, 4) for v in losses],
         }
+        if mixed:
+            out.metrics["teacher"] = scores["predictions_teacher"].result()
+            out.metrics["full_images"] = len(full_ids)
+            atomic_write_bytes(out.dir / "full_ids.txt", "".join(f"{i}\n" for i in full_ids).encode())
     return out.metrics

@@ -80,7 +80,7 @@ def test_missing_root_is_an_error(tmp_path):
 def test_training_crops_keep_masks_nearest_neighbour_and_pad_with_ignore(voc_folder):
     dataset = VOCDataset(voc_folder)
     train_set = TrainingSet(dataset, ["a", "empty"], crop_size=48, scale_range=[0.7, 1.3],
-                            pixel_labels=dataset.load_mask)
+                            pixel_labels={"mask": dataset.load_mask})
     torch.manual_seed(0)
     for _ in range(10):
         for index in range(2):
@@ -209,6 +209,6 @@ def test_grayscale_images_become_three_equal_channels_and_masks_stay_class_indic
     assert image.shape == (37, 37, 3)
     assert (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()
     torch.manual_seed(0)
-    train_set = TrainingSet(dataset, ["g"], crop_size=24, scale_range=[0.6, 1.7], pixel_labels=dataset.load_mask)
+    train_set = TrainingSet(dataset, ["g"], crop_size=24, scale_range=[0.6, 1.7], pixel_labels={"mask": dataset.load_mask})
     for _ in range(10):  # every rescale keeps labels from the original set: nearest-neighbour
         assert set(torch.unique(train_set[0]["mask"]).tolist()) <= {0, 1, 2, IGNORE}

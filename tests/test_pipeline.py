@@ -108,6 +108,42 @@ def test_full_mode_trains_seg_on_ground_truth_without_cam_or_refine(weak_run, ca
     assert "seg" in capsys.readouterr().out
 
 
+def test_mixed_mode_scores_student_and_teacher_and_caches_on_the_full_subset(weak_run, capsys):
+    """Eroded weak labels need no upstream stage; pseudo-mask weak labels read refine's."""
+    mixed_dir = weak_run / "mixed"
+    erode = ["--mode", "mixed", "--run-dir", str(mixed_dir), "--set", "mixed.weak_source=erode",
+             "--set", "mixed.full_fraction=0.25"]
+    assert run(weak_run, *erode) == 0
+    assert sorted(p.name for p in mixed_dir.iterdir()) == ["seg"]
+    seg_dir = mixed_dir / "seg"
+    metrics = json.loads((seg_dir / "metrics.json").read_text())
+    assert metrics["mode"] == "mixed" and metrics["full_images"] == 6
+    assert len((seg_dir / "full_ids.txt").read_text().split()) == 6
+    for scores in (metrics, metrics["teacher"]):
+        assert 0.0 <= scores["miou"] <= 1.0 and 0.0 <= scores["mean_dice"] <= 1.0 and "per_class_hd95" in scores
+    assert len(list((seg_dir / "predictions_teacher").glob("*.png"))) == 8
+    capsys.readouterr()
+    assert run(weak_run, *erode, "--set", "mixed.full_fraction=0.5", "--dry-run") == 0
+    assert "seg     stale" in capsys.readouterr().out
+    # Pseudo masks as weak labels: the mode's stages are cam, refine and seg; cam and refine are
+    # the weak run's, cached.
+    pseudo_dir = weak_run / "mixed-pseudo"
+    pseudo_dir.mkdir()
+    for stage in ("cam", "refine"):
+        shutil.copytree(weak_run / "run" / stage, pseudo_dir / stage)
+    assert run(weak_run, "--mode", "mixed", "--run-dir", str(pseudo_dir), "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "cam     cached" in out and "refine  cached" in out and "seg     missing" in out
+
+
+def test_scribble_weak_labels_need_a_scribbles_folder(weak_run, capsys):
+    assert run(weak_run, "--mode", "mixed", "--set", "mixed.weak_source=scribble",
+               "--run-dir", str(weak_run / "scribble")) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "has no scribbles" in error and "Scribbles" in error
+    assert not (weak_run / "scribble").exists()
+
+
 def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
     run_dir = tmp_path / "run"
     cases = [

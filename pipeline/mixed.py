@@ -1,0 +1,235 @@
+"""Mixed supervision: a few full masks plus weak labels, through a dual-branch teacher-student
+segmenter ("Teach me to segment with mixed supervision: Confident students become masters",
+Dolz, Desrosiers, Ben Ayed, IPMI 2021).
+
+One shared encoder (the seg stage's backbone) feeds two decoders of the same structure (the
+seg head) with no shared weights (:class:`pipeline.models.DeepLab` with ``teacher_head``):
+
+* the teacher sees only the fully annotated images: cross-entropy against their full masks;
+* the student sees every image through its weak labels: partial cross-entropy over the
+  labelled pixels (a full image's weak labels are its weak version, so both branches see the
+  same images);
+* a KL term on the full images ties the two branches. Direction and form follow the authors'
+  code: ``KL(student || teacher)`` of the temperature-softened softmaxes, and the teacher is
+  not detached, so the term moves both branches (``mixed.detach_teacher: true`` stops it at the
+  teacher). Two differences, stated: we soften the logits (their code softens the softmax
+  outputs a second time), and the KL is summed over classes and averaged over pixels without
+  their factor 0.5 T^2 / C, which is the same number in their two-class setting;
+* the Shannon entropy of the student's softmax (summed over classes, averaged over pixels)
+  on the weakly annotated images makes the student confident; the KL term keeps it from
+  the trivial confident answer. (Their code averages over classes too: half of ours for two
+  classes.)
+
+``L = L_teacher + w_partial L_partial + w_kl L_KL + w_entropy L_entropy``. With
+``seg.sr.enabled`` the Self-Regulation loss of the student's exits, with the weak labels as
+pixel labels, takes L_partial's place, as SR's loss takes the cross-entropy's place in the
+other modes. Prediction uses the student (the paper's finding: the student surpasses the
+teacher); the seg stage scores both.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from pipeline.config import MixedConfig, SRConfig
+from pipeline.data import IGNORE, MaskFolder, TrainingSet, VOCDataset, image_size
+from pipeline.errors import DataError
+from pipeline.io import file_digest
+from pipeline.losses import pixel_cross_entropy
+from pipeline.self_regulation import self_regulation_loss
+
+SCRIBBLES = "Scribbles"  # beside SegmentationClass/: sparse labels, 255 = not scribbled
+
+
+def read_id_list(path: Path, train_ids: list[str]) -> list[str]:
+    """The ids of ``mixed.full_list``, each of which must be in the train split."""
+    if not path.is_file():
+        raise DataError(f"id list {path} does not exist (config key mixed.full_list)")
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DataError(f"id list {path} lists no ids (config key mixed.full_list)")
+    known = set(train_ids)
+    outside = [image_id for image_id in ids if image_id not in known]
+    if outside:
+        raise DataError(f"id list {path} names {outside[0]!r}, which is not in the train split")
+    return sorted(set(ids))
+
+
+def full_subset(train_ids: list[str], cfg: MixedConfig, seed: int) -> list[str]:
+    """The train ids that keep their full mask: ``full_list``'s, or ``full_fraction`` of them
+    drawn by ``seed`` (the same ids on every machine: NumPy's PCG64 is platform independent)."""
+    if cfg.full_list is not None:
+        return read_id_list(Path(cfg.full_list), train_ids)
+    count = max(1, round(cfg.full_fraction * len(train_ids)))
+    picked = np.random.default_rng(seed).choice(len(train_ids), size=count, replace=False)
+    return [train_ids[i] for i in sorted(picked)]
+
+
+def eroded_core(mask: np.ndarray, keep: float) -> np.ndarray:
+    """The paper's weak labels from a full mask: each connected region of each class shrunk
+    to the ``keep`` share of its pixels farthest from its border (the image edge and unlabelled
+    pixels count as border), never to nothing; everything else 255."""
+    weak = np.full_like(mask, IGNORE)
+    for cls in np.unique(mask):
+        if cls == IGNORE:
+            continue
+        inside = np.pad(mask == cls, 1)
+        depth = ndimage.distance_transform_edt(inside)[1:-1, 1:-1]
+        regions, _ = ndimage.label(inside[1:-1, 1:-1])
+        for index, box in enumerate(ndimage.find_objects(regions), start=1):
+            region = regions[box] == index
+            cutoff = np.quantile(depth[box][region], 1.0 - keep)
+            weak[box][region & (depth[box] >= cutoff)] = cls
+    return weak
+
+
+class ErodedMasks:
+    """Weak labels made by :func:`eroded_core` from the train masks (picklable, for loader workers)."""
+
+    def __init__(self, dataset: VOCDataset, keep: float):
+        self.dataset = dataset
+        self.keep = keep
+
+    def __call__(self, image_id: str) -> np.ndarray:
+        return eroded_core(self.dataset.load_train_mask(image_id), self.keep)
+
+
+class TeacherMasks:
+    """The full masks of the full subset; every other image is all 255, so the teacher never
+    sees a label of a weakly annotated image."""
+
+    def __init__(self, dataset: VOCDataset, full_ids: list[str]):
+        self.dataset = dataset
+        self.full_ids = frozenset(full_ids)
+
+    def __call__(self, image_id: str) -> np.ndarray:
+        if image_id in self.full_ids:
+            return self.dataset.load_train_mask(image_id)
+        width, height = image_size(self.dataset.image_path(image_id))
+        return np.full((height, width), IGNORE, np.uint8)
+
+
+def weak_labels(cfg: MixedConfig, dataset: VOCDataset, run_dir: Path):
+    """The student's pixel labels, an id -> mask function (255 = unlabelled)."""
+    if cfg.weak_source == "pseudo":
+        return MaskFolder(run_dir / "refine" / "pseudo")
+    if cfg.weak_source == "scribble":
+        return MaskFolder(dataset.root / SCRIBBLES)
+    return ErodedMasks(dataset, cfg.erode_keep)
+
+
+class MixedTrainingSet(TrainingSet):
+    """Training items with both label sets under one augmentation: ``mask`` (the teacher's:
+    full masks, all 255 for weak images), ``weak_mask`` (the student's) and ``is_full``."""
+
+    def __init__(self, dataset: VOCDataset, ids: list[str], full_ids: list[str], weak, crop_size: int,
+                 scale_range: list[float]):
+        super().__init__(dataset, ids, crop_size, scale_range,
+                         pixel_labels={"mask": TeacherMasks(dataset, full_ids), "weak_mask": weak})
+        self.full_ids = frozenset(full_ids)
+
+    def __getitem__(self, index: int) -> dict:
+        return super().__getitem__(index) | {"is_full": torch.tensor(self.ids[index] in self.full_ids)}
+
+
+class MixedBatchSampler:
+    """Batches of a fixed composition: ``n_full`` full-subset images and the rest weakly
+    annotated ones, ``weak_per_full`` weak per full image (rounded; at least one full image).
+    Each kind is drawn without replacement from its own pool, reshuffled when used up, so the
+    small full subset cycles many times an epoch. An epoch is ``len(all ids) // batch_size``
+    steps, as in the other modes, so every mode trains the same number of steps.
+    (Under DistributedDataParallel each process would hold one, seeded per rank.)"""
+
+    def __init__(self, full_indices: list[int], weak_indices: list[int], batch_size: int, weak_per_full: int,
+                 generator: torch.Generator):
+        if weak_per_full == 0 or not weak_indices:
+            self.n_full = batch_size
+        else:
+            self.n_full = min(batch_size - 1, max(1, round(batch_size / (1 + weak_per_full))))
+        self.n_weak = batch_size - self.n_full
+        self.steps = (len(full_indices) + len(weak_indices)) // batch_size
+        self.pools = [(full_indices, []), (weak_indices, [])]
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def _take(self, pool, count: int) -> list[int]:
+        indices, queue = pool
+        taken = []
+        while len(taken) < count:
+            if not queue:
+                queue.extend(indices[i] for i in torch.randperm(len(indices), generator=self.generator).tolist())
+            taken.append(queue.pop())
+        return taken
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            yield self._take(self.pools[0], self.n_full) + self._take(self.pools[1], self.n_weak)
+
+
+def teacher_student_kl(teacher: torch.Tensor, student: torch.Tensor, temperature: float,
+                       detach_teacher: bool) -> torch.Tensor:
+    """KL(student || teacher) of the softmaxes at ``temperature``, summed over classes, averaged
+    over pixels; 0 (with a gradient path) for an empty batch."""
+    if teacher.numel() == 0:
+        return (teacher.sum() + student.sum()) * 0.0
+    if detach_teacher:
+        teacher = teacher.detach()
+    log_student = F.log_softmax(student / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher / temperature, dim=1)
+    return (log_student.exp() * (log_student - log_teacher)).sum(dim=1).mean()
+
+
+def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy of the softmax over dim 1, averaged over pixels; 0 for an empty batch."""
+    if logits.numel() == 0:
+        return logits.sum() * 0.0
+    log_p = F.log_softmax(logits, dim=1)
+    return -(log_p.exp() * log_p).sum(dim=1).mean()
+
+
+def mixed_supervision_loss(model, batch: dict, epoch: int, cfg: MixedConfig, sr: SRConfig) -> dict:
+    branches = model.forward_branches(batch["image"], with_exits=sr.enabled)
+    teacher, student, full = branches["teacher"], branches["student"], batch["is_full"]
+    if sr.enabled:
+        partial = self_regulation_loss(branches["exits"], batch["labels"], sr, epoch, mask=batch["weak_mask"])["loss"]
+    else:
+        partial = pixel_cross_entropy(student, batch["weak_mask"])
+    terms = {
+        "teacher": pixel_cross_entropy(teacher, batch["mask"]),
+        "partial": partial,
+        "kl": teacher_student_kl(teacher[full], student[full], cfg.temperature, cfg.detach_teacher),
+        "entropy": mean_entropy(student[~full]),
+    }
+    total = terms["teacher"] + cfg.w_partial * partial + cfg.w_kl * terms["kl"] + cfg.w_entropy * terms["entropy"]
+    return {"loss": total} | terms
+
+
+def mixed_fingerprint(cfg, dataset: VOCDataset) -> str:
+    """Identifies mixed mode's own data for seg's cache key: the full subset's ids (so a
+    changed full_list file counts) and, for scribbles, the scribble files' contents."""
+    train_ids = dataset.split_ids(cfg.data.train_split)
+    digest = hashlib.sha256(",".join(full_subset(train_ids, cfg.mixed, cfg.seed)).encode())
+    if cfg.mixed.weak_source == "scribble":
+        for image_id in train_ids:
+            digest.update(f"{image_id}:{file_digest(scribble_path(dataset, image_id))}".encode())
+    return digest.hexdigest()[:16]
+
+
+def scribble_path(dataset: VOCDataset, image_id: str) -> Path:
+    """The scribble file of an id, checked: present, and the size of its image (a different
+    size would be silently resized with the image during training)."""
+    path = dataset.root / SCRIBBLES / f"{image_id}.png"
+    if not path.is_file():
+        raise DataError(f"id {image_id!r} has no scribbles {path} (mixed.weak_source: scribble)")
+    scribble_size, size = image_size(path), image_size(dataset.image_path(image_id))
+    if scribble_size != size:
+        raise DataError(f"scribbles {path} are {scribble_size[0]}x{scribble_size[1]} "
+                        f"but the image is {size[0]}x{size[1]}")
+    return path

@@ -1,0 +1,130 @@
+"""Mixed supervision: weak-label construction, the full subset, batch composition, the
+teacher-student losses and the medical scores."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import two_object_mask
+from pipeline.config import BackboneConfig, MixedConfig, SRConfig
+from pipeline.data import IGNORE, TrainingSet, VOCDataset
+from pipeline.errors import DataError
+from pipeline.metrics import SegmentationScores, hd95
+from pipeline.mixed import (MixedBatchSampler, MixedTrainingSet, eroded_core, full_subset, mean_entropy,
+                            mixed_supervision_loss, teacher_student_kl)
+from pipeline.models import DeepLab
+
+
+def test_eroded_core_keeps_a_small_centred_core_of_every_region():
+    mask = np.zeros((40, 40), np.uint8)
+    mask[5:25, 5:25] = 1      # a 20x20 square
+    mask[30:33, 30:39] = 2    # a thin bar: must not vanish
+    mask[0:2, :] = IGNORE
+    weak = eroded_core(mask, keep=0.05)
+    assert set(np.unique(weak)) == {0, 1, 2, IGNORE}
+    labelled = weak != IGNORE
+    assert (weak[labelled] == mask[labelled]).all()  # never a label the full mask does not have
+    square = np.argwhere(weak == 1)
+    assert 1 <= len(square) <= 0.1 * 400
+    assert np.abs(square.mean(axis=0) - [14.5, 14.5]).max() < 1.5  # the core sits in the middle
+    assert (weak == 2).sum() >= 1
+    assert labelled.mean() < 0.15
+
+
+def test_full_subset_is_a_seeded_fraction_or_a_checked_list(tmp_path):
+    ids = [f"img{i:03d}" for i in range(50)]
+    picked = full_subset(ids, MixedConfig(full_fraction=0.1), seed=0)
+    assert len(picked) == 5 and set(picked) <= set(ids)
+    assert full_subset(ids, MixedConfig(full_fraction=0.1), seed=0) == picked
+    assert full_subset(ids, MixedConfig(full_fraction=0.1), seed=1) != picked
+    listed = tmp_path / "full.txt"
+    listed.write_text("img007\nimg003\n")
+    assert full_subset(ids, MixedConfig(full_list=str(listed)), seed=0) == ["img003", "img007"]
+    listed.write_text("img007\nnot_a_train_id\n")
+    with pytest.raises(DataError, match="full.txt names 'not_a_train_id'"):
+        full_subset(ids, MixedConfig(full_list=str(listed)), seed=0)
+
+
+def test_batches_have_a_fixed_composition_and_cycle_the_small_full_subset():
+    full, weak = [0, 1, 2], list(range(3, 60))
+    sampler = MixedBatchSampler(full, weak, batch_size=12, weak_per_full=5, generator=torch.Generator().manual_seed(0))
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 60 // 12
+    for batch in batches:
+        assert len(batch) == 12
+        assert set(batch[:2]) <= set(full) and set(batch[2:]) <= set(weak)
+        assert len(set(batch[2:])) == 10  # without replacement within a pass
+    assert {i for batch in batches for i in batch[:2]} == set(full)
+    alone = MixedBatchSampler(full, weak, batch_size=4, weak_per_full=0, generator=torch.Generator().manual_seed(0))
+    assert all(set(batch) <= set(full) for batch in alone)
+
+
+def test_kl_is_zero_for_equal_branches_and_reaches_the_teacher_unless_detached():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5, 5)
+    assert teacher_student_kl(logits, logits.clone(), 2.0, False).abs() < 1e-6
+    teacher = torch.randn(2, 4, 5, 5, requires_grad=True)
+    student = torch.randn(2, 4, 5, 5, requires_grad=True)
+    kl = teacher_student_kl(teacher, student, 2.0, detach_teacher=False)
+    assert kl > 0
+    kl.backward()
+    assert teacher.grad.abs().sum() > 0 and student.grad.abs().sum() > 0
+    teacher.grad = student.grad = None
+    teacher_student_kl(teacher, student, 2.0, detach_teacher=True).backward()
+    assert teacher.grad is None and student.grad.abs().sum() > 0
+
+
+def test_entropy_is_log_c_for_uniform_and_near_zero_for_confident_predictions():
+    assert torch.isclose(mean_entropy(torch.zeros(1, 4, 3, 3)), torch.log(torch.tensor(4.0)))
+    confident = torch.zeros(1, 4, 3, 3)
+    confident[:, 2] = 30.0
+    assert mean_entropy(confident) < 1e-6
+    assert mean_entropy(torch.zeros(0, 4, 3, 3)) == 0
+
+
+def test_mixed_loss_trains_the_teacher_on_full_images_only(voc_folder):
+    """The teacher's term must not depend on a weak image's labels; the student's entropy
+    only on weak images."""
+    torch.manual_seed(0)
+    dataset = VOCDataset(voc_folder)
+    model = DeepLab(BackboneConfig(name="resnet18"), 3, [1, 2, 3], teacher_head=True).eval()
+    training_set = MixedTrainingSet(dataset, ["a", "b", "empty"], ["a"], dataset.load_train_mask, 32, [1.0, 1.0])
+    batch = torch.utils.data.default_collate([training_set[i] for i in range(3)])
+    assert batch["is_full"].tolist() == [True, False, False]
+    assert (batch["mask"][1:] == IGNORE).all() and (batch["mask"][0] != IGNORE).any()
+    cfg = MixedConfig()
+    terms = mixed_supervision_loss(model, batch, 0, cfg, SRConfig())
+    expected = terms["teacher"] + 0.1 * terms["partial"] + 50 * terms["kl"] + terms["entropy"]
+    assert torch.isclose(terms["loss"], expected)
+    changed = dict(batch, weak_mask=torch.zeros_like(batch["weak_mask"]))
+    again = mixed_supervision_loss(model, changed, 0, cfg, SRConfig())
+    assert torch.isclose(again["teacher"], terms["teacher"]) and not torch.isclose(again["partial"], terms["partial"])
+    sr_terms = mixed_supervision_loss(DeepLab(BackboneConfig(name="resnet18"), 3, [1, 2, 3], SRConfig(enabled=True),
+                                              teacher_head=True).eval(), batch, 0, cfg, SRConfig(enabled=True))
+    assert torch.isfinite(sr_terms["loss"])
+
+
+def test_every_mask_gets_the_image_augmentation(voc_folder):
+    dataset = VOCDataset(voc_folder)
+    torch.manual_seed(3)
+    training_set = TrainingSet(dataset, ["a"], 24, [0.6, 1.7],
+                               pixel_labels={"mask": dataset.load_mask, "copy": dataset.load_mask})
+    for _ in range(5):
+        item = training_set[0]
+        assert torch.equal(item["mask"], item["copy"])
+
+
+def test_hd95_and_dice_on_hand_made_masks():
+    square = np.zeros((40, 40), bool)
+    square[10:20, 10:20] = True
+    assert hd95(square, square) == 0.0
+    shifted = np.roll(square, 3, axis=1)
+    assert hd95(square, shifted) == pytest.approx(3.0)
+    scores = SegmentationScores(["background", "a", "b"])
+    gt = two_object_mask(size=32)
+    pred = gt.copy()
+    pred[pred == 2] = 0  # class b missed entirely
+    scores.add(gt, pred)
+    result = scores.result()
+    assert result["per_class_dice"]["a"] == 1.0 and result["per_class_dice"]["b"] == 0.0
+    assert result["mean_dice"] == pytest.approx(0.5)
+    assert result["per_class_hd95"] == {"a": 0.0, "b": None} and result["hd95_unmatched"] == {"a": 0, "b": 1}
