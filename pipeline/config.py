@@ -165,6 +165,9 @@ class RefineConfig:
 class SegConfig:
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(name="resnet101", output_stride=16))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, lr=0.007, crop_size=512))
+    # aspp: DeepLab-v3's head on the deepest level; unet: a decoder with skips from every level,
+    # predicting at stride 2 (thin structures: the myocardium ring); mixed mode's two branches both use it.
+    decoder: str = _opt("aspp", choices=("aspp", "unet"))
     aspp_rates: list[int] = _opt([6, 12, 18])  # at output stride 16; double them at stride 8
     flip_predict: bool = True  # average the prediction with that of the flipped image
     sr: SRConfig = field(default_factory=SRConfig)

@@ -50,20 +50,22 @@ class CAMNet(nn.Module):
 
 
 class DeepLab(nn.Module):
-    """DeepLab-v3-style segmenter: dilated ResNet + ASPP head, logits at input size.
+    """DeepLab-v3-style segmenter: dilated backbone + a head, logits at input size. The head
+    is DeepLab-v3's ASPP head on the deepest level (``decoder: aspp``) or a decoder with skips
+    from every level (``decoder: unet``), which predicts at stride 2 for thin structures.
 
     With ``teacher_head`` (--mode mixed, pipeline/mixed.py) a second head of the same
     structure, with its own weights, shares the backbone: the teacher branch; ``head`` is the
     student, the branch ``forward`` predicts with."""
 
     def __init__(self, backbone_cfg: BackboneConfig, num_classes: int, aspp_rates: list[int],
-                 sr: SRConfig | None = None, teacher_head: bool = False):
+                 sr: SRConfig | None = None, teacher_head: bool = False, decoder: str = "aspp"):
         super().__init__()
         self.backbone = Backbone(backbone_cfg, "seg.backbone")
-        self.head = segmentation_head(self.backbone.channels[-1], num_classes, aspp_rates)
-        self.teacher_head = (segmentation_head(self.backbone.channels[-1], num_classes, aspp_rates)
-                             if teacher_head else None)
-        self.sr_heads = (SRHeads(sr, self.backbone.channels, num_classes, num_classes - 1, main_classifier=True)
+        channels = self.backbone.channels
+        self.head = segmentation_head(decoder, channels, num_classes, aspp_rates)
+        self.teacher_head = segmentation_head(decoder, channels, num_classes, aspp_rates) if teacher_head else None
+        self.sr_heads = (SRHeads(sr, channels, num_classes, num_classes - 1, main_classifier=True)
                          if sr is not None and sr.enabled else None)
 
     def new_parameters(self) -> list[nn.Parameter]:
@@ -71,24 +73,24 @@ class DeepLab(nn.Module):
                 for p in head.parameters()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._at_input_size(self.head(self.backbone(x)[-1]), x)
+        return self._at_input_size(self.head(self.backbone(x)), x)
 
     def forward_teacher(self, x: torch.Tensor) -> torch.Tensor:
-        return self._at_input_size(self.teacher_head(self.backbone(x)[-1]), x)
+        return self._at_input_size(self.teacher_head(self.backbone(x)), x)
 
     def forward_exits(self, x: torch.Tensor) -> list[Exit]:
         """Training with SR: every exit's (maps, logits), shallow -> deep; the main exit's maps
-        are the head's logits at the backbone's output stride."""
+        are the head's logits at the head's own resolution."""
         features = self.backbone(x)
-        return self.sr_heads(features, self.head(features[-1]))
+        return self.sr_heads(features, self.head(features))
 
     def forward_branches(self, x: torch.Tensor, with_exits: bool) -> dict:
         """Mixed-mode training, one backbone pass: the student's and the teacher's logits at
         input size and, ``with_exits``, the SR exits with the student as the main exit."""
         features = self.backbone(x)
-        student = self.head(features[-1])
+        student = self.head(features)
         return {"student": self._at_input_size(student, x),
-                "teacher": self._at_input_size(self.teacher_head(features[-1]), x),
+                "teacher": self._at_input_size(self.teacher_head(features), x),
                 "exits": self.sr_heads(features, student) if with_exits else None}
 
     @staticmethod
@@ -96,15 +98,49 @@ class DeepLab(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def segmentation_head(in_channels: int, num_classes: int, aspp_rates: list[int]) -> nn.Sequential:
-    """ASPP, a 3x3 conv-BN-ReLU and a 1x1 classifier: DeepLab-v3's head."""
-    return nn.Sequential(
-        ASPP(in_channels, aspp_rates, out_channels=256),
-        nn.Conv2d(256, 256, 3, padding=1, bias=False),
-        nn.BatchNorm2d(256),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(256, num_classes, 1),
-    )
+def segmentation_head(decoder: str, channels: list[int], num_classes: int, aspp_rates: list[int]) -> nn.Module:
+    return ASPPHead(channels[-1], num_classes, aspp_rates) if decoder == "aspp" else UNetDecoder(channels, num_classes)
+
+
+def conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
+    return [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True)]
+
+
+class ASPPHead(nn.Sequential):
+    """DeepLab-v3's head on the deepest level: ASPP, a 3x3 conv-BN-ReLU, a 1x1 classifier."""
+
+    def __init__(self, in_channels: int, num_classes: int, aspp_rates: list[int]):
+        super().__init__(ASPP(in_channels, aspp_rates, out_channels=256), *conv_bn_relu(256, 256),
+                         nn.Conv2d(256, num_classes, 1))
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return super().forward(features[-1])
+
+
+class UNetDecoder(nn.Module):
+    """A decoder with skips, as in U-Net: from the deepest level up, the running map is resized
+    to the next shallower level, concatenated with it and mixed by two 3x3 conv-BN-ReLU, down to
+    the stem's stride 2; then a 1x1 classifier. Widths halve per level from 256."""
+
+    WIDTHS = (256, 128, 64, 32)  # after layer3, layer2, layer1, stem
+
+    def __init__(self, channels: list[int], num_classes: int):
+        super().__init__()
+        blocks, running = [], channels[-1]
+        for skip, width in zip(reversed(channels[:-1]), self.WIDTHS):
+            blocks.append(nn.Sequential(*conv_bn_relu(running + skip, width), *conv_bn_relu(width, width)))
+            running = width
+        self.blocks = nn.ModuleList(blocks)
+        self.classifier = nn.Conv2d(running, num_classes, 1)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        x = features[-1]
+        for block, skip in zip(self.blocks, reversed(features[:-1])):
+            if x.shape[-2:] != skip.shape[-2:]:
+                x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = block(torch.cat([x, skip], dim=1))
+        return self.classifier(x)
 
 
 class AffinityNet(nn.Module):

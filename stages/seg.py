@@ -103,7 +103,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     full_ids = full_subset(dataset.split_ids(cfg.data.train_split), cfg.mixed, cfg.seed) if mixed else []
     with StageOutput(run_dir, NAME, inputs) as out:
         model = DeepLab(cfg.seg.backbone, dataset.num_classes, cfg.seg.aspp_rates, cfg.seg.sr,
-                        teacher_head=mixed).to(device)
+                        teacher_head=mixed, decoder=cfg.seg.decoder).to(device)
         loader = training_loader(cfg, dataset, run_dir, generator, full_ids)
         compute_loss = (functools.partial(mixed_supervision_loss, cfg=cfg.mixed, sr=cfg.seg.sr) if mixed
                         else training_loss(cfg.seg.sr))

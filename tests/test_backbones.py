@@ -36,6 +36,20 @@ def test_cam_and_segmentation_networks_take_efficientnet_lite0():
     assert DeepLab(cfg, 6, [6, 12, 18])(x).shape == (2, 6, 64, 64)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
+def test_unet_decoder_predicts_at_stride_2_from_every_level(name):
+    model = DeepLab(BackboneConfig(name=name, output_stride=16), 4, [6, 12, 18], decoder="unet").eval()
+    x = torch.randn(2, 3, 64, 72)
+    with torch.no_grad():
+        features = model.backbone(x)
+        assert model.head(features).shape == (2, 4, 32, 36)  # the stem's resolution
+        assert model(x).shape == (2, 4, 64, 72)
+    # The skips matter: the prediction changes when only the stem's features change.
+    changed = [features[0] + 1.0] + features[1:]
+    with torch.no_grad():
+        assert not torch.allclose(model.head(changed), model.head(features))
+
+
 @pytest.fixture
 def resnet18_file(tmp_path):
     model = torchvision.models.resnet18(weights=None)
