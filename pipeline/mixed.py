@@ -114,10 +114,11 @@ class TeacherMasks:
         return np.full((height, width), IGNORE, np.uint8)
 
 
-def weak_labels(cfg: MixedConfig, dataset: VOCDataset, run_dir: Path):
-    """The student's pixel labels, an id -> mask function (255 = unlabelled)."""
+def weak_labels(cfg: MixedConfig, dataset: VOCDataset, pseudo_masks: MaskFolder):
+    """The student's pixel labels, an id -> mask function (255 = unlabelled); ``pseudo_masks``
+    is the refine stage's output, used with ``weak_source: pseudo``."""
     if cfg.weak_source == "pseudo":
-        return MaskFolder(run_dir / "refine" / "pseudo")
+        return pseudo_masks
     if cfg.weak_source == "scribble":
         return MaskFolder(dataset.root / SCRIBBLES)
     return ErodedMasks(dataset, cfg.erode_keep)

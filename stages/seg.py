@@ -70,15 +70,16 @@ def training_loader(cfg: Config, dataset: VOCDataset, run_dir: Path, generator: 
                     full_ids: list[str]):
     train_ids = dataset.split_ids(cfg.data.train_split)
     crop, scales = cfg.seg.train.crop_size, cfg.seg.train.scale_range
+    pseudo_masks = MaskFolder(run_dir / "refine" / "pseudo")
     if cfg.mode == "mixed":
-        train_set = MixedTrainingSet(dataset, train_ids, full_ids, weak_labels(cfg.mixed, dataset, run_dir),
+        train_set = MixedTrainingSet(dataset, train_ids, full_ids, weak_labels(cfg.mixed, dataset, pseudo_masks),
                                      crop, scales)
         full = set(full_ids)
         sampler = MixedBatchSampler([i for i, x in enumerate(train_ids) if x in full],
                                     [i for i, x in enumerate(train_ids) if x not in full],
                                     cfg.seg.train.batch_size, cfg.mixed.weak_per_full, generator)
         return make_train_loader(train_set, cfg.seg.train, cfg.data.loader_workers, generator, batch_sampler=sampler)
-    labels = MaskFolder(run_dir / "refine" / "pseudo") if cfg.mode == "weak" else dataset.load_train_mask
+    labels = pseudo_masks if cfg.mode == "weak" else dataset.load_train_mask
     train_set = TrainingSet(dataset, train_ids, crop, scales, pixel_labels={"mask": labels})
     return make_train_loader(train_set, cfg.seg.train, cfg.data.loader_workers, generator)
 
