@@ -73,6 +73,7 @@ class BackboneConfig:
 class TrainConfig:
     epochs: int = _opt(5, low=1)
     batch_size: int = _opt(16, low=2)  # >= 2: BatchNorm needs more than one sample
+    optimizer: str = _opt("sgd", choices=("sgd", "adam"))  # adam: betas (momentum, 0.99), as the mixed-supervision authors
     lr: float = _opt(0.01, low=0.0)
     head_lr_mult: float = _opt(10.0, low=0.0)  # new layers learn faster than a pretrained backbone
     momentum: float = _opt(0.9, low=0.0, high=1.0)

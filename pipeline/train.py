@@ -1,4 +1,4 @@
-"""The training loop shared by every stage: SGD, poly learning rate, tqdm progress.
+"""The training loop shared by every stage: SGD (or Adam), poly learning rate, tqdm progress.
 
 A stage supplies the model, the data set and a ``compute_loss(model, batch, epoch)``
 (epoch 0-based, for schedules such as Self-Regulation's warm-up) that returns a dict
@@ -42,11 +42,11 @@ def make_train_loader(dataset, cfg: TrainConfig, workers: int, generator: torch.
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     new = {id(p) for p in model.new_parameters()}
     pretrained = [p for p in model.parameters() if id(p) not in new]
-    return torch.optim.SGD(
-        [{"params": pretrained, "lr": cfg.lr, "base_lr": cfg.lr},
-         {"params": model.new_parameters(), "lr": cfg.lr * cfg.head_lr_mult, "base_lr": cfg.lr * cfg.head_lr_mult}],
-        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-    )
+    groups = [{"params": pretrained, "lr": cfg.lr, "base_lr": cfg.lr},
+              {"params": model.new_parameters(), "lr": cfg.lr * cfg.head_lr_mult, "base_lr": cfg.lr * cfg.head_lr_mult}]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.momentum, 0.99), weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def train(model: nn.Module, loader, compute_loss: LossFn, cfg: TrainConfig, device: torch.device,

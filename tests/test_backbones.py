@@ -9,10 +9,11 @@ import torchvision
 from PIL import Image
 
 from pipeline.backbones import Backbone, efficientnet_lite0_state_dict, resolve_weights, weights_fingerprint
-from pipeline.config import BACKBONES, BackboneConfig
+from pipeline.config import BACKBONES, BackboneConfig, TrainConfig
 from pipeline.data import normalize
 from pipeline.errors import ConfigError
 from pipeline.models import CAMNet, DeepLab
+from pipeline.train import make_optimizer
 from conftest import ROOT
 
 MSRC = ROOT.parent / "shared" / "data" / "msrc-dev"
@@ -56,6 +57,17 @@ def resnet18_file(tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(model.state_dict(), path)
     return model, path
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_optimizer_gives_new_layers_the_head_learning_rate(kind):
+    model = DeepLab(BackboneConfig(name="resnet18"), 3, [1, 2, 3])
+    optimizer = make_optimizer(model, TrainConfig(optimizer=kind, lr=0.001, head_lr_mult=5.0))
+    assert type(optimizer).__name__ == {"sgd": "SGD", "adam": "Adam"}[kind]
+    backbone, head = optimizer.param_groups
+    assert backbone["lr"] == 0.001 and head["lr"] == 0.005
+    assert {id(p) for p in head["params"]} == {id(p) for p in model.new_parameters()}
+    assert len(backbone["params"]) + len(head["params"]) == len(list(model.parameters()))
 
 
 def test_local_state_dict_is_loaded_into_the_backbone(resnet18_file):

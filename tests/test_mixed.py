@@ -1,5 +1,7 @@
 """Mixed supervision: weak-label construction, the full subset, batch composition, the
 teacher-student losses and the medical scores."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -73,8 +75,19 @@ def test_kl_is_zero_for_equal_branches_and_reaches_the_teacher_unless_detached()
     assert teacher.grad is None and student.grad.abs().sum() > 0
 
 
-def test_entropy_is_log_c_for_uniform_and_near_zero_for_confident_predictions():
-    assert torch.isclose(mean_entropy(torch.zeros(1, 4, 3, 3)), torch.log(torch.tensor(4.0)))
+def test_kl_has_the_authors_scale_and_stays_bounded_for_opposite_confident_branches():
+    """Softmax outputs softened again at T = 2: two confident branches on different classes
+    give, per pixel, (q_hi - q_lo) * log(q_hi / q_lo) summed over classes, averaged over the
+    4 classes and times 0.5 T^2, however large the logits (the logit form would grow with them)."""
+    teacher, student = torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
+    teacher[:, 0], student[:, 1] = 1000.0, 1000.0
+    high, low = math.exp(0.5) / (math.exp(0.5) + 3), 1 / (math.exp(0.5) + 3)
+    expected = (high - low) * 0.5 / 4 * 0.5 * 2.0 ** 2
+    assert math.isclose(teacher_student_kl(teacher, student, 2.0, False).item(), expected, rel_tol=1e-5)
+
+
+def test_entropy_is_log_c_over_c_for_uniform_and_near_zero_for_confident_predictions():
+    assert torch.isclose(mean_entropy(torch.zeros(1, 4, 3, 3)), torch.log(torch.tensor(4.0)) / 4)
     confident = torch.zeros(1, 4, 3, 3)
     confident[:, 2] = 30.0
     assert mean_entropy(confident) < 1e-6
