@@ -187,9 +187,9 @@ class MixedConfig:
     erode_keep: float = _opt(0.05, above=0.0, high=1.0)
     weak_per_full: int = _opt(5, low=0)  # weak images per full image in a batch; 0: the full subset alone
     w_partial: float = _opt(0.1, low=0.0)  # lambda_w, the student's partial cross-entropy
-    w_kl: float = _opt(50.0, low=0.0)  # lambda_kl, KL(teacher || student) on the full images
+    w_kl: float = _opt(50.0, low=0.0)  # lambda_kl, KL(student || teacher) on the full images
     w_entropy: float = _opt(1.0, low=0.0)  # lambda_ent, the student's entropy on the weak images; 0: "KL only"
-    temperature: float = _opt(2.0, above=0.0)  # of the softmaxes in the KL term
+    temperature: float = _opt(2.0, above=0.0)  # the KL term's second softening, softmax(softmax(z) / T)
     # The authors' code lets the KL term's gradient reach the teacher; true stops it there.
     detach_teacher: bool = False
 

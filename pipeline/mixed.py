@@ -14,7 +14,7 @@ seg head) with no shared weights (:class:`pipeline.models.DeepLab` with ``teache
   of the softmax *outputs*, softened a second time (``softmax(softmax(z) / T)``), averaged over
   classes and pixels, times 0.5 T^2. The teacher is not detached, so the term moves both
   branches (``mixed.detach_teacher: true`` stops it at the teacher). Softening the outputs
-  bounds the term (below about 0.07 per pixel for four classes at T = 2); an earlier version
+  bounds the term (below 0.035 for four classes at T = 2); an earlier version
   softened the logits, the textbook form, whose KL is unbounded: at w_kl 50 it was 18 times the
   teacher's loss by the fourth step on acdc-dev, and both branches collapsed to background
   (README, "Mixed supervision");
