@@ -16,6 +16,7 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from pipeline.backbones import Backbone
 from pipeline.config import BackboneConfig, SRConfig
+from pipeline.layers import conv_bn_relu
 from pipeline.self_regulation import Exit, SRHeads
 
 
@@ -100,11 +101,6 @@ class DeepLab(nn.Module):
 
 def segmentation_head(decoder: str, channels: list[int], num_classes: int, aspp_rates: list[int]) -> nn.Module:
     return ASPPHead(channels[-1], num_classes, aspp_rates) if decoder == "aspp" else UNetDecoder(channels, num_classes)
-
-
-def conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
-    return [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True)]
 
 
 class ASPPHead(nn.Sequential):

@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.config import BACKBONE_LEVELS, SRConfig
+from pipeline.layers import conv_bn_relu
 from pipeline.losses import multilabel_loss, pixel_cross_entropy
 
 Exit = tuple[torch.Tensor, torch.Tensor]  # (maps B x C x h x w, image-level logits B x (C-1 foreground))
@@ -50,9 +51,7 @@ class ExitHead(nn.Module):
     def __init__(self, in_channels: int, hidden: int, num_maps: int, num_foreground: int):
         super().__init__()
         self.segmenter = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, num_maps, 1),
+            *conv_bn_relu(in_channels, hidden), *conv_bn_relu(hidden, hidden), nn.Conv2d(hidden, num_maps, 1),
         )
         self.classifier = nn.Linear(num_maps, num_foreground)
 
