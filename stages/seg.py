@@ -95,6 +95,28 @@ def predict(forward, image: torch.Tensor, flip: bool) -> np.ndarray:
     return probs[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
 
 
+def predict_and_score(model: DeepLab, dataset: VOCDataset, ids: list[str], flip: bool, device: torch.device,
+                      out_dir: Path | None) -> dict[str, SegmentationScores]:
+    """Scores of this process's share of ``ids`` against their masks, per branch: ``predictions``
+    (the student, in mixed mode) and, for a mixed model, ``predictions_teacher``. With
+    ``out_dir`` each branch's masks are also written to the folder of that name."""
+    branches = {"predictions": model.forward} | (
+        {"predictions_teacher": model.forward_teacher} if model.teacher_head is not None else {})
+    scores = {folder: SegmentationScores(dataset.classes) for folder in branches}
+    if out_dir is not None:
+        for folder in branches:
+            (out_dir / folder).mkdir()
+    model.eval()
+    for image_id in tqdm(shard(ids), desc="seg prediction", leave=False, disable=not is_main_process()):
+        image, gt = normalize(dataset.load_image(image_id)).to(device), dataset.load_mask(image_id)
+        for folder, forward in branches.items():
+            mask = predict(forward, image, flip)
+            if out_dir is not None:
+                save_mask(out_dir / folder / f"{image_id}.png", mask)
+            scores[folder].add(gt, mask)
+    return scores
+
+
 def run(cfg: Config, run_dir: Path) -> dict:
     dataset = open_dataset(cfg.data)
     device = select_device(cfg.device)
@@ -111,18 +133,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
         losses = train(model, loader, compute_loss, cfg.seg.train, device, f"seg ({cfg.mode})")
         save_checkpoint(out.dir / "model.pt", model)
 
-        # The student is the mixed model's prediction (``forward``); the teacher is scored beside it.
-        branches = {"predictions": model.forward} | ({"predictions_teacher": model.forward_teacher} if mixed else {})
-        scores = {folder: SegmentationScores(dataset.classes) for folder in branches}
-        for folder in branches:
-            (out.dir / folder).mkdir()
-        for image_id in tqdm(shard(dataset.split_ids(cfg.data.val_split)), desc="seg prediction", leave=False,
-                             disable=not is_main_process()):
-            image, gt = normalize(dataset.load_image(image_id)).to(device), dataset.load_mask(image_id)
-            for folder, forward in branches.items():
-                mask = predict(forward, image, cfg.seg.flip_predict)
-                save_mask(out.dir / folder / f"{image_id}.png", mask)
-                scores[folder].add(gt, mask)
+        scores = predict_and_score(model, dataset, dataset.split_ids(cfg.data.val_split), cfg.seg.flip_predict,
+                                   device, out.dir)
         out.metrics = scores["predictions"].result() | {
             "mode": cfg.mode,
             "train_loss_by_epoch": [round(v, 4) for v in losses],

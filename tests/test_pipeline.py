@@ -233,3 +233,37 @@ def test_affinity_refine_keeps_crf_and_final_masks_and_caches_the_net_under_its_
 def test_crf_refine_ignores_affinity_settings(weak_run, capsys):
     assert run(weak_run, "--dry-run", "--set", "refine.random_walk.beta=3", "--set", "refine.affinity.radius=2") == 0
     assert "refine  cached" in capsys.readouterr().out
+
+
+def test_train_split_scoring_reloads_the_seg_model_and_rejects_a_mismatched_config(weak_run):
+    """benchmarks/score_seg_on_train.py: the saved model, reloaded, scores val exactly as the seg
+    stage did; a config describing another network is a one-line error."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from conftest import ROOT
+    from pipeline.data import open_dataset
+    from pipeline.models import DeepLab
+    from pipeline.train import load_checkpoint
+    from stages.seg import predict_and_score
+
+    overrides = TINY + [f"data.root={weak_run / 'demo'}"]
+    cfg = load_config(DEMO_CONFIG, overrides)
+    dataset = open_dataset(cfg.data)
+    model = DeepLab(cfg.seg.backbone, dataset.num_classes, cfg.seg.aspp_rates, decoder=cfg.seg.decoder)
+    load_checkpoint(weak_run / "run" / "seg" / "model.pt", model)
+    scores = predict_and_score(model, dataset, dataset.split_ids("val"), cfg.seg.flip_predict, torch.device("cpu"), None)
+    metrics = json.loads((weak_run / "run" / "seg" / "metrics.json").read_text())
+    assert list(scores) == ["predictions"]
+    assert scores["predictions"].result()["miou"] == pytest.approx(metrics["miou"])
+
+    command = [sys.executable, str(ROOT / "benchmarks" / "score_seg_on_train.py"), "--config", DEMO_CONFIG,
+               "--run-dir", str(weak_run / "run")] + [arg for item in overrides for arg in ("--set", item)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("predictions ") and "train mIoU" in done.stdout
+    mismatched = subprocess.run(command + ["--mode", "mixed"], capture_output=True, text=True)
+    assert mismatched.returncode == 2
+    assert mismatched.stderr.strip().count("\n") == 0 and "does not match the config's network" in mismatched.stderr

@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Score a finished seg run on the train split's masks, to choose settings without touching val.
+
+Loads ``<run-dir>/seg/model.pt`` into the network the config describes (a mixed run's
+student and teacher both) and prints the mIoU of its predictions on the ids the cam and
+refine stages score (``data.score_split``, default the train split). Give the same
+--config, --mode and --set as the run; a model that does not match them fails to load.
+
+    .venv/bin/python benchmarks/score_seg_on_train.py --mode mixed --run-dir runs/demo-mixed-seed0
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import MODES, load_config  # noqa: E402
+from pipeline.data import open_dataset, score_ids  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.models import DeepLab  # noqa: E402
+from pipeline.runtime import configure_threads, select_device  # noqa: E402
+from pipeline.train import load_checkpoint  # noqa: E402
+from stages.seg import predict_and_score  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--mode", choices=MODES)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--run-dir", required=True)
+    args = parser.parse_args()
+    try:
+        cfg = load_config(args.config, args.overrides, args.mode)
+        checkpoint = Path(args.run_dir) / "seg" / "model.pt"
+        if not checkpoint.is_file():
+            raise PipelineError(f"{checkpoint} does not exist: run the seg stage first")
+        configure_threads(cfg.num_threads)
+        dataset, device = open_dataset(cfg.data), select_device(cfg.device)
+        model = DeepLab(cfg.seg.backbone, dataset.num_classes, cfg.seg.aspp_rates, None,
+                        teacher_head=cfg.mode == "mixed", decoder=cfg.seg.decoder)
+        try:
+            load_checkpoint(checkpoint, model)
+        except RuntimeError as error:
+            raise PipelineError(f"{checkpoint} does not match the config's network: {str(error).splitlines()[0]}")
+        ids = sorted(score_ids(cfg.data, dataset))
+        scores = predict_and_score(model.to(device), dataset, ids, cfg.seg.flip_predict, device, None)
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for branch, score in scores.items():
+        result = score.result()
+        per_class = "  ".join(f"{name} {100 * iou:.1f}" for name, iou in result["per_class_iou"].items())
+        print(f"{branch:<20} train mIoU {100 * result['miou']:.1f}   {per_class}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
