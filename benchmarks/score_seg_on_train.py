@@ -45,7 +45,8 @@ def main() -> int:
         try:
             load_checkpoint(checkpoint, model)
         except RuntimeError as error:
-            raise PipelineError(f"{checkpoint} does not match the config's network: {str(error).splitlines()[0]}")
+            detail = " ".join(str(error).split())  # torch's message spans lines; the error is one line
+            raise PipelineError(f"{checkpoint} does not match the config's network: {detail[:300]}")
         ids = sorted(score_ids(cfg.data, dataset))
         scores = predict_and_score(model.to(device), dataset, ids, cfg.seg.flip_predict, device, None)
     except PipelineError as error:
