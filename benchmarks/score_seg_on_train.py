@@ -20,10 +20,9 @@ sys.path.insert(0, str(ROOT))
 from pipeline.config import MODES, load_config  # noqa: E402
 from pipeline.data import open_dataset, score_ids  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.models import DeepLab  # noqa: E402
 from pipeline.runtime import configure_threads, select_device  # noqa: E402
 from pipeline.train import load_checkpoint  # noqa: E402
-from stages.seg import predict_and_score  # noqa: E402
+from stages.seg import predict_and_score, segmentation_network  # noqa: E402
 
 
 def main() -> int:
@@ -40,8 +39,7 @@ def main() -> int:
             raise PipelineError(f"{checkpoint} does not exist: run the seg stage first")
         configure_threads(cfg.num_threads)
         dataset, device = open_dataset(cfg.data), select_device(cfg.device)
-        model = DeepLab(cfg.seg.backbone, dataset.num_classes, cfg.seg.aspp_rates, None,
-                        teacher_head=cfg.mode == "mixed", decoder=cfg.seg.decoder)
+        model = segmentation_network(cfg, dataset.num_classes, training=False)
         try:
             load_checkpoint(checkpoint, model)
         except RuntimeError as error:

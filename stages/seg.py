@@ -95,6 +95,13 @@ def predict(forward, image: torch.Tensor, flip: bool) -> np.ndarray:
     return probs[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
 
 
+def segmentation_network(cfg: Config, num_classes: int, training: bool) -> DeepLab:
+    """The network ``cfg`` describes: with a teacher head in mixed mode, and with the SR exit
+    heads only for ``training`` (``model.pt`` leaves them out, so a saved model loads without)."""
+    return DeepLab(cfg.seg.backbone, num_classes, cfg.seg.aspp_rates, cfg.seg.sr if training else None,
+                   teacher_head=cfg.mode == "mixed", decoder=cfg.seg.decoder)
+
+
 def predict_and_score(model: DeepLab, dataset: VOCDataset, ids: list[str], flip: bool, device: torch.device,
                       out_dir: Path | None) -> dict[str, SegmentationScores]:
     """Scores of this process's share of ``ids`` against their masks, per branch: ``predictions``
@@ -125,8 +132,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     mixed = cfg.mode == "mixed"
     full_ids = full_subset(dataset.split_ids(cfg.data.train_split), cfg.mixed, cfg.seed) if mixed else []
     with StageOutput(run_dir, NAME, inputs) as out:
-        model = DeepLab(cfg.seg.backbone, dataset.num_classes, cfg.seg.aspp_rates, cfg.seg.sr,
-                        teacher_head=mixed, decoder=cfg.seg.decoder).to(device)
+        model = segmentation_network(cfg, dataset.num_classes, training=True).to(device)
         loader = training_loader(cfg, dataset, run_dir, generator, full_ids)
         compute_loss = (functools.partial(mixed_supervision_loss, cfg=cfg.mixed, sr=cfg.seg.sr) if mixed
                         else training_loss(cfg.seg.sr))

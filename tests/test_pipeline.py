@@ -245,14 +245,13 @@ def test_train_split_scoring_reloads_the_seg_model_and_rejects_a_mismatched_conf
 
     from conftest import ROOT
     from pipeline.data import open_dataset
-    from pipeline.models import DeepLab
     from pipeline.train import load_checkpoint
-    from stages.seg import predict_and_score
+    from stages.seg import predict_and_score, segmentation_network
 
     overrides = TINY + [f"data.root={weak_run / 'demo'}"]
     cfg = load_config(DEMO_CONFIG, overrides)
     dataset = open_dataset(cfg.data)
-    model = DeepLab(cfg.seg.backbone, dataset.num_classes, cfg.seg.aspp_rates, decoder=cfg.seg.decoder)
+    model = segmentation_network(cfg, dataset.num_classes, training=False)
     load_checkpoint(weak_run / "run" / "seg" / "model.pt", model)
     scores = predict_and_score(model, dataset, dataset.split_ids("val"), cfg.seg.flip_predict, torch.device("cpu"), None)
     metrics = json.loads((weak_run / "run" / "seg" / "metrics.json").read_text())
