@@ -182,9 +182,12 @@ class MixedConfig:
     full_fraction: float = _opt(0.1, above=0.0, high=1.0)
     full_list: Optional[str] = None  # a file of ids, one per line (relative to the working directory)
     # The student's labels: pseudo (refine's pseudo masks), scribble (<data.root>/Scribbles/),
-    # erode (each region of the full mask eroded to a core of erode_keep of its pixels).
+    # erode (each foreground region of the full mask eroded to a core of erode_keep of its pixels;
+    # the background stays unlabelled, as in the authors' code).
     weak_source: str = _opt("pseudo", choices=("pseudo", "scribble", "erode"))
     erode_keep: float = _opt(0.05, above=0.0, high=1.0)
+    # true: the background gets an eroded core too (95% of the labels on acdc-dev; the student collapses).
+    erode_background: bool = False
     weak_per_full: int = _opt(5, low=0)  # weak images per full image in a batch; 0: the full subset alone
     w_partial: float = _opt(0.1, low=0.0)  # lambda_w, the student's partial cross-entropy
     w_kl: float = _opt(50.0, low=0.0)  # lambda_kl, KL(student || teacher) on the full images

@@ -30,6 +30,7 @@ from pipeline.demo_data import generate_demo_dataset
 from pipeline.io import atomic_write_json, file_digest, load_mask
 
 IGNORE = 255
+BACKGROUND = 0  # class 0 of every data set (classes.txt names it first)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # Images are normalised with the ImageNet statistics whatever the initialisation, so
 # pretrained and random backbones see the same input range.

@@ -16,20 +16,25 @@ from pipeline.mixed import (MixedBatchSampler, MixedTrainingSet, eroded_core, fu
 from pipeline.models import DeepLab
 
 
-def test_eroded_core_keeps_a_small_centred_core_of_every_region():
+def test_eroded_core_keeps_a_small_centred_core_of_every_foreground_region():
     mask = np.zeros((40, 40), np.uint8)
     mask[5:25, 5:25] = 1      # a 20x20 square
     mask[30:33, 30:39] = 2    # a thin bar: must not vanish
     mask[0:2, :] = IGNORE
     weak = eroded_core(mask, keep=0.05)
-    assert set(np.unique(weak)) == {0, 1, 2, IGNORE}
+    assert set(np.unique(weak)) == {1, 2, IGNORE}  # the background stays unlabelled
     labelled = weak != IGNORE
     assert (weak[labelled] == mask[labelled]).all()  # never a label the full mask does not have
     square = np.argwhere(weak == 1)
     assert 1 <= len(square) <= 0.1 * 400
     assert np.abs(square.mean(axis=0) - [14.5, 14.5]).max() < 1.5  # the core sits in the middle
     assert (weak == 2).sum() >= 1
-    assert labelled.mean() < 0.15
+    # On request the background gets its core too, and then it outweighs the foreground.
+    with_background = eroded_core(mask, keep=0.05, erode_background=True)
+    assert set(np.unique(with_background)) == {0, 1, 2, IGNORE}
+    assert (with_background[weak != IGNORE] == weak[weak != IGNORE]).all()
+    assert (with_background == 0).sum() > (with_background == 1).sum() + (with_background == 2).sum()
+    assert (with_background != IGNORE).mean() < 0.15
 
 
 def test_full_subset_is_a_seeded_fraction_or_a_checked_list(tmp_path):
