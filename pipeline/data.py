@@ -120,16 +120,22 @@ class VOCDataset:
             self._labels[image_id] = self._classes_in(self.mask_path(image_id, self.train_masks))
         return self._labels[image_id]
 
-    def _classes_in(self, path: Path) -> np.ndarray:
+    def checked_mask(self, path: Path) -> np.ndarray:
+        """A mask file read as class indices, every value checked to be a class of classes.txt or 255."""
         try:
-            present = np.unique(load_mask(path))
+            mask = load_mask(path)
         except ValueError as error:  # e.g. an RGB mask instead of class indices
             raise DataError(str(error)) from None
+        present = np.unique(mask)
         bad = present[(present >= self.num_classes) & (present != IGNORE)]
         if bad.size:
             raise DataError(f"mask {path} has class index {int(bad[0])}, "
                             f"but classes.txt names only {self.num_classes} classes")
-        return present[(present > 0) & (present != IGNORE)].astype(np.int64)
+        return mask
+
+    def _classes_in(self, path: Path) -> np.ndarray:
+        present = np.unique(self.checked_mask(path))
+        return present[(present != BACKGROUND) & (present != IGNORE)].astype(np.int64)
 
     def validate(self, train_split: str, scored_splits: list[str]) -> None:
         """Checks every listed id: image present, mask present, same size, valid indices."""

@@ -237,8 +237,8 @@ def mixed_fingerprint(cfg, dataset: VOCDataset) -> str:
 
 
 def scribble_path(dataset: VOCDataset, image_id: str) -> Path:
-    """The scribble file of an id, checked: present, and the size of its image (a different
-    size would be silently resized with the image during training)."""
+    """The scribble file of an id, checked: present, the size of its image (a different
+    size would be silently resized with the image during training), and class indices only."""
     path = dataset.root / SCRIBBLES / f"{image_id}.png"
     if not path.is_file():
         raise DataError(f"id {image_id!r} has no scribbles {path} (mixed.weak_source: scribble)")
@@ -246,4 +246,5 @@ def scribble_path(dataset: VOCDataset, image_id: str) -> Path:
     if scribble_size != size:
         raise DataError(f"scribbles {path} are {scribble_size[0]}x{scribble_size[1]} "
                         f"but the image is {size[0]}x{size[1]}")
+    dataset.checked_mask(path)
     return path

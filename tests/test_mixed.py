@@ -5,14 +5,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import two_object_mask
-from pipeline.config import BackboneConfig, MixedConfig, SRConfig
+from pipeline.config import BackboneConfig, Config, MixedConfig, SRConfig
 from pipeline.data import IGNORE, TrainingSet, VOCDataset
 from pipeline.errors import DataError
 from pipeline.metrics import SegmentationScores, hd95
-from pipeline.mixed import (MixedBatchSampler, MixedTrainingSet, eroded_core, full_subset, mean_entropy,
-                            mixed_supervision_loss, teacher_student_kl)
+from pipeline.mixed import (SCRIBBLES, MixedBatchSampler, MixedTrainingSet, eroded_core, full_subset, mean_entropy,
+                            mixed_fingerprint, mixed_supervision_loss, teacher_student_kl, weak_labels)
 from pipeline.models import DeepLab
 
 
@@ -35,6 +36,36 @@ def test_eroded_core_keeps_a_small_centred_core_of_every_foreground_region():
     assert (with_background[weak != IGNORE] == weak[weak != IGNORE]).all()
     assert (with_background == 0).sum() > (with_background == 1).sum() + (with_background == 2).sum()
     assert (with_background != IGNORE).mean() < 0.15
+
+
+def test_weak_labels_follow_weak_source_and_erode_background(voc_folder):
+    dataset = VOCDataset(voc_folder)
+    foreground_only = weak_labels(MixedConfig(weak_source="erode"), dataset, pseudo_masks=None)("a")
+    with_background = weak_labels(MixedConfig(weak_source="erode", erode_background=True), dataset, None)("a")
+    assert set(np.unique(foreground_only)) == {1, 2, IGNORE}
+    assert set(np.unique(with_background)) == {0, 1, 2, IGNORE}
+
+
+def test_scribbles_are_checked_for_size_and_class_indices(voc_folder):
+    dataset = VOCDataset(voc_folder)
+    cfg = Config(mode="mixed", mixed=MixedConfig(weak_source="scribble"))
+    (voc_folder / SCRIBBLES).mkdir()
+    scribbles = {image_id: np.full_like(dataset.load_mask(image_id), IGNORE) for image_id in ("a", "b", "empty")}
+    for image_id, scribble in scribbles.items():
+        scribble[5, 5:10] = 1
+        Image.fromarray(scribble).save(voc_folder / SCRIBBLES / f"{image_id}.png")
+    before = mixed_fingerprint(cfg, dataset)
+    assert weak_labels(cfg.mixed, dataset, None)("b")[5, 6] == 1
+    scribbles["b"][6, 5] = 3  # classes.txt names 3 classes: index 3 is not one
+    Image.fromarray(scribbles["b"]).save(voc_folder / SCRIBBLES / "b.png")
+    with pytest.raises(DataError, match=r"Scribbles/b.png has class index 3"):
+        mixed_fingerprint(cfg, dataset)
+    scribbles["b"][6, 5] = 2  # a valid change of one pixel is a different input
+    Image.fromarray(scribbles["b"]).save(voc_folder / SCRIBBLES / "b.png")
+    assert mixed_fingerprint(cfg, dataset) != before
+    Image.fromarray(scribbles["b"][:, :-1]).save(voc_folder / SCRIBBLES / "b.png")
+    with pytest.raises(DataError, match=r"Scribbles/b.png are 31x32 but the image is 32x32"):
+        mixed_fingerprint(cfg, dataset)
 
 
 def test_full_subset_is_a_seeded_fraction_or_a_checked_list(tmp_path):
