@@ -120,21 +120,20 @@ class VOCDataset:
             self._labels[image_id] = self._classes_in(self.mask_path(image_id, self.train_masks))
         return self._labels[image_id]
 
-    def checked_mask(self, path: Path) -> np.ndarray:
-        """A mask file read as class indices, every value checked to be a class of classes.txt or 255."""
+    def checked_values(self, path: Path) -> np.ndarray:
+        """The sorted values in a mask file, checked to be class indices of classes.txt or 255."""
         try:
-            mask = load_mask(path)
+            present = np.unique(load_mask(path))
         except ValueError as error:  # e.g. an RGB mask instead of class indices
             raise DataError(str(error)) from None
-        present = np.unique(mask)
         bad = present[(present >= self.num_classes) & (present != IGNORE)]
         if bad.size:
             raise DataError(f"mask {path} has class index {int(bad[0])}, "
                             f"but classes.txt names only {self.num_classes} classes")
-        return mask
+        return present
 
     def _classes_in(self, path: Path) -> np.ndarray:
-        present = np.unique(self.checked_mask(path))
+        present = self.checked_values(path)
         return present[(present != BACKGROUND) & (present != IGNORE)].astype(np.int64)
 
     def validate(self, train_split: str, scored_splits: list[str]) -> None:

@@ -246,5 +246,5 @@ def scribble_path(dataset: VOCDataset, image_id: str) -> Path:
     if scribble_size != size:
         raise DataError(f"scribbles {path} are {scribble_size[0]}x{scribble_size[1]} "
                         f"but the image is {size[0]}x{size[1]}")
-    dataset.checked_mask(path)
+    dataset.checked_values(path)
     return path
