@@ -3,12 +3,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo demo-full test clean
+.PHONY: setup demo demo-full test lock clean
 
-$(VENV)/.installed: requirements.txt
+# requirements.txt says what is needed; requirements.lock pins every package to the versions
+# the recorded results were measured with.
+$(VENV)/.installed: requirements.txt requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements.txt -c requirements.lock
 	touch $@
 
 setup: $(VENV)/.installed
@@ -21,6 +23,16 @@ demo-full: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# Re-resolve requirements.txt to the newest versions in a scratch venv and pin them.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet --upgrade pip
+	.venv-lock/bin/pip install --quiet -r requirements.txt
+	{ head -n 2 requirements.lock; .venv-lock/bin/pip freeze --exclude-editable; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+	rm -rf .venv-lock
 
 clean:
 	rm -rf runs data/demo

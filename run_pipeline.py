@@ -6,6 +6,8 @@
     python run_pipeline.py --mode full --stages seg         # fully supervised upper bound
     python run_pipeline.py --mode mixed                     # a few full masks + weak labels
     python run_pipeline.py --set seed=1 --set seg.train.epochs=2 --dry-run
+    python run_pipeline.py predict --run-dir RUN --images DIR --out OUT   # segment new images
+    python run_pipeline.py report --run-dir RUN                           # rebuild RUN/report.html
 """
 from __future__ import annotations
 
@@ -14,11 +16,16 @@ import math
 import sys
 from pathlib import Path
 
+from pipeline import predict, report
 from pipeline.config import MODES, load_config
-from pipeline.data import prepare_data
+from pipeline.data import FileChecks, prepare_data
 from pipeline.errors import PipelineError
 from pipeline.runtime import configure_threads
 from stages import STAGES, execute, parse_stages, plan
+from stages.seg import check_training_masks
+
+CHECKED_FILES = "checked_files.json"  # in the run folder: what data validation found per file
+COMMANDS = {"predict": predict.main, "report": report.main}
 
 
 def parse_args(argv):
@@ -36,12 +43,18 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, args.mode)
         requested = parse_stages(args.stages, cfg)
         run_dir = Path(args.run_dir or f"runs/{Path(args.config).stem}-{cfg.mode}")
-        prepare_data(cfg)
+        checks = FileChecks(run_dir / CHECKED_FILES)
+        dataset = prepare_data(cfg, checks)
+        if "seg" in requested:
+            check_training_masks(cfg, dataset)
         planned = plan(cfg, run_dir, requested, args.force)
         if args.dry_run:
             for stage in planned:
@@ -49,16 +62,20 @@ def main(argv=None) -> int:
                 forced = " (--force)" if args.force and stage.state == "cached" else ""
                 print(f"{stage.name:<7} {stage.state:<8} -> {action}{forced}: {stage.reason}")
             return 0
+        checks.save()  # every check passed: the run folder may be written from here on
+        print(checks.summary())
         configure_threads(cfg.num_threads)
         results = execute(cfg, run_dir, planned)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"\nrun folder: {run_dir}   mode: {cfg.mode}")
+    page = report.write_report(run_dir)
+    print(f"\nrun folder: {run_dir}   mode: {cfg.mode}   report: {page}")
     print(f"{'stage':<8}{'mIoU':>8}{'time (s)':>11}  status")
     for result in results:
-        miou = "-" if math.isnan(result.miou) else f"{100 * result.miou:.1f}"
-        print(f"{result.name:<8}{miou:>8}{result.wall_time_s:>11.1f}  {'ran' if result.ran else 'cached'}")
+        miou = "-" if result.miou is None or math.isnan(result.miou) else f"{100 * result.miou:.1f}"
+        status = ("ran" if result.ran else "cached") + (f", not scored ({result.not_scored})" if result.not_scored else "")
+        print(f"{result.name:<8}{miou:>8}{result.wall_time_s:>11.1f}  {status}")
     return 0
 
 

@@ -22,7 +22,8 @@ from pipeline.data import open_dataset, score_ids  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.runtime import configure_threads, select_device  # noqa: E402
 from pipeline.train import load_checkpoint  # noqa: E402
-from stages.seg import predict_and_score, segmentation_network  # noqa: E402
+from pipeline.models import segmentation_network  # noqa: E402
+from stages.seg import predict_and_score  # noqa: E402
 
 
 def main() -> int:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.cam import multiscale_cams  # noqa: E402
 from pipeline.config import SRConfig, apply_override, config_from_dict  # noqa: E402
-from pipeline.models import CAMNet, DeepLab  # noqa: E402
+from pipeline.models import CAMNet, DeepLab, predict_batch  # noqa: E402
 from pipeline.train import load_checkpoint, make_optimizer, save_checkpoint  # noqa: E402
 from stages import cam as cam_stage, seg as seg_stage  # noqa: E402
 
@@ -69,7 +69,7 @@ def train_step(net: str, cfg, model, sr: SRConfig, batch: dict):
 def predict(net: str, model, image: torch.Tensor):
     if net == "cam":
         return lambda: multiscale_cams(model, image, np.arange(1, NUM_CLASSES), [1.0, 0.5, 1.5, 2.0], flip=True)
-    return lambda: seg_stage.predict(model, image, flip=True)
+    return lambda: predict_batch(model, [image], flip=True)
 
 
 def interleaved_medians(runs: dict, repeats: int) -> dict:

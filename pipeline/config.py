@@ -8,6 +8,7 @@ every problem is a one-line :class:`ConfigError` that names the offending key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,8 +44,12 @@ class DataConfig:
     # Ids whose CAMs and pseudo masks are scored against SegmentationClass; null: the train split.
     # Must be among the train split's ids (VOC: the 1,464 train ids inside train_aug).
     score_split: Optional[str] = None
-    # Image-level labels from a file instead of the masks: IRNet's cls_labels.npy (relative to root).
+    # Image-level labels by class name, relative to root: a CSV (id,tags) or JSON ({id: [names]})
+    # file (README "Your own data"). Without split files, its ids are the train split.
+    tags: Optional[str] = None
+    # Or IRNet's cls_labels.npy (relative to root): a pickle, so only read with allow_pickle: true.
     image_labels: Optional[str] = None
+    allow_pickle: bool = False
     val_split: str = "val"
     # DataLoader worker processes; 0 = load in the main process. Part of the cache key: workers
     # draw augmentations from their own seeds, so the trained model depends on it.
@@ -255,6 +260,8 @@ def apply_override(raw: dict, item: str) -> None:
 
 def config_from_dict(raw: dict) -> Config:
     cfg = _build(Config, raw, "")
+    if cfg.data.tags is not None and cfg.data.image_labels is not None:
+        raise ConfigError("config keys 'data.tags' and 'data.image_labels' both give image labels: keep one")
     if cfg.demo is not None and cfg.demo.min_size > cfg.demo.max_size:
         raise ConfigError("demo.min_size must not exceed demo.max_size")
     for section, train in (("cam", cfg.cam.train), ("seg", cfg.seg.train), ("refine.affinity", cfg.refine.affinity.train)):
@@ -332,6 +339,8 @@ def _coerce(hint, value, key, default=None):
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

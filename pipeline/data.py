@@ -2,12 +2,17 @@
 
 Layout (the demo generator writes it, real data sets come in it)::
 
-    <root>/JPEGImages/<id>.jpg|png        RGB or grayscale image
-    <root>/SegmentationClass/<id>.png     uint8 class index per pixel, 255 = unlabelled
-    <root>/ImageSets/Segmentation/<split>.txt   one id per line
+    <root>/JPEGImages/<id>.jpg|jpeg|png|bmp|tif|tiff   the image (any mode PIL reads, see io.to_rgb)
     <root>/classes.txt                    class names, line number = class index, 0 = background
+    <root>/SegmentationClass/<id>.png     optional: uint8 class index per pixel, 255 = unlabelled
+    <root>/ImageSets/Segmentation/<split>.txt   optional: one id per line
+    <root>/<data.tags>                    optional: image-level labels by class name (pipeline/labels.py)
 
-Image-level labels are the foreground classes present in an image's mask.
+Image-level labels come from the tags file when there is one, else from IRNet's
+cls_labels.npy (``data.image_labels``), else from the train masks (the classes present).
+Masks are otherwise used for scores only: an id without one is trained on and left out
+of the scores. Without split files the train split is every id of the tags file, and
+there is no val split.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -27,79 +33,151 @@ from PIL import Image
 
 from pipeline.errors import ConfigError, DataError
 from pipeline.demo_data import generate_demo_dataset
-from pipeline.io import atomic_write_json, file_digest, load_mask
+from pipeline.io import atomic_write_json, file_digest, known_digests, load_mask, read_rgb, remember_digests
+from pipeline.labels import read_cls_labels, read_id_lines, read_tags
 
 IGNORE = 255
 BACKGROUND = 0  # class 0 of every data set (classes.txt names it first)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+SPLITS = Path("ImageSets") / "Segmentation"
+GROUND_TRUTH = "SegmentationClass"
 # Images are normalised with the ImageNet statistics whatever the initialisation, so
 # pretrained and random backbones see the same input range.
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
+class FileChecks:
+    """What validation found in each file (an image's decoded size; a mask's size and values),
+    remembered by (size, mtime) in ``<run-dir>/checked_files.json`` together with the files'
+    content digests, so a rerun on VOC-size data decodes and hashes only what changed."""
+
+    def __init__(self, path: Optional[Path] = None):
+        self.path = path
+        self.entries: dict[str, list] = {}
+        self.hits = self.misses = 0
+        self.seconds = 0.0
+        saved = _read_json(path) if path is not None else None
+        if isinstance(saved, dict) and isinstance(saved.get("checks"), dict):
+            self.entries = saved["checks"]
+            remember_digests(saved.get("digests", []))
+
+    def get(self, path: Path, compute: Callable[[Path], list]) -> list:
+        stat = path.stat()
+        key = os.path.abspath(path)
+        entry = self.entries.get(key)
+        if entry is not None and entry[:2] == [stat.st_size, stat.st_mtime_ns]:
+            self.hits += 1
+            return entry[2]
+        self.misses += 1
+        result = compute(path)
+        self.entries[key] = [stat.st_size, stat.st_mtime_ns, result]
+        return result
+
+    def summary(self) -> str:
+        return (f"data: {self.hits + self.misses} files checked in {self.seconds:.1f} s "
+                f"({self.hits} unchanged since the last check, not decoded again)")
+
+    def save(self) -> None:
+        if self.path is not None:
+            atomic_write_json(self.path, {"checks": self.entries, "digests": known_digests()})
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 class VOCDataset:
     """Read access to one data folder; every path problem is a one-line DataError.
 
     ``train_masks`` is the folder of the train split's masks (VOC: SegmentationClassAug for
-    train_aug); ground truth for scoring always comes from SegmentationClass.
-    ``image_labels_file`` optionally gives the image-level labels (IRNet's cls_labels.npy).
+    train_aug); ground truth for scoring always comes from SegmentationClass. ``tags`` (a CSV
+    or JSON file) or ``image_labels_file`` (IRNet's pickled cls_labels.npy, only with
+    ``allow_pickle``) give the image-level labels instead of the masks.
     """
 
-    def __init__(self, root: str | Path, train_masks: str = "SegmentationClass",
-                 image_labels_file: Optional[str] = None):
+    def __init__(self, root: str | Path, train_split: str = "train", train_masks: str = GROUND_TRUTH,
+                 tags: Optional[str] = None, image_labels_file: Optional[str] = None, allow_pickle: bool = False):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"data folder {self.root} does not exist (config key data.root)")
-        for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation", train_masks):
-            if not (self.root / sub).is_dir():
-                raise DataError(f"data folder {self.root} has no {sub}/ (expected the VOC layout, see README)")
+        if not (self.root / "JPEGImages").is_dir():
+            raise DataError(f"data folder {self.root} has no JPEGImages/ (expected the VOC layout, see README)")
         classes_file = self.root / "classes.txt"
         if not classes_file.is_file():
             raise DataError(f"{classes_file} is missing: one class name per line, background first")
         self.classes = [line.strip() for line in classes_file.read_text().splitlines() if line.strip()]
         if len(self.classes) < 2:
             raise DataError(f"{classes_file} must name the background and at least one class")
+        self.train_split = train_split
         self.train_masks = train_masks
-        self.image_labels_path = self.root / image_labels_file if image_labels_file else None
-        self._file_labels = (_read_label_file(self.image_labels_path, len(self.classes))
-                             if self.image_labels_path else None)
+        self.has_split_files = (self.root / SPLITS).is_dir()
+        self.labels_path = self.root / (tags or image_labels_file) if (tags or image_labels_file) else None
+        if tags:
+            self._file_labels = read_tags(self.labels_path, self.classes)
+        elif image_labels_file:
+            self._file_labels = read_cls_labels(self.labels_path, len(self.classes), allow_pickle)
+        else:
+            self._file_labels = None
+        if not self.has_split_files and tags is None:
+            raise DataError(f"data folder {self.root} has no {SPLITS}/ and no tags file (config key data.tags): "
+                            "nothing lists the train images")
         self._labels: dict[str, np.ndarray] = {}
+        self._sizes: dict[str, tuple[int, int]] = {}
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     def split_ids(self, split: str) -> list[str]:
+        """The ids of a split; without split files, the tags file's ids for the train split
+        and none for any other."""
+        if not self.has_split_files:
+            return list(self._file_labels) if split == self.train_split else []
         path = self.split_path(split)
         if not path.is_file():
             raise DataError(f"split file {path} does not exist (config keys data.train_split / data.val_split)")
-        ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        ids = read_id_lines(path)
         if not ids:
             raise DataError(f"split file {path} lists no ids")
         return ids
 
     def split_path(self, split: str) -> Path:
-        return self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        return self.root / SPLITS / f"{split}.txt"
 
     def image_path(self, image_id: str) -> Path:
+        folder = self.root / "JPEGImages"
         for suffix in IMAGE_SUFFIXES:
-            path = self.root / "JPEGImages" / f"{image_id}{suffix}"
-            if path.is_file():
-                return path
-        raise DataError(f"id {image_id!r} has no image JPEGImages/{image_id}.jpg|png in {self.root}")
+            for name in (image_id + suffix, image_id + suffix.upper()):
+                if (folder / name).is_file():
+                    return folder / name
+        raise DataError(f"id {image_id!r} has no image {folder}/{image_id}.jpg|jpeg|png|bmp|tif|tiff")
 
-    def mask_path(self, image_id: str, folder: str = "SegmentationClass") -> Path:
+    def mask_path(self, image_id: str, folder: str = GROUND_TRUTH) -> Path:
         path = self.root / folder / f"{image_id}.png"
         if not path.is_file():
             raise DataError(f"id {image_id!r} has no mask {path}")
         return path
 
+    def has_mask(self, image_id: str, folder: str = GROUND_TRUTH) -> bool:
+        return (self.root / folder / f"{image_id}.png").is_file()
+
+    def with_masks(self, ids: list[str]) -> list[str]:
+        """The ids that have ground truth, in order: the ones a stage scores."""
+        return [image_id for image_id in ids if self.has_mask(image_id)]
+
     def load_image(self, image_id: str) -> np.ndarray:
-        """HxWx3 uint8; grayscale images are replicated to three channels (so ImageNet
-        backbones take them unchanged)."""
-        with Image.open(self.image_path(image_id)) as image:
-            return np.array(image.convert("RGB"))
+        """HxWx3 uint8, upright (io.to_rgb: EXIF orientation, greyscale, palette, alpha, 16-bit)."""
+        return read_rgb(self.image_path(image_id))
+
+    def image_size(self, image_id: str) -> tuple[int, int]:
+        """(width, height) of the image as loaded (after its EXIF orientation)."""
+        if image_id not in self._sizes:
+            self._sizes[image_id] = _decoded_size(self.image_path(image_id))
+        return self._sizes[image_id]
 
     def load_mask(self, image_id: str) -> np.ndarray:
         """Ground truth, for scoring."""
@@ -115,85 +193,104 @@ class VOCDataset:
             for key in (image_id, image_id.replace("_", "")):  # IRNet keys VOC ids as integers
                 if key in self._file_labels:
                     return self._file_labels[key]
-            raise DataError(f"{self.image_labels_path} has no labels for id {image_id!r}")
+            raise DataError(f"{self.labels_path} has no labels for id {image_id!r}")
         if image_id not in self._labels:
-            self._labels[image_id] = self._classes_in(self.mask_path(image_id, self.train_masks))
+            if not self.has_mask(image_id, self.train_masks):
+                raise DataError(f"id {image_id!r} has no mask {self.root / self.train_masks}/{image_id}.png to read "
+                                "its image labels from: give every train image's tags in a tags file (data.tags)")
+            self._labels[image_id] = _foreground(self.checked_values(self.mask_path(image_id, self.train_masks)))
         return self._labels[image_id]
 
     def checked_values(self, path: Path) -> np.ndarray:
         """The sorted values in a mask file, checked to be class indices of classes.txt or 255."""
-        try:
-            present = np.unique(load_mask(path))
-        except ValueError as error:  # e.g. an RGB mask instead of class indices
-            raise DataError(str(error)) from None
+        present = np.asarray(_mask_check(path)[2:], dtype=np.uint8)
+        return self._checked(path, present)
+
+    def _checked(self, path: Path, present: np.ndarray) -> np.ndarray:
         bad = present[(present >= self.num_classes) & (present != IGNORE)]
         if bad.size:
             raise DataError(f"mask {path} has class index {int(bad[0])}, "
                             f"but classes.txt names only {self.num_classes} classes")
         return present
 
-    def _classes_in(self, path: Path) -> np.ndarray:
-        present = self.checked_values(path)
-        return present[(present != BACKGROUND) & (present != IGNORE)].astype(np.int64)
-
-    def validate(self, train_split: str, scored_splits: list[str]) -> None:
-        """Checks every listed id: image present, mask present, same size, valid indices."""
-        for split, folder in [(train_split, self.train_masks)] + [(s, "SegmentationClass") for s in scored_splits]:
+    def validate(self, train_split: str, scored_splits: list[str], checks: Optional[FileChecks] = None) -> None:
+        """Checks every listed id before any work: its image decodes completely, a train id has
+        image labels (tags, label file or mask), and every mask that exists has its image's
+        size and class indices only. ``checks`` remembers the results per unchanged file."""
+        checks = checks or FileChecks()
+        for split, folder in [(train_split, self.train_masks)] + [(s, GROUND_TRUTH) for s in scored_splits]:
             for image_id in self.split_ids(split):
-                width, height = image_size(self.image_path(image_id))
-                mask = self.mask_path(image_id, folder)
-                mask_size = image_size(mask)
-                if (width, height) != mask_size:
-                    raise DataError(f"mask {mask} is {mask_size[0]}x{mask_size[1]} "
-                                    f"but its image is {width}x{height}")
-                classes = self._classes_in(mask)
-                if split != train_split:
-                    continue
-                if self._file_labels is None:
-                    self._labels[image_id] = classes  # what image_labels would read from the same mask
-                else:
-                    self.image_labels(image_id)  # the label file must cover every train id
+                path = self.image_path(image_id)
+                self._sizes[image_id] = tuple(checks.get(path, _image_check))
+                if self.has_mask(image_id, folder):
+                    mask = self.mask_path(image_id, folder)
+                    width, height, *values = checks.get(mask, _mask_check)
+                    if (width, height) != self._sizes[image_id]:
+                        raise DataError(f"mask {mask} is {width}x{height} but its image "
+                                        f"{path.name} is {self._sizes[image_id][0]}x{self._sizes[image_id][1]}")
+                    present = self._checked(mask, np.asarray(values, dtype=np.uint8))
+                    if split == train_split and self._file_labels is None:
+                        self._labels[image_id] = _foreground(present)  # what image_labels would read
+                if split == train_split:
+                    self.image_labels(image_id)  # every train id needs labels
 
     def fingerprint(self, train_split: Optional[str] = None, scored_splits: list[str] = ()) -> str:
         """Identifies the data a stage reads: split lists and the contents of every image and
-        mask (training masks for the train split, ground truth for scored splits) and of the
-        image-label file."""
+        of every mask that exists (training masks for the train split, ground truth for scored
+        splits) and of the image-label file."""
         digest = hashlib.sha256(f"{self.classes}:{self.train_masks}".encode())
-        if self.image_labels_path is not None:
-            digest.update(f"labels:{file_digest(self.image_labels_path)}".encode())
+        if self.labels_path is not None:
+            digest.update(f"labels:{file_digest(self.labels_path)}".encode())
         parts = ([(train_split, self.train_masks)] if train_split else []) + \
-            [(split, "SegmentationClass") for split in scored_splits]
+            [(split, GROUND_TRUTH) for split in scored_splits]
         for split, folder in parts:
             ids = self.split_ids(split)
             digest.update(f"{split}:{folder}:{','.join(ids)}".encode())
             for image_id in ids:
-                for path in (self.image_path(image_id), self.mask_path(image_id, folder)):
-                    digest.update(f"{path.name}:{file_digest(path)}".encode())
+                image = self.image_path(image_id)
+                mask = file_digest(self.mask_path(image_id, folder)) if self.has_mask(image_id, folder) else "-"
+                digest.update(f"{image.name}:{file_digest(image)}:{mask}".encode())
         return digest.hexdigest()[:16]
 
 
-def _read_label_file(path: Path, num_classes: int) -> dict[str, np.ndarray]:
-    """IRNet's cls_labels.npy: a pickled dict from id to a multi-hot vector over the C-1
-    foreground classes, keyed by id or, as IRNet does for VOC, by the id as an integer
-    (2007_000032 -> 2007000032)."""
-    if not path.is_file():
-        raise DataError(f"image label file {path} does not exist (config key data.image_labels)")
+def _foreground(present: np.ndarray) -> np.ndarray:
+    return present[(present != BACKGROUND) & (present != IGNORE)].astype(np.int64)
+
+
+def _image_check(path: Path) -> list:
+    """[width, height] of an image decoded completely (a truncated file fails here, not mid-training)."""
     try:
-        # A pickled dict is the format IRNet publishes; load only label files you trust.
-        table = np.load(path, allow_pickle=True).item()
-        labels = {}
-        for key, vector in table.items():
-            vector = np.asarray(vector).ravel()
-            if vector.size != num_classes - 1:
-                raise DataError(f"{path}: labels of {key!r} have {vector.size} entries, "
-                                f"expected {num_classes - 1} (one per foreground class)")
-            labels[str(key)] = np.flatnonzero(vector > 0.5).astype(np.int64) + 1
-        return labels
-    except (ValueError, OSError, AttributeError, EOFError) as error:
-        raise DataError(f"{path} is not a cls_labels.npy dict of multi-hot vectors ({type(error).__name__})") from None
+        height, width = read_rgb(path).shape[:2]
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise DataError(f"image {path} cannot be decoded ({' '.join(str(error).split()) or type(error).__name__})") \
+            from None
+    return [width, height]
+
+
+def _mask_check(path: Path) -> list:
+    """[width, height, *sorted values] of a mask file."""
+    try:
+        mask = load_mask(path)
+    except ValueError as error:  # e.g. an RGB mask instead of class indices
+        raise DataError(str(error)) from None
+    except (OSError, SyntaxError) as error:
+        raise DataError(f"mask {path} cannot be decoded ({' '.join(str(error).split())})") from None
+    return [mask.shape[1], mask.shape[0]] + np.unique(mask).tolist()
+
+
+def _decoded_size(path: Path) -> tuple[int, int]:
+    """(width, height) after the EXIF orientation, from the header alone."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            transposed = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except OSError as error:
+        raise DataError(f"{path} is not a readable image ({type(error).__name__})") from None
+    return (height, width) if transposed else (width, height)
 
 
 def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a mask or scribble file from its header (images: VOCDataset.image_size)."""
     try:
         with Image.open(path) as image:
             return image.size
@@ -203,12 +300,14 @@ def image_size(path: Path) -> tuple[int, int]:
 
 def open_dataset(data) -> VOCDataset:
     """The data set a DataConfig describes; one instance per process, so labels are read once."""
-    return _open_dataset(data.root, data.train_masks, data.image_labels)
+    return _open_dataset(data.root, data.train_split, data.train_masks, data.tags, data.image_labels,
+                         data.allow_pickle)
 
 
 @functools.lru_cache(maxsize=8)
-def _open_dataset(root: str, train_masks: str, image_labels: Optional[str]) -> VOCDataset:
-    return VOCDataset(root, train_masks, image_labels)
+def _open_dataset(root: str, train_split: str, train_masks: str, tags: Optional[str], image_labels: Optional[str],
+                  allow_pickle: bool) -> VOCDataset:
+    return VOCDataset(root, train_split, train_masks, tags, image_labels, allow_pickle)
 
 
 def score_split(data) -> str:
@@ -217,7 +316,8 @@ def score_split(data) -> str:
 
 
 def score_ids(data, dataset: VOCDataset) -> set[str]:
-    return set(dataset.split_ids(score_split(data)))
+    """The ids whose CAMs and pseudo masks are scored: those of the score split with ground truth."""
+    return set(dataset.with_masks(dataset.split_ids(score_split(data))))
 
 
 def normalize(image: np.ndarray) -> torch.Tensor:
@@ -296,8 +396,9 @@ class TrainingSet(torch.utils.data.Dataset):
                 {key: mask[top:top + crop, left:left + crop] for key, mask in masks.items()})
 
 
-def prepare_data(cfg) -> VOCDataset:
-    """Generates the demo data set when the config asks for it, then checks every listed id."""
+def prepare_data(cfg, checks: Optional[FileChecks] = None) -> VOCDataset:
+    """Generates the demo data set when the config asks for it, then checks every listed id
+    (``checks`` remembers what was checked, so a rerun skips unchanged files, and times it)."""
     if cfg.demo is not None:
         ensure_demo_data(Path(cfg.data.root), cfg.demo)
     _fall_back_if_missing(cfg.data)
@@ -305,11 +406,16 @@ def prepare_data(cfg) -> VOCDataset:
     data = cfg.data
     train_ids = dataset.split_ids(data.train_split)
     if data.score_split:
+        if not dataset.has_split_files:
+            raise DataError(f"data.score_split is {data.score_split!r} but {dataset.root} has no {SPLITS}/")
         outside = sorted(set(dataset.split_ids(data.score_split)) - set(train_ids))
         if outside:
             raise DataError(f"data.score_split {data.score_split!r} lists {len(outside)} ids outside "
                             f"data.train_split {data.train_split!r}, e.g. {outside[0]!r}")
-    dataset.validate(data.train_split, [data.val_split] + ([data.score_split] if data.score_split else []))
+    checks = checks or FileChecks()
+    started = time.perf_counter()
+    dataset.validate(data.train_split, [data.val_split] + ([data.score_split] if data.score_split else []), checks)
+    checks.seconds += time.perf_counter() - started
     trainings = {"cam": cfg.cam.train, "seg": cfg.seg.train}
     if cfg.refine.method == "affinity":
         trainings["refine.affinity"] = cfg.refine.affinity.train
@@ -325,7 +431,7 @@ def _fall_back_if_missing(data) -> None:
     split's list or mask folder is missing (VOC without the SBD augmentation); says so on stderr.
     The switch happens before any cache key is computed, so the keys record what was used."""
     root = Path(data.root)
-    missing = [str(p) for p in (root / "ImageSets" / "Segmentation" / f"{data.train_split}.txt", root / data.train_masks)
+    missing = [str(p) for p in (root / SPLITS / f"{data.train_split}.txt", root / data.train_masks)
                if not p.exists()]
     if data.fallback_train_split is None or not missing or data.train_split == data.fallback_train_split:
         return

@@ -15,3 +15,7 @@ class DataError(PipelineError):
 
 class CacheError(PipelineError):
     """A stage's upstream output is missing or stale."""
+
+
+class TrainingError(PipelineError):
+    """A training that cannot go on, such as a loss that is no longer a finite number."""

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 # Content digests already computed in this process, by (path, size, mtime): a run plans
 # every stage, and each stage fingerprints the same files.
@@ -25,11 +25,21 @@ def file_digest(path: Path) -> str:
     """Hash of a file's bytes. Cache keys use contents, not mtimes: copying or re-syncing a
     data folder (new mtimes, same bytes) must not make every cached stage stale."""
     stat = path.stat()
-    memo_key = (str(path), stat.st_size, stat.st_mtime_ns)
+    memo_key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
     if memo_key not in _DIGESTS:
         with open(path, "rb") as f:
             _DIGESTS[memo_key] = hashlib.file_digest(f, "blake2b").hexdigest()[:32]
     return _DIGESTS[memo_key]
+
+
+def remember_digests(entries: list) -> None:
+    """Adds saved [path, size, mtime_ns, digest] records to this process's digest memo."""
+    for path, size, mtime_ns, digest in entries:
+        _DIGESTS.setdefault((path, size, mtime_ns), digest)
+
+
+def known_digests() -> list:
+    return [[path, size, mtime_ns, digest] for (path, size, mtime_ns), digest in _DIGESTS.items()]
 
 
 _UMASK = os.umask(0)
@@ -90,6 +100,30 @@ def load_mask(path: str | Path) -> np.ndarray:
         if image.mode not in ("P", "L"):
             raise ValueError(f"{path}: a mask must be a palette or grayscale PNG of class indices, got mode {image.mode}")
         return np.array(image, dtype=np.uint8)
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """Any image PIL opens as H x W x 3 uint8, as the networks see it:
+
+    * the EXIF orientation is applied (a phone photo stored sideways comes out upright);
+    * 8-bit greyscale is replicated to three channels, palette images take their colours,
+      an alpha channel is dropped (the stored colour of a transparent pixel is kept);
+    * 16-bit and 32-bit greyscale (medical PNG/TIFF) is stretched linearly from its own
+      minimum and maximum to 0..255: such files rarely use their full range (12-bit data in
+      16-bit files), and a fixed division by 257 would leave them nearly black.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+        return np.repeat(np.round(scaled).astype(np.uint8)[..., None], 3, axis=2)
+    return np.array(image.convert("RGB"))
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return to_rgb(image)
 
 
 def save_arrays(path: str | Path, **arrays: np.ndarray) -> None:

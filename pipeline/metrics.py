@@ -7,6 +7,12 @@ from scipy import ndimage
 from pipeline.data import IGNORE
 
 
+def not_scored(reason: str) -> dict:
+    """The scores of a stage none of whose scored ids has ground truth: its outputs are still
+    written; the run's table and metrics.json say why there is no number."""
+    return {"miou": None, "scored_images": 0, "not_scored": reason}
+
+
 def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
     """counts[g, p] over pixels whose ground truth is not 'ignore' (255)."""
     if gt.shape != pred.shape:
@@ -74,8 +80,10 @@ class SegmentationScores:
         self.confusion = np.zeros((len(class_names), len(class_names)), np.int64)
         self.distances = {name: [] for name in class_names[1:]}
         self.unmatched = {name: 0 for name in class_names[1:]}
+        self.images = 0
 
     def add(self, gt: np.ndarray, pred: np.ndarray) -> None:
+        self.images += 1
         self.confusion += confusion_matrix(gt, pred, len(self.class_names))
         labelled = gt != IGNORE
         for index, name in enumerate(self.class_names[1:], start=1):
@@ -92,4 +100,5 @@ class SegmentationScores:
             "mean_hd95": float(np.mean(measured)) if measured else None,
             "per_class_hd95": per_class,
             "hd95_unmatched": self.unmatched,
+            "scored_images": self.images,
         }

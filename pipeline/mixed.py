@@ -120,7 +120,7 @@ class TeacherMasks:
     def __call__(self, image_id: str) -> np.ndarray:
         if image_id in self.full_ids:
             return self.dataset.load_train_mask(image_id)
-        width, height = image_size(self.dataset.image_path(image_id))
+        width, height = self.dataset.image_size(image_id)
         return np.full((height, width), IGNORE, np.uint8)
 
 
@@ -242,7 +242,7 @@ def scribble_path(dataset: VOCDataset, image_id: str) -> Path:
     path = dataset.root / SCRIBBLES / f"{image_id}.png"
     if not path.is_file():
         raise DataError(f"id {image_id!r} has no scribbles {path} (mixed.weak_source: scribble)")
-    scribble_size, size = image_size(path), image_size(dataset.image_path(image_id))
+    scribble_size, size = image_size(path), dataset.image_size(image_id)
     if scribble_size != size:
         raise DataError(f"scribbles {path} are {scribble_size[0]}x{scribble_size[1]} "
                         f"but the image is {size[0]}x{size[1]}")

@@ -9,13 +9,14 @@ training-only ``sr_heads`` and offers ``forward_exits``; its inference methods
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from pipeline.backbones import Backbone
-from pipeline.config import BackboneConfig, SRConfig
+from pipeline.config import BackboneConfig, Config, SRConfig
 from pipeline.layers import conv_bn_relu
 from pipeline.self_regulation import Exit, SRHeads
 
@@ -167,3 +168,23 @@ class AffinityNet(nn.Module):
                      if f.shape[-2:] != size else project(f)
                      for project, f in zip(self.projections, features)]
         return self.embed(torch.cat(projected, dim=1))
+
+
+@torch.no_grad()
+def predict_batch(forward, images: list[torch.Tensor], flip: bool) -> list[np.ndarray]:
+    """Class-index masks of same-sized 3xHxW images from a logits function (a branch of the
+    model), in one pass; with ``flip`` each softmax is averaged with its mirrored image's."""
+    batch = torch.stack(images)
+    if flip:
+        batch = torch.cat([batch, batch.flip(-1)])
+    probs = forward(batch).softmax(dim=1)
+    if flip:
+        probs = probs[:len(images)] + probs[len(images):].flip(-1)
+    return list(probs.argmax(dim=1).to(torch.uint8).cpu().numpy())
+
+
+def segmentation_network(cfg: Config, num_classes: int, training: bool) -> DeepLab:
+    """The network ``cfg`` describes: with a teacher head in mixed mode, and with the SR exit
+    heads only for ``training`` (``model.pt`` leaves them out, so a saved model loads without)."""
+    return DeepLab(cfg.seg.backbone, num_classes, cfg.seg.aspp_rates, cfg.seg.sr if training else None,
+                   teacher_head=cfg.mode == "mixed", decoder=cfg.seg.decoder)

@@ -9,6 +9,7 @@ loop are the two places DistributedDataParallel plugs into (a DistributedSampler
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +18,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from pipeline.config import TrainConfig
+from pipeline.errors import TrainingError
 from pipeline.io import atomic_write_bytes
 from pipeline.runtime import is_main_process
 
@@ -67,11 +69,15 @@ def train(model: nn.Module, loader, compute_loss: LossFn, cfg: TrainConfig, devi
                 group["lr"] = group["base_lr"] * (1 - step / total_steps) ** 0.9
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             terms = compute_loss(model, batch, epoch)
+            loss = terms["loss"].item()
+            if not math.isfinite(loss):  # the stage's partial folder is deleted: nothing is cached
+                raise TrainingError(f"{desc}: the loss is {loss} at epoch {epoch + 1}, step {batch_index}; "
+                                    "nothing was cached (a lower learning rate may help)")
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             optimizer.step()
             step += 1
-            running += terms["loss"].item()
+            running += loss
             bar.set_postfix({k: f"{v.item():.3f}" for k, v in terms.items()} | {"avg": f"{running / batch_index:.3f}"})
         epoch_losses.append(running / len(loader))
         if is_main_process():

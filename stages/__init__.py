@@ -77,9 +77,10 @@ def plan(cfg: Config, run_dir: Path, requested: list[str], force: bool) -> list[
 @dataclass
 class StageResult:
     name: str
-    miou: float
+    miou: float | None  # None: not scored (the reason in not_scored)
     wall_time_s: float
     ran: bool
+    not_scored: str | None = None
 
 
 def execute(cfg: Config, run_dir: Path, planned: list[PlannedStage]) -> list[StageResult]:
@@ -90,5 +91,5 @@ def execute(cfg: Config, run_dir: Path, planned: list[PlannedStage]) -> list[Sta
         else:
             metrics = read_json(run_dir / stage.name / METRICS) or {}
         results.append(StageResult(stage.name, metrics.get("miou", float("nan")),
-                                   metrics.get("wall_time_s", float("nan")), stage.will_run))
+                                   metrics.get("wall_time_s", float("nan")), stage.will_run, metrics.get("not_scored")))
     return results

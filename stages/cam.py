@@ -3,7 +3,7 @@
 Outputs in ``<run-dir>/cam/``: ``model.pt`` (state_dict), ``cams/<id>.npz`` with
 ``cams`` (float16, K x H x W, one map per class in the image label, max-normalised) and
 ``classes`` (the K class indices), and ``metrics.json`` scoring the CAMs on the train
-images against ground truth (ground truth is used for this score only).
+images that have ground truth (used for this score only; without any: "not scored").
 With ``cam.sr.enabled`` the classifier trains with Self-Regulation exits
 (pipeline/self_regulation.py); the CAMs still come from its main classifier alone.
 """
@@ -24,7 +24,7 @@ from pipeline.data import TrainingSet, normalize, open_dataset, score_ids, score
 from pipeline.errors import CacheError
 from pipeline.io import load_arrays, save_arrays
 from pipeline.losses import multilabel_loss
-from pipeline.metrics import confusion_matrix, iou_scores
+from pipeline.metrics import confusion_matrix, iou_scores, not_scored
 from pipeline.models import CAMNet
 from pipeline.runtime import is_main_process, seed_everything, select_device, shard
 from pipeline.self_regulation import self_regulation_loss
@@ -100,14 +100,19 @@ def run(cfg: Config, run_dir: Path) -> dict:
             for t in thresholds:
                 confusions[t] = confusions[t] + confusion_matrix(gt, cam_to_label(stored, classes, t), dataset.num_classes)
 
-        sweep = {t: iou_scores(confusions[t], dataset.classes)["miou"] for t in thresholds}
-        best = max(sweep, key=sweep.get)
-        out.metrics = iou_scores(confusions[cfg.cam.bg_threshold], dataset.classes) | {
-            "bg_threshold": cfg.cam.bg_threshold,
-            "best_bg_threshold": best,
-            "best_miou": sweep[best],
-            "miou_by_bg_threshold": {str(t): round(v, 4) for t, v in sweep.items()},
-            "train_loss_by_epoch": [round(v, 4) for v in losses],
-            "cam_bytes_per_image": round(sum(f.stat().st_size for f in cam_dir.iterdir()) / max(len(train_ids), 1)),
-        }
+        out.metrics = {"train_loss_by_epoch": [round(v, 4) for v in losses],
+                       "cam_bytes_per_image": round(sum(f.stat().st_size for f in cam_dir.iterdir())
+                                                    / max(len(train_ids), 1))}
+        if not scored:
+            out.metrics |= not_scored("no masks")
+        else:
+            sweep = {t: iou_scores(confusions[t], dataset.classes)["miou"] for t in thresholds}
+            best = max(sweep, key=sweep.get)
+            out.metrics |= iou_scores(confusions[cfg.cam.bg_threshold], dataset.classes) | {
+                "scored_images": len(scored),
+                "bg_threshold": cfg.cam.bg_threshold,
+                "best_bg_threshold": best,
+                "best_miou": sweep[best],
+                "miou_by_bg_threshold": {str(t): round(v, 4) for t, v in sweep.items()},
+            }
     return out.metrics

@@ -43,7 +43,7 @@ from pipeline.config import Config, DataConfig, RandomWalkConfig, RefineConfig, 
 from pipeline.crf import crf_refine_labels
 from pipeline.data import IGNORE, MaskFolder, TrainingSet, normalize, open_dataset, score_ids, score_split
 from pipeline.io import save_mask
-from pipeline.metrics import confident_confusion_matrix, confusion_matrix, iou_scores
+from pipeline.metrics import confident_confusion_matrix, confusion_matrix, iou_scores, not_scored
 from pipeline.models import AffinityNet
 from pipeline.runtime import is_main_process, parallel_map, seed_everything, select_device, shard
 from pipeline.train import load_checkpoint, make_train_loader, save_checkpoint, train
@@ -131,17 +131,21 @@ def _collect_scores(results: Iterable, total: int, class_names: list[str], desc:
     """Sums the workers' confusion matrices into the masks' scores; times the whole pass."""
     started = time.perf_counter()
     confusion = confident = 0
-    unsure = pixels = 0
+    unsure = pixels = scored = 0
     for cm, cm_sure, n_unsure, n_pixels in tqdm(results, total=total, desc=desc, leave=False,
                                                 disable=not is_main_process()):
         confusion, confident = confusion + cm, confident + cm_sure
         unsure, pixels = unsure + n_unsure, pixels + n_pixels
+        scored += not isinstance(cm, int)  # unscored ids return 0 for their matrices
+    counts = {"unsure_fraction": round(unsure / max(pixels, 1), 4),
+              "seconds_per_image": round((time.perf_counter() - started) / max(total, 1), 4)}
+    if not scored:
+        return not_scored("no masks") | counts
     confident_scores = iou_scores(confident, class_names)
-    return iou_scores(confusion, class_names) | {
-        "unsure_fraction": round(unsure / max(pixels, 1), 4),
+    return iou_scores(confusion, class_names) | counts | {
+        "scored_images": scored,
         "confident_miou": confident_scores["miou"],
         "confident_per_class_iou": confident_scores["per_class_iou"],
-        "seconds_per_image": round((time.perf_counter() - started) / max(total, 1), 4),
     }
 
 

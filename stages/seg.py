@@ -4,8 +4,9 @@ The pixel labels are the refine stage's pseudo masks in weak mode (255 = unsure,
 ignored by the loss) and the ground-truth masks in full mode (the upper bound). In mixed
 mode a teacher branch learns from the full masks of a few images and a student branch
 from everyone's weak labels (pipeline/mixed.py); the student predicts, both are scored.
-Outputs in ``<run-dir>/seg/``: ``model.pt``, ``predictions/<id>.png`` and ``metrics.json``
-(IoU, Dice, HD95); mixed mode adds ``predictions_teacher/`` and ``full_ids.txt``.
+Outputs in ``<run-dir>/seg/``: ``model.pt``, ``classes.txt``, ``predictions/<id>.png`` (every
+val id; none without a val split) and ``metrics.json`` (IoU, Dice, HD95 on the val ids with
+a mask); mixed mode adds ``predictions_teacher/`` and ``full_ids.txt``.
 With ``seg.sr.enabled`` the segmenter trains with Self-Regulation exits
 (pipeline/self_regulation.py); prediction runs the main path alone.
 """
@@ -22,17 +23,19 @@ from pipeline.backbones import weights_fingerprint
 from pipeline.cache import StageOutput, upstream_keys
 from pipeline.config import Config, SRConfig, section_for_cache
 from pipeline.data import MaskFolder, TrainingSet, VOCDataset, normalize, open_dataset
+from pipeline.errors import DataError
 from pipeline.io import atomic_write_bytes, save_mask
 from pipeline.losses import pixel_cross_entropy
-from pipeline.metrics import SegmentationScores
+from pipeline.metrics import SegmentationScores, not_scored
 from pipeline.mixed import (MixedBatchSampler, MixedTrainingSet, full_subset, mixed_fingerprint,
                             mixed_supervision_loss, weak_labels)
-from pipeline.models import DeepLab
+from pipeline.models import DeepLab, predict_batch, segmentation_network
 from pipeline.runtime import is_main_process, seed_everything, select_device, shard
 from pipeline.self_regulation import self_regulation_loss
 from pipeline.train import LossFn, make_train_loader, save_checkpoint, train
 
 NAME = "seg"
+CLASSES = "classes.txt"  # the class names, beside model.pt: `run_pipeline.py predict` needs no data folder
 
 
 def uses_pseudo_masks(cfg: Config) -> bool:
@@ -50,6 +53,23 @@ def own_inputs(cfg: Config) -> dict:
             "data_fingerprint": dataset.fingerprint(cfg.data.train_split, [cfg.data.val_split]),
             "weights_fingerprint": weights_fingerprint(cfg.seg.backbone, "seg.backbone.weights")} | (
         {"mixed_fingerprint": mixed_fingerprint(cfg, dataset)} if mixed else {})
+
+
+def check_training_masks(cfg: Config, dataset: VOCDataset) -> None:
+    """Full and mixed mode train on masks: every image they train on must have one (weak mode
+    needs none). A one-line DataError before any work names how many are missing."""
+    train_ids = dataset.split_ids(cfg.data.train_split)
+    if cfg.mode == "full" or (cfg.mode == "mixed" and cfg.mixed.weak_source == "erode"):
+        needed = train_ids
+    elif cfg.mode == "mixed":
+        needed = full_subset(train_ids, cfg.mixed, cfg.seed)
+    else:
+        return
+    missing = [image_id for image_id in needed if not dataset.has_mask(image_id, cfg.data.train_masks)]
+    if missing:
+        raise DataError(f"--mode {cfg.mode} trains on masks, but {len(missing)} of the {len(needed)} images it "
+                        f"trains on have none in {dataset.root / cfg.data.train_masks}/, e.g. "
+                        f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
 
 
 def segmentation_loss(model, batch, epoch) -> dict:
@@ -84,44 +104,38 @@ def training_loader(cfg: Config, dataset: VOCDataset, run_dir: Path, generator: 
     return make_train_loader(train_set, cfg.seg.train, cfg.data.loader_workers, generator)
 
 
-@torch.no_grad()
-def predict(forward, image: torch.Tensor, flip: bool) -> np.ndarray:
-    """Class-index mask for one 3xHxW image from a logits function (a branch of the model),
-    averaging softmax with the mirrored image's."""
-    batch = torch.stack([image, image.flip(-1)]) if flip else image[None]
-    probs = forward(batch).softmax(dim=1)
-    if flip:
-        probs = probs[0:1] + probs[1:2].flip(-1)
-    return probs[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
-
-
-def segmentation_network(cfg: Config, num_classes: int, training: bool) -> DeepLab:
-    """The network ``cfg`` describes: with a teacher head in mixed mode, and with the SR exit
-    heads only for ``training`` (``model.pt`` leaves them out, so a saved model loads without)."""
-    return DeepLab(cfg.seg.backbone, num_classes, cfg.seg.aspp_rates, cfg.seg.sr if training else None,
-                   teacher_head=cfg.mode == "mixed", decoder=cfg.seg.decoder)
+def branches(model: DeepLab) -> dict:
+    """The model's prediction branches by output folder: ``predictions`` (the student, in
+    mixed mode) and, for a mixed model, ``predictions_teacher``."""
+    return {"predictions": model.forward} | (
+        {"predictions_teacher": model.forward_teacher} if model.teacher_head is not None else {})
 
 
 def predict_and_score(model: DeepLab, dataset: VOCDataset, ids: list[str], flip: bool, device: torch.device,
                       out_dir: Path | None) -> dict[str, SegmentationScores]:
-    """Scores of this process's share of ``ids`` against their masks, per branch: ``predictions``
-    (the student, in mixed mode) and, for a mixed model, ``predictions_teacher``. With
-    ``out_dir`` each branch's masks are also written to the folder of that name."""
-    branches = {"predictions": model.forward} | (
-        {"predictions_teacher": model.forward_teacher} if model.teacher_head is not None else {})
-    scores = {folder: SegmentationScores(dataset.classes) for folder in branches}
+    """Predictions of this process's share of ``ids`` per branch, scored against the masks of
+    the ids that have one. With ``out_dir`` each branch's masks are also written to the folder
+    of that name."""
+    forwards = branches(model)
+    scores = {folder: SegmentationScores(dataset.classes) for folder in forwards}
     if out_dir is not None:
-        for folder in branches:
+        for folder in forwards:
             (out_dir / folder).mkdir()
     model.eval()
     for image_id in tqdm(shard(ids), desc="seg prediction", leave=False, disable=not is_main_process()):
-        image, gt = normalize(dataset.load_image(image_id)).to(device), dataset.load_mask(image_id)
-        for folder, forward in branches.items():
-            mask = predict(forward, image, flip)
+        image = normalize(dataset.load_image(image_id)).to(device)
+        gt = dataset.load_mask(image_id) if dataset.has_mask(image_id) else None
+        for folder, forward in forwards.items():
+            (mask,) = predict_batch(forward, [image], flip)
             if out_dir is not None:
                 save_mask(out_dir / folder / f"{image_id}.png", mask)
-            scores[folder].add(gt, mask)
+            if gt is not None:
+                scores[folder].add(gt, mask)
     return scores
+
+
+def scored(scores: SegmentationScores, reason: str) -> dict:
+    return scores.result() if scores.images else not_scored(reason)
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
@@ -139,14 +153,16 @@ def run(cfg: Config, run_dir: Path) -> dict:
         losses = train(model, loader, compute_loss, cfg.seg.train, device, f"seg ({cfg.mode})")
         save_checkpoint(out.dir / "model.pt", model)
 
-        scores = predict_and_score(model, dataset, dataset.split_ids(cfg.data.val_split), cfg.seg.flip_predict,
-                                   device, out.dir)
-        out.metrics = scores["predictions"].result() | {
+        atomic_write_bytes(out.dir / CLASSES, "".join(f"{name}\n" for name in dataset.classes).encode())
+        val_ids = dataset.split_ids(cfg.data.val_split)
+        scores = predict_and_score(model, dataset, val_ids, cfg.seg.flip_predict, device, out.dir if val_ids else None)
+        reason = "no masks" if val_ids else "no val split"
+        out.metrics = scored(scores["predictions"], reason) | {
             "mode": cfg.mode,
             "train_loss_by_epoch": [round(v, 4) for v in losses],
         }
         if mixed:
-            out.metrics["teacher"] = scores["predictions_teacher"].result()
+            out.metrics["teacher"] = scored(scores["predictions_teacher"], reason)
             out.metrics["full_images"] = len(full_ids)
             atomic_write_bytes(out.dir / "full_ids.txt", "".join(f"{i}\n" for i in full_ids).encode())
     return out.metrics
