@@ -402,6 +402,7 @@ def prepare_data(cfg, checks: Optional[FileChecks] = None) -> VOCDataset:
     if cfg.demo is not None:
         ensure_demo_data(Path(cfg.data.root), cfg.demo)
     _fall_back_if_missing(cfg.data)
+    _open_dataset.cache_clear()  # the folder as it is now, not as an earlier run in this process saw it
     dataset = open_dataset(cfg.data)
     data = cfg.data
     train_ids = dataset.split_ids(data.train_split)

@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 
 from pipeline.io import save_mask
+from run_pipeline import main
+
 
 
 def write_voc_folder(root: Path, masks: dict, classes=("background", "cat", "dog"), splits=None, gray=False):
@@ -42,3 +44,20 @@ def voc_folder(tmp_path):
     masks = {"a": two_object_mask(), "b": two_object_mask(cls_b=1), "empty": np.zeros((24, 40), np.uint8)}
     masks["b"][0, :] = 255
     return write_voc_folder(tmp_path / "voc", masks, splits={"train": ["a", "b", "empty"], "val": ["a"]})
+
+
+# The demo at test size: real networks, real CRF, real files, one epoch each.
+TINY = [
+    "demo.num_train=24", "demo.num_val=8", "demo.min_size=48", "demo.max_size=64",
+    "num_threads=2", "refine.workers=2",
+    "cam.train.epochs=1", "cam.train.batch_size=8", "cam.train.crop_size=48", "cam.scales=[1.0, 0.5]",
+    "seg.train.epochs=1", "seg.train.batch_size=8", "seg.train.crop_size=48",
+]
+
+
+def run(tmp_path, *args):
+    """The CLI on the tiny demo in ``tmp_path``; a later ``--run-dir`` in ``args`` wins."""
+    argv = ["--config", DEMO_CONFIG, "--run-dir", str(tmp_path / "run")]
+    for item in TINY + [f"data.root={tmp_path / 'demo'}"]:
+        argv += ["--set", item]
+    return main(argv + list(args))

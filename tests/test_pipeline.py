@@ -5,23 +5,8 @@ import shutil
 import pytest
 
 from pipeline.config import load_config
+from conftest import DEMO_CONFIG, TINY, run
 from run_pipeline import main
-from conftest import DEMO_CONFIG
-
-TINY = [
-    "demo.num_train=24", "demo.num_val=8", "demo.min_size=48", "demo.max_size=64",
-    "num_threads=2", "refine.workers=2",
-    "cam.train.epochs=1", "cam.train.batch_size=8", "cam.train.crop_size=48", "cam.scales=[1.0, 0.5]",
-    "seg.train.epochs=1", "seg.train.batch_size=8", "seg.train.crop_size=48",
-]
-
-
-def run(tmp_path, *args):
-    """The CLI on the tiny demo in ``tmp_path``; a later ``--run-dir`` in ``args`` wins."""
-    argv = ["--config", DEMO_CONFIG, "--run-dir", str(tmp_path / "run")]
-    for item in TINY + [f"data.root={tmp_path / 'demo'}"]:
-        argv += ["--set", item]
-    return main(argv + list(args))
 
 
 def stage_folders(run_dir):
