@@ -23,6 +23,8 @@ from pipeline.errors import CacheError
 from pipeline.io import atomic_write_json
 
 MANIFEST = "manifest.json"
+# Every cached folder a run folder holds, in pipeline order (affinitynet: refine's AffinityNet).
+STAGE_FOLDERS = ("cam", "affinitynet", "refine", "seg")
 METRICS = "metrics.json"
 
 

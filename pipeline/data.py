@@ -115,6 +115,7 @@ class VOCDataset:
         self.train_split = train_split
         self.train_masks = train_masks
         self.has_split_files = (self.root / SPLITS).is_dir()
+        self.tags_file = tags
         self.labels_path = self.root / (tags or image_labels_file) if (tags or image_labels_file) else None
         if tags:
             self._file_labels = read_tags(self.labels_path, self.classes)
@@ -190,7 +191,9 @@ class VOCDataset:
     def image_labels(self, image_id: str) -> np.ndarray:
         """Sorted foreground class indices (1..C-1) of a train-split id."""
         if self._file_labels is not None:
-            for key in (image_id, image_id.replace("_", "")):  # IRNet keys VOC ids as integers
+            # IRNet's cls_labels.npy keys VOC ids as integers (2007_000032 -> 2007000032).
+            keys = (image_id,) if self.tags_file else (image_id, image_id.replace("_", ""))
+            for key in keys:
                 if key in self._file_labels:
                     return self._file_labels[key]
             raise DataError(f"{self.labels_path} has no labels for id {image_id!r}")

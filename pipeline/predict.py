@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.cache import MANIFEST, read_json
+from pipeline.cache import MANIFEST, STAGE_FOLDERS, read_json
 from pipeline.config import Config, config_from_dict
 from pipeline.data import IMAGE_SUFFIXES, normalize
 from pipeline.errors import CacheError, DataError, PipelineError
@@ -85,9 +85,14 @@ def list_images(source: Path) -> list[Path]:
     return images
 
 
-def output_names(images: list[Path], out: Path) -> list[str]:
+def output_names(images: list[Path], out: Path, run_dir: Path) -> list[str]:
     """One output name per image (its file name without the suffix), checked before any work:
-    no two images may share one, and no image may lie in the output folder."""
+    no two images may share one, no image may lie in the output folder, and the output
+    folder may not be inside one of the run's cached stage folders."""
+    for stage in STAGE_FOLDERS:
+        if out.resolve().is_relative_to((run_dir / stage).resolve()):
+            raise DataError(f"--out {out} is inside the run's cached stage folder {run_dir / stage}: "
+                            "choose another output folder")
     seen = {}
     for image in images:
         if image.parent.resolve() == out.resolve():
@@ -112,7 +117,7 @@ def main(argv: list[str]) -> int:
         run_dir, out = Path(args.run_dir), Path(args.out)
         cfg, classes = recorded_config(run_dir)
         images = list_images(Path(args.images))
-        names = output_names(images, out)
+        names = output_names(images, out, run_dir)
         if args.batch_size < 0:
             raise PipelineError("--batch-size must be >= 1 (or 0 for the default)")
         configure_threads(args.threads)

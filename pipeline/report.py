@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.cache import MANIFEST, METRICS, read_json  # noqa: E402
+from pipeline.cache import MANIFEST, METRICS, STAGE_FOLDERS, read_json  # noqa: E402
 from pipeline.config import config_from_dict  # noqa: E402
 from pipeline.data import IGNORE, VOCDataset, open_dataset  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
@@ -34,7 +34,6 @@ from pipeline.metrics import confusion_matrix, iou_scores  # noqa: E402
 
 REPORT = "report.html"
 FIGURES = "report"  # the page's figures, beside it
-STAGES = ("cam", "affinitynet", "refine", "seg")  # affinitynet: refine's cached AffinityNet
 SAMPLE = 4  # seeded random images per split in the gallery
 WORST = 2  # worst-scored images per split, where masks exist
 WORST_POOL = 300  # ids scored to find the worst ones (a seeded sample on large data sets)
@@ -68,7 +67,7 @@ def _heat(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
 
 def _stage_data(run_dir: Path) -> dict:
     stages = {}
-    for name in STAGES:
+    for name in STAGE_FOLDERS:
         metrics, manifest = read_json(run_dir / name / METRICS), read_json(run_dir / name / MANIFEST)
         if metrics is not None and manifest is not None:
             stages[name] = {"metrics": metrics, "config": manifest.get("inputs", {}).get("config", {})}
@@ -182,7 +181,7 @@ def write_report(run_dir: Path) -> Path:
     (out / "gallery").mkdir(parents=True)
     body = [f"<h1>Run {html.escape(run_dir.name)}</h1>"]
     if classes:
-        swatches = "".join(f'<span class="swatch"><i style="background: rgb{tuple(_colours()[k])}"></i>'
+        swatches = "".join(f'<span class="swatch"><i style="background: rgb{tuple(int(c) for c in _colours()[k])}"></i>'
                            f"{k} {html.escape(name)}</span>" for k, name in enumerate(classes))
         body.append(f'<h2>Classes</h2><p class="legend">{swatches}'
                     '<span class="swatch"><i style="background: rgb(224, 224, 192)"></i>255 unsure</span></p>')

@@ -308,6 +308,11 @@ def test_predict_refuses_a_run_without_seg_and_an_output_folder_that_is_the_inpu
     assert main(["predict", "--run-dir", str(runs / "run"), "--images", str(images), "--out", str(images)]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "is the folder of the input image" in error
+    inside = runs / "run" / "seg" / "predictions"
+    before = sorted(p.name for p in inside.iterdir())
+    assert main(["predict", "--run-dir", str(runs / "run"), "--images", str(images), "--out", str(inside)]) == 2
+    assert "inside the run's cached stage folder" in capsys.readouterr().err
+    assert sorted(p.name for p in inside.iterdir()) == before
 
 
 def test_a_tags_only_folder_without_splits_trains_then_predicts(runs, tmp_path):
