@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -51,6 +52,14 @@ class DataConfig:
     image_labels: Optional[str] = None
     allow_pickle: bool = False
     val_split: str = "val"
+    # Medical stacks of 2-D slices: a regex whose match on an id (its group 1 if it has one)
+    # names the id's 3-D volume; seg then also scores Dice and HD95 per volume (slices stacked
+    # in the natural order of their ids). ACDC: '^(patient\d+_frame\d+)_slice_\d+$'.
+    volume_pattern: Optional[str] = None
+    # Voxel spacing of every volume, [between slices, rows, columns] in mm (HD95 in mm), or a CSV
+    # (relative to root) with the header volume,slice,row,column; neither: HD95 in pixels.
+    spacing: Optional[list[float]] = None
+    spacing_file: Optional[str] = None
     # DataLoader worker processes; 0 = load in the main process. Part of the cache key: workers
     # draw augmentations from their own seeds, so the trained model depends on it.
     loader_workers: int = _opt(0, low=0)
@@ -216,6 +225,8 @@ class Config:
     mixed: MixedConfig = field(default_factory=MixedConfig)  # used by --mode mixed only
 
 
+# How seg scores medical volumes: no concern of the cam and refine stages' caches.
+VOLUME_SCORING_KEYS = ("data.volume_pattern", "data.spacing", "data.spacing_file")
 # Keys that change how fast a stage runs but never what it computes; they stay out of cache keys.
 EXECUTION_ONLY_KEYS = {"device", "num_threads", "refine.workers"}
 
@@ -262,6 +273,17 @@ def config_from_dict(raw: dict) -> Config:
     cfg = _build(Config, raw, "")
     if cfg.data.tags is not None and cfg.data.image_labels is not None:
         raise ConfigError("config keys 'data.tags' and 'data.image_labels' both give image labels: keep one")
+    if cfg.data.volume_pattern is not None:
+        try:
+            re.compile(cfg.data.volume_pattern)
+        except re.error as error:
+            raise ConfigError(f"config key 'data.volume_pattern' is not a regular expression ({error})") from None
+    if cfg.data.spacing is not None and (len(cfg.data.spacing) != 3 or min(cfg.data.spacing) <= 0):
+        raise ConfigError("config key 'data.spacing' must be 3 positive numbers: [between slices, rows, columns]")
+    if cfg.data.spacing is not None and cfg.data.spacing_file is not None:
+        raise ConfigError("config keys 'data.spacing' and 'data.spacing_file' both give the spacing: keep one")
+    if (cfg.data.spacing is not None or cfg.data.spacing_file is not None) and cfg.data.volume_pattern is None:
+        raise ConfigError("config key 'data.spacing' or 'data.spacing_file' needs 'data.volume_pattern'")
     if cfg.demo is not None and cfg.demo.min_size > cfg.demo.max_size:
         raise ConfigError("demo.min_size must not exceed demo.max_size")
     for section, train in (("cam", cfg.cam.train), ("seg", cfg.seg.train), ("refine.affinity", cfg.refine.affinity.train)):
@@ -362,13 +384,13 @@ def _check(metadata, value, key):
         raise ConfigError(f"config key '{key}' must be <= {metadata['high']}, got {value!r}")
 
 
-def section_for_cache(cfg: Config, *keys: str) -> dict:
-    """The listed top-level sections/keys of ``cfg`` without execution-only keys; a switched-off
-    feature (a section with ``enabled: false``) counts by its switch alone, so tuning its
-    parameters while it is off does not invalidate the cache."""
+def section_for_cache(cfg: Config, *keys: str, omit: tuple[str, ...] = ()) -> dict:
+    """The listed top-level sections/keys of ``cfg`` without execution-only keys and the dotted
+    keys in ``omit``; a switched-off feature (a section with ``enabled: false``) counts by its
+    switch alone, so tuning its parameters while it is off does not invalidate the cache."""
     full = dataclasses.asdict(cfg)
     picked = {k: full[k] for k in keys}
-    for dotted in EXECUTION_ONLY_KEYS:
+    for dotted in EXECUTION_ONLY_KEYS | set(omit):
         head, _, tail = dotted.partition(".")
         if head in picked:
             if tail and isinstance(picked[head], dict):

@@ -16,11 +16,14 @@ there is no val split.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -420,6 +423,8 @@ def prepare_data(cfg, checks: Optional[FileChecks] = None) -> VOCDataset:
     started = time.perf_counter()
     dataset.validate(data.train_split, [data.val_split] + ([data.score_split] if data.score_split else []), checks)
     checks.seconds += time.perf_counter() - started
+    if data.volume_pattern is not None:
+        Volumes(data, dataset.root).check(dataset.split_ids(data.val_split), dataset)
     trainings = {"cam": cfg.cam.train, "seg": cfg.seg.train}
     if cfg.refine.method == "affinity":
         trainings["refine.affinity"] = cfg.refine.affinity.train
@@ -428,6 +433,74 @@ def prepare_data(cfg, checks: Optional[FileChecks] = None) -> VOCDataset:
             raise ConfigError(f"config key '{section}.train.batch_size' is {train.batch_size} "
                               f"but the train split has only {len(train_ids)} images")
     return dataset
+
+
+class Volumes:
+    """Which 3-D volume each 2-D slice id belongs to (``data.volume_pattern``), the slices'
+    order in it (the natural order of the ids: slice_2 before slice_10), and each volume's
+    spacing (``data.spacing`` or ``data.spacing_file``; empty: pixels)."""
+
+    def __init__(self, data, root: Path):
+        self.pattern = re.compile(data.volume_pattern)
+        self.spacing_file = root / data.spacing_file if data.spacing_file else None
+        self.fixed_spacing = tuple(data.spacing) if data.spacing else None
+        self.file_spacing = _read_spacing(self.spacing_file) if self.spacing_file else {}
+
+    def __call__(self, image_id: str) -> tuple[str, tuple]:
+        match = self.pattern.search(image_id)
+        if match is None:
+            raise DataError(f"id {image_id!r} does not match data.volume_pattern {self.pattern.pattern!r}")
+        return (match.group(1) if self.pattern.groups else match.group(0)), natural_order(image_id)
+
+    def spacing(self, ids: list[str]) -> dict:
+        """Volume -> (slice, row, column) spacing for the volumes of ``ids``."""
+        volumes = {self(image_id)[0] for image_id in ids}
+        if self.fixed_spacing:
+            return {volume: self.fixed_spacing for volume in volumes}
+        missing = sorted(volumes - set(self.file_spacing))
+        if self.spacing_file and missing:
+            raise DataError(f"{self.spacing_file} has no spacing for volume {missing[0]!r}")
+        return {volume: self.file_spacing[volume] for volume in volumes if volume in self.file_spacing}
+
+    def check(self, ids: list[str], dataset: VOCDataset) -> None:
+        """Every id matches the pattern, the slices of a volume share one size, and each volume has
+        a spacing when a spacing file is given."""
+        sizes = {}
+        for image_id in ids:
+            volume = self(image_id)[0]
+            size = dataset.image_size(image_id)
+            first = sizes.setdefault(volume, (image_id, size))
+            if first[1] != size:
+                raise DataError(f"slices {first[0]!r} ({first[1][0]}x{first[1][1]}) and {image_id!r} "
+                                f"({size[0]}x{size[1]}) of volume {volume!r} differ in size")
+        self.spacing(ids)
+
+
+def natural_order(text: str) -> tuple:
+    """A sort key in which digit runs compare as numbers."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
+
+
+def _read_spacing(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"spacing file {path} does not exist (config key data.spacing_file)")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = [h.strip().lower() for h in next(reader, [])]
+        if header != ["volume", "slice", "row", "column"]:
+            raise DataError(f"{path} line 1: the header must be 'volume,slice,row,column'")
+        spacing = {}
+        for row in reader:
+            if not row:
+                continue
+            try:
+                values = tuple(float(v) for v in row[1:])
+            except ValueError:
+                values = ()
+            if len(row) != 4 or len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+                raise DataError(f"{path} line {reader.line_num}: expected a volume name and 3 positive spacings")
+            spacing[row[0].strip()] = values
+    return spacing
 
 
 def _fall_back_if_missing(data) -> None:

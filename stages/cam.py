@@ -19,7 +19,7 @@ from tqdm import tqdm
 from pipeline.backbones import weights_fingerprint
 from pipeline.cache import StageOutput
 from pipeline.cam import cam_to_label, multiscale_cams
-from pipeline.config import Config, SRConfig, section_for_cache
+from pipeline.config import VOLUME_SCORING_KEYS, Config, SRConfig, section_for_cache
 from pipeline.data import TrainingSet, normalize, open_dataset, score_ids, score_split
 from pipeline.errors import CacheError
 from pipeline.io import load_arrays, save_arrays
@@ -41,7 +41,7 @@ def upstream(cfg: Config) -> list[str]:
 
 def own_inputs(cfg: Config) -> dict:
     dataset = open_dataset(cfg.data)
-    return {"config": section_for_cache(cfg, "seed", "data", "cam"),
+    return {"config": section_for_cache(cfg, "seed", "data", "cam", omit=VOLUME_SCORING_KEYS),
             "data_fingerprint": dataset.fingerprint(cfg.data.train_split, [score_split(cfg.data)]),
             "weights_fingerprint": weights_fingerprint(cfg.cam.backbone, "cam.backbone.weights")}
 

@@ -39,7 +39,8 @@ from pipeline.affinity import affinity_loss, random_walk, transition_weights
 from pipeline.backbones import weights_fingerprint
 from pipeline.cache import METRICS, StageOutput, read_json, stage_status, upstream_keys
 from pipeline.cam import cam_argmax
-from pipeline.config import Config, DataConfig, RandomWalkConfig, RefineConfig, section_for_cache
+from pipeline.config import (VOLUME_SCORING_KEYS, Config, DataConfig, RandomWalkConfig, RefineConfig,
+                             section_for_cache)
 from pipeline.crf import crf_refine_labels
 from pipeline.data import IGNORE, MaskFolder, TrainingSet, normalize, open_dataset, score_ids, score_split
 from pipeline.io import save_mask
@@ -60,12 +61,12 @@ def upstream(cfg: Config) -> list[str]:
 def own_inputs(cfg: Config) -> dict:
     dataset = open_dataset(cfg.data)
     if cfg.refine.method == "crf":
-        config = section_for_cache(cfg, "data", "refine")
+        config = section_for_cache(cfg, "data", "refine", omit=VOLUME_SCORING_KEYS)
         # The affinity settings do not touch CRF masks.
         config["refine"] = {k: v for k, v in config["refine"].items() if k not in ("affinity", "random_walk")}
         extra = {}
     else:
-        config = section_for_cache(cfg, "seed", "data", "refine")
+        config = section_for_cache(cfg, "seed", "data", "refine", omit=VOLUME_SCORING_KEYS)
         extra = {"weights_fingerprint": weights_fingerprint(cfg.refine.affinity.backbone,
                                                             "refine.affinity.backbone.weights")}
     return {"config": config,

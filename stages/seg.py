@@ -22,9 +22,9 @@ from tqdm import tqdm
 from pipeline.backbones import weights_fingerprint
 from pipeline.cache import StageOutput, upstream_keys
 from pipeline.config import Config, SRConfig, section_for_cache
-from pipeline.data import MaskFolder, TrainingSet, VOCDataset, normalize, open_dataset
+from pipeline.data import MaskFolder, TrainingSet, VOCDataset, Volumes, normalize, open_dataset
 from pipeline.errors import DataError
-from pipeline.io import atomic_write_bytes, save_mask
+from pipeline.io import atomic_write_bytes, file_digest, save_mask
 from pipeline.losses import pixel_cross_entropy
 from pipeline.metrics import SegmentationScores, not_scored
 from pipeline.mixed import (MixedBatchSampler, MixedTrainingSet, full_subset, mixed_fingerprint,
@@ -49,8 +49,10 @@ def upstream(cfg: Config) -> list[str]:
 def own_inputs(cfg: Config) -> dict:
     dataset = open_dataset(cfg.data)
     mixed = cfg.mode == "mixed"
+    spacing_file = Path(cfg.data.root) / cfg.data.spacing_file if cfg.data.spacing_file else None
     return {"config": section_for_cache(cfg, "seed", "mode", "data", "seg", *(["mixed"] if mixed else [])),
-            "data_fingerprint": dataset.fingerprint(cfg.data.train_split, [cfg.data.val_split]),
+            "data_fingerprint": dataset.fingerprint(cfg.data.train_split, [cfg.data.val_split]) + (
+                f":{file_digest(spacing_file)}" if spacing_file else ""),
             "weights_fingerprint": weights_fingerprint(cfg.seg.backbone, "seg.backbone.weights")} | (
         {"mixed_fingerprint": mixed_fingerprint(cfg, dataset)} if mixed else {})
 
@@ -112,12 +114,13 @@ def branches(model: DeepLab) -> dict:
 
 
 def predict_and_score(model: DeepLab, dataset: VOCDataset, ids: list[str], flip: bool, device: torch.device,
-                      out_dir: Path | None) -> dict[str, SegmentationScores]:
+                      out_dir: Path | None, volumes: Volumes | None = None) -> dict[str, SegmentationScores]:
     """Predictions of this process's share of ``ids`` per branch, scored against the masks of
-    the ids that have one. With ``out_dir`` each branch's masks are also written to the folder
-    of that name."""
+    the ids that have one (and per 3-D volume with ``volumes``). With ``out_dir`` each branch's
+    masks are also written to the folder of that name."""
     forwards = branches(model)
-    scores = {folder: SegmentationScores(dataset.classes) for folder in forwards}
+    spacing = volumes.spacing(dataset.with_masks(ids)) if volumes is not None else None
+    scores = {folder: SegmentationScores(dataset.classes, volumes, spacing) for folder in forwards}
     if out_dir is not None:
         for folder in forwards:
             (out_dir / folder).mkdir()
@@ -130,7 +133,7 @@ def predict_and_score(model: DeepLab, dataset: VOCDataset, ids: list[str], flip:
             if out_dir is not None:
                 save_mask(out_dir / folder / f"{image_id}.png", mask)
             if gt is not None:
-                scores[folder].add(gt, mask)
+                scores[folder].add(gt, mask, image_id)
     return scores
 
 
@@ -155,7 +158,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
 
         atomic_write_bytes(out.dir / CLASSES, "".join(f"{name}\n" for name in dataset.classes).encode())
         val_ids = dataset.split_ids(cfg.data.val_split)
-        scores = predict_and_score(model, dataset, val_ids, cfg.seg.flip_predict, device, out.dir if val_ids else None)
+        volumes = Volumes(cfg.data, dataset.root) if cfg.data.volume_pattern else None
+        scores = predict_and_score(model, dataset, val_ids, cfg.seg.flip_predict, device, out.dir if val_ids else None,
+                                   volumes)
         reason = "no masks" if val_ids else "no val split"
         out.metrics = scored(scores["predictions"], reason) | {
             "mode": cfg.mode,

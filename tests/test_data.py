@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import ROOT, two_object_mask, write_voc_folder
 from pipeline.config import load_config
-from pipeline.data import IGNORE, TrainingSet, VOCDataset, multi_hot, prepare_data, score_ids
+from pipeline.data import IGNORE, TrainingSet, VOCDataset, Volumes, multi_hot, prepare_data, score_ids
 from pipeline.errors import DataError
 from pipeline.io import save_mask
 
@@ -215,3 +215,52 @@ def test_grayscale_images_become_three_equal_channels_and_masks_stay_class_indic
     train_set = TrainingSet(dataset, ["g"], crop_size=24, scale_range=[0.6, 1.7], pixel_labels={"mask": dataset.load_mask})
     for _ in range(10):  # every rescale keeps labels from the original set: nearest-neighbour
         assert set(torch.unique(train_set[0]["mask"]).tolist()) <= {0, 1, 2, IGNORE}
+
+
+def _slices_folder(tmp_path, sizes):
+    """Slices named like ACDC's (patient001_frame01_slice_N), all in train and val."""
+    masks = {f"patient001_frame01_slice_{k}": np.zeros(size, np.uint8) for k, size in enumerate(sizes)}
+    return write_voc_folder(tmp_path / "slices", masks)
+
+
+def _slice_config(root, *overrides):
+    return load_config(ROOT / "configs" / "acdc.yaml", [f"data.root={root}", "cam.train.batch_size=2",
+                                                        "seg.train.batch_size=2", "refine.workers=1"] + list(overrides))
+
+
+def test_volumes_group_slices_in_natural_order_and_take_their_spacing(tmp_path):
+    root = _slices_folder(tmp_path, [(8, 8)] * 3)
+    cfg = _slice_config(root)
+    dataset = prepare_data(cfg)
+    volumes = Volumes(cfg.data, root)
+    assert volumes("patient001_frame01_slice_2") == ("patient001_frame01", ("patient", 1, "_frame", 1, "_slice_", 2, ""))
+    assert volumes("patient001_frame01_slice_10")[1] > volumes("patient001_frame01_slice_9")[1]
+    assert volumes.spacing(dataset.split_ids("val")) == {}
+    (root / "spacing.csv").write_text("volume,slice,row,column\npatient001_frame01,10,1.5,1.5\n")
+    cfg = _slice_config(root, "data.spacing_file=spacing.csv")
+    prepare_data(cfg)
+    assert Volumes(cfg.data, root).spacing(["patient001_frame01_slice_0"]) == {"patient001_frame01": (10.0, 1.5, 1.5)}
+
+
+@pytest.mark.parametrize("sizes, overrides, message", [
+    ([(8, 8), (8, 9)], [], r"slices 'patient001_frame01_slice_0' \(8x8\) and 'patient001_frame01_slice_1' \(9x8\) "
+                           r"of volume 'patient001_frame01' differ in size"),
+    ([(8, 8)], ["data.volume_pattern=^case\\d+"], r"id 'patient001_frame01_slice_0' does not match data.volume_pattern"),
+    ([(8, 8)], ["data.spacing_file=none.csv"], r"spacing file .*none.csv does not exist"),
+])
+def test_volume_problems_stop_before_any_work(tmp_path, sizes, overrides, message):
+    root = _slices_folder(tmp_path, sizes)
+    with pytest.raises(DataError, match=message):
+        prepare_data(_slice_config(root, *overrides))
+
+
+def test_volume_scoring_keys_leave_cam_and_refine_cached(tmp_path):
+    from stages import expected_inputs
+    from pipeline.cache import cache_key
+
+    root = _slices_folder(tmp_path, [(8, 8)] * 2)
+    before, after = (_slice_config(root, *extra) for extra in ([], ["data.volume_pattern=null"]))
+    for cfg in (before, after):
+        prepare_data(cfg)
+    for stage, same in (("cam", True), ("refine", True), ("seg", False)):
+        assert (cache_key(expected_inputs(before, stage)) == cache_key(expected_inputs(after, stage))) == same
