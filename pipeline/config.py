@@ -202,10 +202,20 @@ class MixedConfig:
     erode_keep: float = _opt(0.05, above=0.0, high=1.0)
     # true: the background gets an eroded core too (95% of the labels on acdc-dev; the student collapses).
     erode_background: bool = False
-    weak_per_full: int = _opt(5, low=0)  # weak images per full image in a batch; 0: the full subset alone
-    w_partial: float = _opt(0.1, low=0.0)  # lambda_w, the student's partial cross-entropy
-    w_kl: float = _opt(50.0, low=0.0)  # lambda_kl, KL(student || teacher) on the full images
-    w_entropy: float = _opt(1.0, low=0.0)  # lambda_ent, the student's entropy on the weak images; 0: "KL only"
+    # The authors' main.py (josedolz/MSL-student-becomes-master @68b98c2) is the reference for
+    # every default here: argparse defaults xtimes_weak 1, weight_KL 20, weight_Weakly 0.1,
+    # weight_Entropy 1, temperature 2; the loss lines of runTraining for the rest.
+    weak_per_full: int = _opt(1, low=0)  # weak images per full image in a batch (xtimes_weak 1); 0: the full subset alone
+    w_partial: float = _opt(0.1, low=0.0)  # lambda_w, the student's partial cross-entropy (weight_Weakly)
+    w_kl: float = _opt(20.0, low=0.0)  # lambda_kl, KL(student || teacher) on the full images (weight_KL)
+    w_entropy: float = _opt(1.0, low=0.0)  # lambda_ent, the student's entropy (weight_Entropy); 0: "KL only"
+    # all: the entropy of every student output in the batch, as their eloss, whose concatenation
+    # holds each full image three times and each weak image once; weak: the weak images only.
+    entropy_on: str = _opt("all", choices=("all", "weak"))
+    # sum: the full images' and the weak images' partial cross-entropies, each averaged over its
+    # own labelled pixels, then added (their my_partialCE_loss_F + my_partialCE_loss_W);
+    # pooled: one average over every labelled pixel of the batch.
+    partial_ce: str = _opt("sum", choices=("sum", "pooled"))
     temperature: float = _opt(2.0, above=0.0)  # the KL term's second softening, softmax(softmax(z) / T)
     # The authors' code lets the KL term's gradient reach the teacher; true stops it there.
     detach_teacher: bool = False
@@ -359,6 +369,11 @@ def _coerce(hint, value, key, default=None):
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         if not math.isfinite(value):

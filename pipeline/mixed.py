@@ -8,9 +8,10 @@ seg head) with no shared weights (:class:`pipeline.models.DeepLab` with ``teache
 * the teacher sees only the fully annotated images: cross-entropy against their full masks;
 * the student sees every image through its weak labels: partial cross-entropy over the
   labelled pixels (a full image's weak labels are its weak version, so both branches see the
-  same images);
+  same images), the full and the weak images' terms each averaged on its own and added, as
+  the authors' code does (``partial_ce: sum``), or pooled over the batch (``partial_ce: pooled``);
 * a KL term on the full images ties the two branches. Direction, form and scale follow the
-  authors' code, because their weights (w_kl 50) are calibrated to it: ``KL(student || teacher)``
+  authors' code, because their weights (weight_KL 20 in their main.py) are calibrated to it: ``KL(student || teacher)``
   of the softmax *outputs*, softened a second time (``softmax(softmax(z) / T)``), averaged over
   classes and pixels, times 0.5 T^2. The teacher is not detached, so the term moves both
   branches (``mixed.detach_teacher: true`` stops it at the teacher). Softening the outputs
@@ -18,10 +19,11 @@ seg head) with no shared weights (:class:`pipeline.models.DeepLab` with ``teache
   softened the logits, the textbook form, whose KL is unbounded: at w_kl 50 it was 18 times the
   teacher's loss by the fourth step on acdc-dev, and both branches collapsed to background
   (docs/results.md, "ACDC");
-* the Shannon entropy of the student's softmax on the weakly annotated images makes the
-  student confident; the KL term keeps it from the trivial confident answer. Averaged over
-  classes and pixels, as in the authors' code (their ``HLoss``), so ``w_entropy: 1`` weighs it
-  as they do.
+* the Shannon entropy of the student's softmax makes the student confident; the KL term
+  keeps it from the trivial confident answer. Averaged over classes and pixels, as in the
+  authors' code (their ``HLoss``), so ``w_entropy: 1`` weighs it as they do; over all the
+  student's outputs, the full images' included, as their code does (``entropy_on: all``), or
+  over the weak images only (``entropy_on: weak``).
 
 ``L = L_teacher + w_partial L_partial + w_kl L_KL + w_entropy L_entropy``. With
 ``seg.sr.enabled`` the Self-Regulation loss of the student's exits, with the weak labels as
@@ -211,15 +213,20 @@ def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
 def mixed_supervision_loss(model, batch: dict, epoch: int, cfg: MixedConfig, sr: SRConfig) -> dict:
     branches = model.forward_branches(batch["image"], with_exits=sr.enabled)
     teacher, student, full = branches["teacher"], branches["student"], batch["is_full"]
+    weak = batch["weak_mask"]
     if sr.enabled:
-        partial = self_regulation_loss(branches["exits"], batch["labels"], sr, epoch, mask=batch["weak_mask"])["loss"]
+        partial = self_regulation_loss(branches["exits"], batch["labels"], sr, epoch, mask=weak)["loss"]
+    elif cfg.partial_ce == "sum":
+        partial = pixel_cross_entropy(student[full], weak[full]) + pixel_cross_entropy(student[~full], weak[~full])
     else:
-        partial = pixel_cross_entropy(student, batch["weak_mask"])
+        partial = pixel_cross_entropy(student, weak)
+    # The authors' eloss sees each full image three times (their input is full, full, weak).
+    entropy_outputs = torch.cat([student[full]] * 3 + [student[~full]]) if cfg.entropy_on == "all" else student[~full]
     terms = {
         "teacher": pixel_cross_entropy(teacher, batch["mask"]),
         "partial": partial,
         "kl": teacher_student_kl(teacher[full], student[full], cfg.temperature, cfg.detach_teacher),
-        "entropy": mean_entropy(student[~full]),
+        "entropy": mean_entropy(entropy_outputs),
     }
     total = terms["teacher"] + cfg.w_partial * partial + cfg.w_kl * terms["kl"] + cfg.w_entropy * terms["entropy"]
     return {"loss": total} | terms

@@ -98,3 +98,17 @@ def test_parameters_of_a_disabled_feature_stay_out_of_cache_sections():
     assert off == section_for_cache(config_from_dict({}), "cam")
     on = section_for_cache(config_from_dict({"cam": {"sr": {"enabled": True, "w_sf": 0.5}}}), "cam")
     assert on["cam"]["sr"]["w_sf"] == 0.5
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_nan_and_infinity_are_rejected_in_every_numeric_key(value):
+    with pytest.raises(ConfigError, match=f"config key 'cam.train.lr' must be a finite number"):
+        load_config(DEMO_CONFIG, [f"cam.train.lr={value}"])
+    with pytest.raises(ConfigError, match="config key 'cam.scales' must be a finite number"):
+        load_config(DEMO_CONFIG, [f"cam.scales=[1.0, {value}]"])
+
+
+def test_exponent_notation_without_a_dot_is_a_number():
+    assert load_config(DEMO_CONFIG, ["cam.train.lr=1e-3"]).cam.train.lr == 0.001
+    with pytest.raises(ConfigError, match="config key 'cam.train.lr' must be a number, got 'fast'"):
+        load_config(DEMO_CONFIG, ["cam.train.lr=fast"])

@@ -142,7 +142,7 @@ def test_mixed_loss_trains_the_teacher_on_full_images_only(voc_folder):
     assert (batch["mask"][1:] == IGNORE).all() and (batch["mask"][0] != IGNORE).any()
     cfg = MixedConfig()
     terms = mixed_supervision_loss(model, batch, 0, cfg, SRConfig())
-    expected = terms["teacher"] + 0.1 * terms["partial"] + 50 * terms["kl"] + terms["entropy"]
+    expected = terms["teacher"] + 0.1 * terms["partial"] + 20 * terms["kl"] + terms["entropy"]
     assert torch.isclose(terms["loss"], expected)
     changed = dict(batch, weak_mask=torch.zeros_like(batch["weak_mask"]))
     again = mixed_supervision_loss(model, changed, 0, cfg, SRConfig())
@@ -150,6 +150,30 @@ def test_mixed_loss_trains_the_teacher_on_full_images_only(voc_folder):
     sr_terms = mixed_supervision_loss(DeepLab(BackboneConfig(name="resnet18"), 3, [1, 2, 3], SRConfig(enabled=True),
                                               teacher_head=True).eval(), batch, 0, cfg, SRConfig(enabled=True))
     assert torch.isfinite(sr_terms["loss"])
+
+
+def test_partial_ce_and_entropy_follow_the_authors_code_or_the_pooled_weak_only_choice(voc_folder):
+    """Defaults: the full and the weak images' partial cross-entropies each averaged on its own,
+    then added; the entropy over every student output with each full image counted three times."""
+    from pipeline.losses import pixel_cross_entropy
+
+    torch.manual_seed(0)
+    dataset = VOCDataset(voc_folder)
+    model = DeepLab(BackboneConfig(name="resnet18"), 3, [1, 2, 3], teacher_head=True).eval()
+    training_set = MixedTrainingSet(dataset, ["a", "b", "empty"], ["a"], dataset.load_train_mask, 32, [1.0, 1.0])
+    batch = torch.utils.data.default_collate([training_set[i] for i in range(3)])
+    with torch.no_grad():
+        student = model.forward_branches(batch["image"], with_exits=False)["student"]
+        weak, full = batch["weak_mask"], batch["is_full"]
+        authors = mixed_supervision_loss(model, batch, 0, MixedConfig(), SRConfig())
+        ours = mixed_supervision_loss(model, batch, 0, MixedConfig(partial_ce="pooled", entropy_on="weak"), SRConfig())
+    summed = pixel_cross_entropy(student[full], weak[full]) + pixel_cross_entropy(student[~full], weak[~full])
+    assert torch.isclose(authors["partial"], summed)
+    assert torch.isclose(ours["partial"], pixel_cross_entropy(student, weak))
+    assert not torch.isclose(authors["partial"], ours["partial"])
+    per_image = [mean_entropy(student[i:i + 1]) for i in range(3)]  # one full image (a), two weak
+    assert torch.isclose(authors["entropy"], (3 * per_image[0] + per_image[1] + per_image[2]) / 5)
+    assert torch.isclose(ours["entropy"], (per_image[1] + per_image[2]) / 2)
 
 
 def test_every_mask_gets_the_image_augmentation(voc_folder):

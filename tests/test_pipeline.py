@@ -1,5 +1,6 @@
 """End to end on a tiny demo: real networks, real CRF, real files, one epoch each."""
 import json
+import re
 import shutil
 
 import pytest
@@ -255,3 +256,11 @@ def test_train_split_scoring_reloads_the_seg_model_and_rejects_a_mismatched_conf
     mismatched = subprocess.run(command + ["--mode", "mixed"], capture_output=True, text=True)
     assert mismatched.returncode == 2
     assert mismatched.stderr.strip().count("\n") == 0 and "does not match the config's network" in mismatched.stderr
+
+
+def test_a_loss_that_stops_being_finite_stops_the_stage_and_caches_nothing(tmp_path, capsys):
+    assert run(tmp_path, "--stages", "cam", "--set", "cam.train.lr=1e30") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and re.search(r"error: cam: the loss is (nan|inf) at epoch 1, step \d", error), error
+    assert "nothing was cached" in error
+    assert not (tmp_path / "run" / "cam").exists() and not list((tmp_path / "run").glob(".cam*"))
