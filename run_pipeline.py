@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pipeline import predict, report
 from pipeline.config import MODES, load_config
+from pipeline.cache import RunLock
 from pipeline.data import FileChecks, prepare_data
 from pipeline.errors import PipelineError
 from pipeline.runtime import configure_threads
@@ -62,14 +63,15 @@ def main(argv=None) -> int:
                 forced = " (--force)" if args.force and stage.state == "cached" else ""
                 print(f"{stage.name:<7} {stage.state:<8} -> {action}{forced}: {stage.reason}")
             return 0
-        checks.save()  # every check passed: the run folder may be written from here on
-        print(checks.summary())
-        configure_threads(cfg.num_threads)
-        results = execute(cfg, run_dir, planned)
+        with RunLock(run_dir):  # every check passed: the run folder may be written from here on
+            checks.save()
+            print(checks.summary())
+            configure_threads(cfg.num_threads)
+            results = execute(cfg, run_dir, planned)
+            page = report.write_report(run_dir)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    page = report.write_report(run_dir)
     print(f"\nrun folder: {run_dir}   mode: {cfg.mode}   report: {page}")
     print(f"{'stage':<8}{'mIoU':>8}{'time (s)':>11}  status")
     for result in results:

@@ -6,10 +6,13 @@ A stage killed half-way therefore leaves only a ``.partial`` folder, which no la
 accepts (and the next run of that stage deletes). The manifest's key is a hash of the
 stage's inputs: the config values the stage depends on, a fingerprint of the data it
 reads, and the keys of its upstream stages, so a change anywhere upstream makes every
-downstream output stale.
+downstream output stale. The manifest also lists every file with its size (model files
+with a content digest), so a file truncated or deleted later makes the stage "damaged".
+One process at a time works in a run folder (:class:`RunLock`).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -20,9 +23,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.errors import CacheError
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_write_json, file_digest
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 # Every cached folder a run folder holds, in pipeline order (affinitynet: refine's AffinityNet).
 STAGE_FOLDERS = ("cam", "affinitynet", "refine", "seg")
 METRICS = "metrics.json"
@@ -41,7 +45,7 @@ def read_json(path: Path):
 
 @dataclass
 class StageStatus:
-    state: str  # "cached", "stale" or "missing"
+    state: str  # "cached", "stale", "damaged" or "missing"
     reason: str
 
 
@@ -52,7 +56,37 @@ def stage_status(run_dir: Path, stage: str, inputs: dict) -> StageStatus:
         return StageStatus("missing", f"no finished output in {folder}")
     if manifest["key"] != cache_key(inputs):
         return StageStatus("stale", "made under different inputs: " + describe_changes(manifest.get("inputs", {}), inputs))
+    damage = check_files(folder, manifest.get("files", {}))
+    if damage:
+        return StageStatus("damaged", damage)
     return StageStatus("cached", f"output in {folder} matches the config")
+
+
+def list_files(folder: Path) -> dict:
+    """Every file of a finished stage folder: relative path -> size, and for model files
+    (``*.pt``, which a later stage or ``predict`` loads whole) also a content digest."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            entry = {"bytes": path.stat().st_size}
+            if path.suffix == ".pt":
+                entry["digest"] = file_digest(path)
+            files[path.relative_to(folder).as_posix()] = entry
+    return files
+
+
+def check_files(folder: Path, files: dict) -> str | None:
+    """What is wrong with a stage folder's files against its manifest's list, or None."""
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            return f"{path} has {size} bytes, its manifest {entry['bytes']}"
+        if "digest" in entry and file_digest(path) != entry["digest"]:
+            return f"{path} is not the file its manifest lists (its content changed)"
+    return None
 
 
 def describe_changes(old: dict, new: dict, limit: int = 4) -> str:
@@ -111,6 +145,7 @@ class StageOutput:
             "stage": self.stage,
             "key": cache_key(self.inputs),
             "inputs": self.inputs,
+            "files": list_files(self.dir),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         })
         # Swap in the new folder; between the two renames there is no <stage>/ at all,
@@ -120,6 +155,37 @@ class StageOutput:
             os.replace(self.final, retired)
         os.replace(self.dir, self.final)
         shutil.rmtree(retired, ignore_errors=True)
+        return False
+
+
+class RunLock:
+    """Exclusive use of a run folder: ``<run-dir>/.lock``, held with ``flock`` for the life of the
+    process and holding its pid. The kernel drops the lock when the process dies, however it
+    dies, so a leftover file of a killed run is simply taken over."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK
+        self.file = None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise CacheError(f"run folder {self.path.parent} is in use by process {holder}") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.path.unlink(missing_ok=True)  # while still held: no other process can be inside
+        self.file.close()
         return False
 
 

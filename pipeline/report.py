@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.cache import MANIFEST, METRICS, STAGE_FOLDERS, read_json  # noqa: E402
+from pipeline.cache import MANIFEST, METRICS, STAGE_FOLDERS, RunLock, read_json  # noqa: E402
 from pipeline.config import config_from_dict  # noqa: E402
 from pipeline.data import IGNORE, VOCDataset, open_dataset  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
@@ -255,5 +255,10 @@ def main(argv: list[str]) -> int:
     if not _stage_data(run_dir):
         print(f"error: {run_dir} holds no finished stage to report", file=sys.stderr)
         return 2
-    print(f"report: {write_report(run_dir)}")
+    try:
+        with RunLock(run_dir):
+            print(f"report: {write_report(run_dir)}")
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0

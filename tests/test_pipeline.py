@@ -264,3 +264,46 @@ def test_a_loss_that_stops_being_finite_stops_the_stage_and_caches_nothing(tmp_p
     assert error.count("\n") == 0 and re.search(r"error: cam: the loss is (nan|inf) at epoch 1, step \d", error), error
     assert "nothing was cached" in error
     assert not (tmp_path / "run" / "cam").exists() and not list((tmp_path / "run").glob(".cam*"))
+
+
+def test_a_second_run_on_a_folder_in_use_stops_and_a_dead_runs_lock_is_taken_over(weak_run, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    run_dir = tmp_path / "busy"
+    shutil.copytree(weak_run / "run", run_dir)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from pipeline.cache import RunLock\n"
+        "with RunLock(sys.argv[2]):\n    print('locked', flush=True); time.sleep(60)"), str(ROOT), str(run_dir)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert run(weak_run, "--stages", "refine", "--run-dir", str(run_dir)) == 2
+        error = capsys.readouterr().err.strip()
+        assert error == f"error: run folder {run_dir} is in use by process {holder.pid}"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (run_dir / ".lock").read_text() == str(holder.pid)  # a killed run leaves its lock file
+    assert run(weak_run, "--stages", "refine", "--run-dir", str(run_dir)) == 0
+    assert "cached" in capsys.readouterr().out and not (run_dir / ".lock").exists()
+
+
+def test_a_truncated_or_deleted_output_makes_its_stage_damaged(weak_run, tmp_path, capsys):
+    run_dir = tmp_path / "damaged"
+    shutil.copytree(weak_run / "run", run_dir)
+    model = run_dir / "cam" / "model.pt"
+    model.write_bytes(model.read_bytes()[:1000])
+    assert run(weak_run, "--dry-run", "--run-dir", str(run_dir)) == 0
+    assert f"cam     damaged  -> run: {model} has 1000 bytes" in capsys.readouterr().out
+    assert run(weak_run, "--stages", "refine", "--force", "--run-dir", str(run_dir)) == 2
+    error = capsys.readouterr().err
+    assert "needs the output of stage cam, which is damaged" in error and "--stages cam,refine" in error
+    shutil.rmtree(run_dir / "cam")
+    shutil.copytree(weak_run / "run" / "cam", run_dir / "cam")
+    victim = sorted((run_dir / "refine" / "pseudo").glob("*.png"))[0]
+    victim.unlink()
+    assert run(weak_run, "--dry-run", "--run-dir", str(run_dir)) == 0
+    assert f"refine  damaged  -> run: {victim} is missing" in capsys.readouterr().out
