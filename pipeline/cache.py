@@ -1,9 +1,10 @@
 """The on-disk stage cache: manifests, cache keys and atomic stage folders.
 
-A stage writes into ``<run-dir>/.<stage>.partial-<pid>/`` and, when everything is
-there, writes ``manifest.json`` last and renames the folder to ``<run-dir>/<stage>/``.
-A stage killed half-way therefore leaves only a ``.partial`` folder, which no later run
-accepts (and the next run of that stage deletes). The manifest's key is a hash of the
+A stage writes into ``<run-dir>/.<stage>.partial/`` and, when everything is there,
+writes ``manifest.json`` last and renames the folder to ``<run-dir>/<stage>/``. A stage
+killed half-way therefore leaves only its ``.partial`` folder, which is never read as a
+result; the next run of that stage under the same key resumes from it, under another
+key deletes it. The manifest's key is a hash of the
 stage's inputs: the config values the stage depends on, a fingerprint of the data it
 reads, and the keys of its upstream stages, so a change anywhere upstream makes every
 downstream output stale. The manifest also lists every file with its size (model files
@@ -27,6 +28,8 @@ from pipeline.io import atomic_write_json, file_digest
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+RESUME_KEY = "resume-key.json"  # in a partial folder: the key it is made under
+CHECKPOINT = "checkpoint.pt"  # in a partial folder: the training state at the end of the last epoch
 # Every cached folder a run folder holds, in pipeline order (affinitynet: refine's AffinityNet).
 STAGE_FOLDERS = ("cam", "affinitynet", "refine", "seg")
 METRICS = "metrics.json"
@@ -114,32 +117,50 @@ def _flatten(tree, prefix: str = "") -> dict:
 
 
 class StageOutput:
-    """Context manager giving a stage a private folder that becomes final only on success."""
+    """Context manager giving a stage a private folder that becomes final only on success.
+
+    The folder, ``<run-dir>/.<stage>.partial/``, belongs to the stage and records the key it
+    is made under (``RESUME_KEY``): a run of the same stage under the same key after a kill
+    (or Ctrl-C) finds it and ``resumed`` is true, so the stage keeps what is there (training
+    checkpoints, per-image outputs, each written atomically); under another key it starts
+    over. A Python error deletes it: nothing of a failed stage is kept. Only one process works
+    in a run folder (:class:`RunLock`), so no other process's folder is ever touched."""
 
     def __init__(self, run_dir: Path, stage: str, inputs: dict):
         self.run_dir = Path(run_dir)
         self.stage = stage
         self.inputs = inputs
         self.final = self.run_dir / stage
-        self.dir = self.run_dir / f".{stage}.partial-{os.getpid()}"
+        self.dir = self.run_dir / f".{stage}.partial"
         self.metrics: dict = {}
+        self.resumed = False
 
     def __enter__(self) -> "StageOutput":
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # What killed runs of this stage left: unfinished folders, and old outputs retired
-        # but not yet deleted when the kill came between the swap's two renames.
-        for pattern in (f".{self.stage}.partial-*", f".{self.stage}.retired-*"):
-            for leftover in self.run_dir.glob(pattern):
-                shutil.rmtree(leftover, ignore_errors=True)
-        self.dir.mkdir()
+        # Old outputs retired but not yet deleted when a kill came between the swap's two renames.
+        for leftover in self.run_dir.glob(f".{self.stage}.retired-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        key = cache_key(self.inputs)
+        if self.dir.is_dir():
+            self.resumed = (read_json(self.dir / RESUME_KEY) or {}).get("key") == key
+            if not self.resumed:
+                shutil.rmtree(self.dir)
+        if not self.resumed:
+            self.dir.mkdir()
+            atomic_write_json(self.dir / RESUME_KEY, {"key": key})
         self.started = time.perf_counter()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            if not issubclass(exc_type, KeyboardInterrupt):  # an interrupted stage resumes; a failed one restarts
+                shutil.rmtree(self.dir, ignore_errors=True)
             return False
+        for name in (RESUME_KEY, CHECKPOINT):
+            (self.dir / name).unlink(missing_ok=True)
         self.metrics["wall_time_s"] = round(time.perf_counter() - self.started, 2)
+        if self.resumed:
+            self.metrics["resumed"] = True  # wall_time_s is then this run's share only
         atomic_write_json(self.dir / METRICS, self.metrics)
         atomic_write_json(self.dir / MANIFEST, {
             "stage": self.stage,

@@ -185,6 +185,14 @@ class MixedBatchSampler:
         for _ in range(self.steps):
             yield self._take(self.pools[0], self.n_full) + self._take(self.pools[1], self.n_weak)
 
+    def state_dict(self) -> dict:
+        """The queues left over from the last epoch (a resumed training goes on with them)."""
+        return {"queues": [list(queue) for _, queue in self.pools]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for (_, queue), saved in zip(self.pools, state["queues"]):
+            queue[:] = saved
+
 
 def teacher_student_kl(teacher: torch.Tensor, student: torch.Tensor, temperature: float,
                        detach_teacher: bool) -> torch.Tensor:

@@ -59,6 +59,27 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def rng_state() -> dict:
+    """The states of Python's, NumPy's and torch's global generators, as tensors and plain
+    values (a checkpoint of them loads with ``torch.load(..., weights_only=True)``)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {"python": (version, torch.tensor(internal, dtype=torch.int64), gauss),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal.tolist()), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 @contextlib.contextmanager
 def parallel_map(task: Callable, items: Iterable, workers: int) -> Iterator[Iterator]:
     """Results of ``task`` over ``items`` (in any order) from ``workers`` processes.

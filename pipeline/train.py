@@ -20,7 +20,7 @@ from tqdm import tqdm
 from pipeline.config import TrainConfig
 from pipeline.errors import TrainingError
 from pipeline.io import atomic_write_bytes
-from pipeline.runtime import is_main_process
+from pipeline.runtime import is_main_process, rng_state, set_rng_state
 
 LossFn = Callable[[nn.Module, dict, int], dict]
 # Training-only submodules (the Self-Regulation heads): not part of the saved inference network.
@@ -52,14 +52,20 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def train(model: nn.Module, loader, compute_loss: LossFn, cfg: TrainConfig, device: torch.device,
-          desc: str) -> list[float]:
-    """Trains in place; returns the mean loss of each epoch."""
+          desc: str, checkpoint: Path | None = None) -> list[float]:
+    """Trains in place; returns the mean loss of each epoch. With ``checkpoint`` the training
+    state is written there at the end of every epoch, and a training that finds one continues
+    after its epoch (see :func:`training_state`)."""
     optimizer = make_optimizer(model, cfg)
     total_steps = cfg.epochs * len(loader)
-    step = 0
     epoch_losses = []
+    if checkpoint is not None and checkpoint.is_file():
+        epoch_losses = restore_training(checkpoint, model, optimizer, loader)
+        if is_main_process():
+            tqdm.write(f"{desc}: resuming after epoch {len(epoch_losses)}/{cfg.epochs} from {checkpoint}")
+    step = len(epoch_losses) * len(loader)
     model.train()
-    for epoch in range(cfg.epochs):
+    for epoch in range(len(epoch_losses), cfg.epochs):
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         running = 0.0
@@ -82,8 +88,39 @@ def train(model: nn.Module, loader, compute_loss: LossFn, cfg: TrainConfig, devi
         epoch_losses.append(running / len(loader))
         if is_main_process():
             tqdm.write(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {epoch_losses[-1]:.4f}")
+        if checkpoint is not None:
+            atomic_write_bytes(checkpoint, _to_bytes(training_state(model, optimizer, loader, epoch_losses)))
     model.eval()
     return epoch_losses
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, loader, epoch_losses: list[float]) -> dict:
+    """Everything an interrupted training needs to go on exactly as if uninterrupted at the end
+    of an epoch: the model (its training-only heads included), the optimiser, the losses so far,
+    the global random generators, the loader's generator (shuffling, and each epoch's
+    augmentation seeds) and a batch sampler's own state (mixed mode's queues). Loader workers
+    kept alive across epochs hold random streams of their own, which are not saved."""
+    sampler = loader.batch_sampler
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch_losses": epoch_losses,
+            "rng": rng_state(), "loader_generator": loader.generator.get_state(),
+            "batch_sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None}
+
+
+def restore_training(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, loader) -> list[float]:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    loader.generator.set_state(state["loader_generator"])
+    if state["batch_sampler"] is not None:
+        loader.batch_sampler.load_state_dict(state["batch_sampler"])
+    return list(state["epoch_losses"])
+
+
+def _to_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def save_checkpoint(path: Path, model: nn.Module) -> None:
@@ -91,9 +128,7 @@ def save_checkpoint(path: Path, model: nn.Module) -> None:
     ``torch.load(..., weights_only=True)``); training-only heads are left out, so it loads
     strictly into the same network built without them."""
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(TRAINING_ONLY_PREFIX)}
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, _to_bytes(state))
 
 
 def load_checkpoint(path: Path, model: nn.Module) -> None:

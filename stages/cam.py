@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.backbones import weights_fingerprint
-from pipeline.cache import StageOutput
+from pipeline.cache import CHECKPOINT, StageOutput
 from pipeline.cam import cam_to_label, multiscale_cams
 from pipeline.config import VOLUME_SCORING_KEYS, Config, SRConfig, section_for_cache
 from pipeline.data import TrainingSet, normalize, open_dataset, score_ids, score_split
@@ -80,18 +80,21 @@ def run(cfg: Config, run_dir: Path) -> dict:
         model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1, cfg.cam.sr).to(device)
         train_set = TrainingSet(dataset, train_ids, cfg.cam.train.crop_size, cfg.cam.train.scale_range)
         loader = make_train_loader(train_set, cfg.cam.train, cfg.data.loader_workers, generator)
-        losses = train(model, loader, training_loss(cfg.cam.sr), cfg.cam.train, device, "cam")
+        losses = train(model, loader, training_loss(cfg.cam.sr), cfg.cam.train, device, "cam", out.dir / CHECKPOINT)
         save_checkpoint(out.dir / "model.pt", model)
 
         cam_dir = out.dir / "cams"
-        cam_dir.mkdir()
+        cam_dir.mkdir(exist_ok=True)
         thresholds = sorted(set(THRESHOLD_SWEEP) | {cfg.cam.bg_threshold})
         confusions = {t: 0 for t in thresholds}
         for image_id in tqdm(shard(train_ids), desc="cam inference", leave=False, disable=not is_main_process()):
-            image = normalize(dataset.load_image(image_id)).to(device)
             classes = dataset.image_labels(image_id)
-            cams = multiscale_cams(model, image, classes, cfg.cam.scales, cfg.cam.flip).astype(np.float16)
-            save_arrays(cam_dir / f"{image_id}.npz", cams=cams, classes=classes.astype(np.uint8))
+            if out.resumed and (cam_dir / f"{image_id}.npz").is_file():  # written, hence complete, before a kill
+                cams = load_cams(cam_dir, image_id)[0].astype(np.float16)
+            else:
+                image = normalize(dataset.load_image(image_id)).to(device)
+                cams = multiscale_cams(model, image, classes, cfg.cam.scales, cfg.cam.flip).astype(np.float16)
+                save_arrays(cam_dir / f"{image_id}.npz", cams=cams, classes=classes.astype(np.uint8))
             if image_id not in scored:
                 continue
             # Score exactly what refine will read: the float16 maps, as load_cams returns them.

@@ -37,13 +37,13 @@ from tqdm import tqdm
 
 from pipeline.affinity import affinity_loss, random_walk, transition_weights
 from pipeline.backbones import weights_fingerprint
-from pipeline.cache import METRICS, StageOutput, read_json, stage_status, upstream_keys
+from pipeline.cache import CHECKPOINT, METRICS, StageOutput, read_json, stage_status, upstream_keys
 from pipeline.cam import cam_argmax
 from pipeline.config import (VOLUME_SCORING_KEYS, Config, DataConfig, RandomWalkConfig, RefineConfig,
                              section_for_cache)
 from pipeline.crf import crf_refine_labels
 from pipeline.data import IGNORE, MaskFolder, TrainingSet, normalize, open_dataset, score_ids, score_split
-from pipeline.io import save_mask
+from pipeline.io import load_mask, save_mask
 from pipeline.metrics import confident_confusion_matrix, confusion_matrix, iou_scores, not_scored
 from pipeline.models import AffinityNet
 from pipeline.runtime import is_main_process, parallel_map, seed_everything, select_device, shard
@@ -120,11 +120,19 @@ def _save_and_score(image_id: str, mask: np.ndarray, data: DataConfig, scored: s
             confident_confusion_matrix(gt, mask, dataset.num_classes)) + counts
 
 
+def _written(out_dir: Path, image_id: str, resume: bool) -> np.ndarray | None:
+    """The mask a resumed stage wrote before it was killed (complete: written atomically), or None."""
+    path = out_dir / f"{image_id}.png"
+    return load_mask(path) if resume and path.is_file() else None
+
+
 def _crf_mask_one(image_id: str, data: DataConfig, scored: set[str], cam_dir: Path, out_dir: Path,
-                  cfg: RefineConfig):
+                  cfg: RefineConfig, resume: bool):
     """Worker task: the CRF pseudo mask of one image, written and scored."""
-    cams, classes = load_cams(cam_dir, image_id)
-    mask = pseudo_mask(open_dataset(data).load_image(image_id), cams, classes, cfg)
+    mask = _written(out_dir, image_id, resume)
+    if mask is None:
+        cams, classes = load_cams(cam_dir, image_id)
+        mask = pseudo_mask(open_dataset(data).load_image(image_id), cams, classes, cfg)
     return _save_and_score(image_id, mask, data, scored, out_dir)
 
 
@@ -150,11 +158,12 @@ def _collect_scores(results: Iterable, total: int, class_names: list[str], desc:
     }
 
 
-def write_crf_masks(cfg: Config, run_dir: Path, ids: list[str], out_dir: Path) -> dict:
+def write_crf_masks(cfg: Config, run_dir: Path, ids: list[str], out_dir: Path, resume: bool) -> dict:
+    """The CRF masks of ``ids`` in ``out_dir``, scored; ``resume`` keeps the masks already there."""
     dataset = open_dataset(cfg.data)
-    out_dir.mkdir()
+    out_dir.mkdir(exist_ok=resume)
     task = functools.partial(_crf_mask_one, data=cfg.data, scored=score_ids(cfg.data, dataset),
-                             cam_dir=run_dir / "cam" / "cams", out_dir=out_dir, cfg=cfg.refine)
+                             cam_dir=run_dir / "cam" / "cams", out_dir=out_dir, cfg=cfg.refine, resume=resume)
     with parallel_map(task, ids, cfg.refine.workers) as results:
         scores = _collect_scores(results, len(ids), dataset.classes, "refine (CRF)")
     return scores | {"fg_threshold": cfg.refine.fg_threshold, "bg_threshold": cfg.refine.bg_threshold,
@@ -182,14 +191,14 @@ def affinity_net(cfg: Config, run_dir: Path, refine_inputs: dict, device: torch.
     else:
         with StageOutput(run_dir, AFFINITY_NET, inputs) as out:
             train_ids = dataset.split_ids(cfg.data.train_split)
-            crf_scores = write_crf_masks(cfg, run_dir, shard(train_ids), out.dir / "crf")
+            crf_scores = write_crf_masks(cfg, run_dir, shard(train_ids), out.dir / "crf", out.resumed)
             started = time.perf_counter()
             generator = seed_everything(cfg.seed)
             train_set = TrainingSet(dataset, train_ids, net_cfg.train.crop_size, net_cfg.train.scale_range,
                                     pixel_labels={"mask": MaskFolder(out.dir / "crf")})
             loader = make_train_loader(train_set, net_cfg.train, cfg.data.loader_workers, generator)
             losses = train(model.to(device), loader, functools.partial(_affinity_training_loss, radius=net_cfg.radius),
-                           net_cfg.train, device, "affinitynet")
+                           net_cfg.train, device, "affinitynet", out.dir / CHECKPOINT)
             save_checkpoint(out.dir / "model.pt", model)
             out.metrics = {"crf": crf_scores, "train_loss_by_epoch": [round(v, 4) for v in losses],
                            "train_seconds": round(time.perf_counter() - started, 1)}
@@ -224,22 +233,26 @@ def walk_mask(image: np.ndarray, scores: np.ndarray, classes: np.ndarray, cfg: R
     return combine_confident(winners(scores[0]), winners(scores[1]), classes)
 
 
-def _walk_mask_one(item, data: DataConfig, scored: set[str], out_dir: Path, cfg: RefineConfig):
+def _walk_mask_one(item, data: DataConfig, scored: set[str], out_dir: Path, cfg: RefineConfig, resume: bool):
     """Worker task: the final mask of one image from its propagated scores, written and scored."""
     image_id, scores, classes = item
-    image = open_dataset(data).load_image(image_id)
-    # No class in the image label (nothing was walked): every pixel is background.
-    mask = (np.zeros(image.shape[:2], dtype=np.uint8) if len(classes) == 0
-            else walk_mask(image, scores.astype(np.float32), classes, cfg))
+    mask = _written(out_dir, image_id, resume)
+    if mask is None:
+        image = open_dataset(data).load_image(image_id)
+        # No class in the image label (nothing was walked): every pixel is background.
+        mask = (np.zeros(image.shape[:2], dtype=np.uint8) if len(classes) == 0
+                else walk_mask(image, scores.astype(np.float32), classes, cfg))
     return _save_and_score(image_id, mask, data, scored, out_dir)
 
 
-def _walk_all(model: AffinityNet, ids: list[str], cfg: Config, cam_dir: Path, device: torch.device) -> Iterator:
-    """(id, propagated scores as float16, classes) per image, computed on ``device``."""
+def _walk_all(model: AffinityNet, ids: list[str], cfg: Config, cam_dir: Path, device: torch.device,
+              done: Path | None) -> Iterator:
+    """(id, propagated scores as float16, classes) per image, computed on ``device``; none for
+    the images whose mask is already in the folder ``done`` (a resumed stage)."""
     dataset = open_dataset(cfg.data)
     for image_id in ids:
         cams, classes = load_cams(cam_dir, image_id)
-        if len(classes) == 0:
+        if len(classes) == 0 or (done is not None and (done / f"{image_id}.png").is_file()):
             yield image_id, None, classes
             continue
         image = normalize(dataset.load_image(image_id)).to(device)
@@ -252,17 +265,18 @@ def run(cfg: Config, run_dir: Path) -> dict:
     inputs = own_inputs(cfg) | {"upstream": upstream_keys(run_dir, upstream(cfg))}
     if cfg.refine.method == "crf":
         with StageOutput(run_dir, NAME, inputs) as out:
-            out.metrics = {"method": "crf"} | write_crf_masks(cfg, run_dir, train_ids, out.dir / "pseudo")
+            out.metrics = {"method": "crf"} | write_crf_masks(cfg, run_dir, train_ids, out.dir / "pseudo", out.resumed)
         return out.metrics
 
     device = select_device(cfg.device)
     model, net_dir = affinity_net(cfg, run_dir, inputs, device)
     with StageOutput(run_dir, NAME, inputs) as out:
-        shutil.copytree(net_dir / "crf", out.dir / "crf")
-        (out.dir / "pseudo").mkdir()
+        shutil.copytree(net_dir / "crf", out.dir / "crf", dirs_exist_ok=out.resumed)
+        (out.dir / "pseudo").mkdir(exist_ok=out.resumed)
         task = functools.partial(_walk_mask_one, data=cfg.data, scored=score_ids(cfg.data, dataset),
-                                 out_dir=out.dir / "pseudo", cfg=cfg.refine)
-        walked = _walk_all(model, train_ids, cfg, run_dir / "cam" / "cams", device)
+                                 out_dir=out.dir / "pseudo", cfg=cfg.refine, resume=out.resumed)
+        walked = _walk_all(model, train_ids, cfg, run_dir / "cam" / "cams", device,
+                           out.dir / "pseudo" if out.resumed else None)
         with parallel_map(task, walked, cfg.refine.workers) as results:
             scores = _collect_scores(results, len(train_ids), dataset.classes, "refine (random walk)")
         net_metrics = read_json(net_dir / METRICS) or {}

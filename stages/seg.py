@@ -20,11 +20,11 @@ import torch
 from tqdm import tqdm
 
 from pipeline.backbones import weights_fingerprint
-from pipeline.cache import StageOutput, upstream_keys
+from pipeline.cache import CHECKPOINT, StageOutput, upstream_keys
 from pipeline.config import Config, SRConfig, section_for_cache
 from pipeline.data import MaskFolder, TrainingSet, VOCDataset, Volumes, normalize, open_dataset
 from pipeline.errors import DataError
-from pipeline.io import atomic_write_bytes, file_digest, save_mask
+from pipeline.io import atomic_write_bytes, file_digest, load_mask, save_mask
 from pipeline.losses import pixel_cross_entropy
 from pipeline.metrics import SegmentationScores, not_scored
 from pipeline.mixed import (MixedBatchSampler, MixedTrainingSet, full_subset, mixed_fingerprint,
@@ -114,24 +114,30 @@ def branches(model: DeepLab) -> dict:
 
 
 def predict_and_score(model: DeepLab, dataset: VOCDataset, ids: list[str], flip: bool, device: torch.device,
-                      out_dir: Path | None, volumes: Volumes | None = None) -> dict[str, SegmentationScores]:
+                      out_dir: Path | None, volumes: Volumes | None = None,
+                      resume: bool = False) -> dict[str, SegmentationScores]:
     """Predictions of this process's share of ``ids`` per branch, scored against the masks of
     the ids that have one (and per 3-D volume with ``volumes``). With ``out_dir`` each branch's
-    masks are also written to the folder of that name."""
+    masks are also written to the folder of that name; ``resume`` reads back the ones there."""
     forwards = branches(model)
     spacing = volumes.spacing(dataset.with_masks(ids)) if volumes is not None else None
     scores = {folder: SegmentationScores(dataset.classes, volumes, spacing) for folder in forwards}
     if out_dir is not None:
         for folder in forwards:
-            (out_dir / folder).mkdir()
+            (out_dir / folder).mkdir(exist_ok=resume)
     model.eval()
     for image_id in tqdm(shard(ids), desc="seg prediction", leave=False, disable=not is_main_process()):
-        image = normalize(dataset.load_image(image_id)).to(device)
         gt = dataset.load_mask(image_id) if dataset.has_mask(image_id) else None
+        image = None
         for folder, forward in forwards.items():
-            (mask,) = predict_batch(forward, [image], flip)
-            if out_dir is not None:
-                save_mask(out_dir / folder / f"{image_id}.png", mask)
+            written = out_dir / folder / f"{image_id}.png" if out_dir is not None else None
+            if resume and written is not None and written.is_file():  # complete: written atomically before a kill
+                mask = load_mask(written)
+            else:
+                image = normalize(dataset.load_image(image_id)).to(device) if image is None else image
+                (mask,) = predict_batch(forward, [image], flip)
+                if written is not None:
+                    save_mask(written, mask)
             if gt is not None:
                 scores[folder].add(gt, mask, image_id)
     return scores
@@ -153,14 +159,14 @@ def run(cfg: Config, run_dir: Path) -> dict:
         loader = training_loader(cfg, dataset, run_dir, generator, full_ids)
         compute_loss = (functools.partial(mixed_supervision_loss, cfg=cfg.mixed, sr=cfg.seg.sr) if mixed
                         else training_loss(cfg.seg.sr))
-        losses = train(model, loader, compute_loss, cfg.seg.train, device, f"seg ({cfg.mode})")
+        losses = train(model, loader, compute_loss, cfg.seg.train, device, f"seg ({cfg.mode})", out.dir / CHECKPOINT)
         save_checkpoint(out.dir / "model.pt", model)
 
         atomic_write_bytes(out.dir / CLASSES, "".join(f"{name}\n" for name in dataset.classes).encode())
         val_ids = dataset.split_ids(cfg.data.val_split)
         volumes = Volumes(cfg.data, dataset.root) if cfg.data.volume_pattern else None
         scores = predict_and_score(model, dataset, val_ids, cfg.seg.flip_predict, device, out.dir if val_ids else None,
-                                   volumes)
+                                   volumes, out.resumed)
         reason = "no masks" if val_ids else "no val split"
         out.metrics = scored(scores["predictions"], reason) | {
             "mode": cfg.mode,

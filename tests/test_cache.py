@@ -36,15 +36,23 @@ def test_a_failing_stage_leaves_no_output_and_keeps_the_previous_one(tmp_path):
     assert not list(tmp_path.glob(".cam.*"))
 
 
-def test_a_killed_stage_is_never_accepted(tmp_path):
-    # What a SIGKILL leaves: a partial folder with files but no rename to cam/.
-    partial = tmp_path / ".cam.partial-12345"
-    partial.mkdir()
-    (partial / "manifest.json").write_text(json.dumps({"key": cache_key(INPUTS), "inputs": INPUTS}))
+def test_a_killed_stage_is_never_accepted_and_resumes_only_under_its_key(tmp_path):
+    # What a SIGKILL leaves: the stage's partial folder with files but no rename to cam/.
+    with pytest.raises(KeyboardInterrupt):
+        with StageOutput(tmp_path, "cam", INPUTS) as out:
+            assert not out.resumed
+            (out.dir / "done-1.txt").write_text("kept")
+            (out.dir / "manifest.json").write_text(json.dumps({"key": cache_key(INPUTS), "inputs": INPUTS}))
+            raise KeyboardInterrupt
     assert stage_status(tmp_path, "cam", INPUTS).state == "missing"
-    with StageOutput(tmp_path, "cam", INPUTS):
-        pass
-    assert not partial.exists()
+    with pytest.raises(KeyboardInterrupt):
+        with StageOutput(tmp_path, "cam", INPUTS) as out:
+            assert out.resumed and (out.dir / "done-1.txt").read_text() == "kept"
+            raise KeyboardInterrupt
+    with StageOutput(tmp_path, "cam", {**INPUTS, "data_fingerprint": "changed"}) as out:
+        assert not out.resumed and not (out.dir / "done-1.txt").exists()  # another key starts over
+    assert sorted(p.name for p in (tmp_path / "cam").iterdir()) == ["manifest.json", "metrics.json"]
+    assert not list(tmp_path.glob(".cam.*"))
 
 
 def test_unreadable_manifest_counts_as_missing(tmp_path):

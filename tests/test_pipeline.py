@@ -307,3 +307,57 @@ def test_a_truncated_or_deleted_output_makes_its_stage_damaged(weak_run, tmp_pat
     victim.unlink()
     assert run(weak_run, "--dry-run", "--run-dir", str(run_dir)) == 0
     assert f"refine  damaged  -> run: {victim} is missing" in capsys.readouterr().out
+
+
+def _interrupt(monkeypatch, module, name, after):
+    """Replaces ``module.name`` by a wrapper raising KeyboardInterrupt (what Ctrl-C, or a kill,
+    does to a stage) at its call number ``after + 1``."""
+    original, calls = getattr(module, name), []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > after:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+
+
+def test_an_interrupted_run_resumes_every_stage_and_ends_bit_identical(tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    import stages.cam
+    import stages.refine
+    import stages.seg
+    from pipeline.io import load_arrays
+
+    two_epochs = ["--set", "cam.train.epochs=2", "--set", "seg.train.epochs=2", "--set", "refine.workers=1"]
+    assert run(tmp_path, *two_epochs, "--run-dir", str(tmp_path / "reference")) == 0
+    interruptions = [  # (module, function, calls that succeed first): 3 training steps per epoch
+        (stages.cam, "classification_loss", 4),  # cam training, epoch 2
+        (stages.cam, "multiscale_cams", 5),  # CAM inference
+        (stages.refine, "pseudo_mask", 5),  # CRF masks
+        (stages.seg, "segmentation_loss", 4),  # seg training, epoch 2
+        (stages.seg, "predict_batch", 3),  # seg prediction
+    ]
+    for module, name, after in interruptions:
+        with monkeypatch.context() as patch:
+            _interrupt(patch, module, name, after)
+            with pytest.raises(KeyboardInterrupt):
+                run(tmp_path, *two_epochs)
+    capsys.readouterr()
+    assert run(tmp_path, *two_epochs) == 0
+    assert "seg (weak): resuming after epoch 2/2" in capsys.readouterr().out  # trained; prediction resumes
+    reference, resumed = tmp_path / "reference", tmp_path / "run"
+    for folder, pattern in (("cam", "model.pt"), ("seg", "model.pt"), ("refine/pseudo", "*.png"),
+                            ("seg/predictions", "*.png")):
+        files = sorted((reference / folder).glob(pattern))
+        assert files and all((resumed / folder / f.name).read_bytes() == f.read_bytes() for f in files), folder
+    for path in sorted((reference / "cam" / "cams").glob("*.npz")):
+        a, b = load_arrays(path), load_arrays(resumed / "cam" / "cams" / path.name)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    for stage in ("cam", "refine", "seg"):
+        before, after = (json.loads((d / stage / "metrics.json").read_text()) for d in (reference, resumed))
+        assert after["miou"] == before["miou"] and after.get("train_loss_by_epoch") == before.get("train_loss_by_epoch")
+    assert json.loads((resumed / "seg" / "metrics.json").read_text())["resumed"] is True
+    assert not list(resumed.glob(".*")) and not (resumed / "seg" / "checkpoint.pt").exists()
