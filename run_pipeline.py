@@ -43,6 +43,16 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def write_report(run_dir: Path) -> Path | None:
+    """The run report; a failure there is a warning: the stages' results are safe in the cache."""
+    try:
+        return report.write_report(run_dir)
+    except Exception as error:  # noqa: BLE001 - whatever breaks the page must not hide the results table
+        print(f"warning: report.html not written ({type(error).__name__}: {' '.join(str(error).split())[:300]}); "
+              f"retry with: python run_pipeline.py report --run-dir {run_dir}", file=sys.stderr)
+        return None
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
@@ -68,11 +78,11 @@ def main(argv=None) -> int:
             print(checks.summary())
             configure_threads(cfg.num_threads)
             results = execute(cfg, run_dir, planned)
-            page = report.write_report(run_dir)
+            page = write_report(run_dir)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"\nrun folder: {run_dir}   mode: {cfg.mode}   report: {page}")
+    print(f"\nrun folder: {run_dir}   mode: {cfg.mode}   report: {page or 'not written (see the warning above)'}")
     print(f"{'stage':<8}{'mIoU':>8}{'time (s)':>11}  status")
     for result in results:
         miou = "-" if result.miou is None or math.isnan(result.miou) else f"{100 * result.miou:.1f}"

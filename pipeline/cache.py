@@ -30,6 +30,7 @@ MANIFEST = "manifest.json"
 LOCK = ".lock"
 RESUME_KEY = "resume-key.json"  # in a partial folder: the key it is made under
 CHECKPOINT = "checkpoint.pt"  # in a partial folder: the training state at the end of the last epoch
+RESUME_FILES = (RESUME_KEY, CHECKPOINT)  # a partial folder's own files, never part of a finished stage
 # Every cached folder a run folder holds, in pipeline order (affinitynet: refine's AffinityNet).
 STAGE_FOLDERS = ("cam", "affinitynet", "refine", "seg")
 METRICS = "metrics.json"
@@ -70,7 +71,7 @@ def list_files(folder: Path) -> dict:
     (``*.pt``, which a later stage or ``predict`` loads whole) also a content digest."""
     files = {}
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
+        if path.is_file() and path.name != MANIFEST and path.name not in RESUME_FILES:
             entry = {"bytes": path.stat().st_size}
             if path.suffix == ".pt":
                 entry["digest"] = file_digest(path)
@@ -145,7 +146,10 @@ class StageOutput:
             self.resumed = (read_json(self.dir / RESUME_KEY) or {}).get("key") == key
             if not self.resumed:
                 shutil.rmtree(self.dir)
-        if not self.resumed:
+        if self.resumed:  # what a kill left half-written: temporary files of atomic writes
+            for leftover in self.dir.rglob(".*.tmp"):
+                leftover.unlink()
+        else:
             self.dir.mkdir()
             atomic_write_json(self.dir / RESUME_KEY, {"key": key})
         self.started = time.perf_counter()
@@ -156,8 +160,6 @@ class StageOutput:
             if not issubclass(exc_type, KeyboardInterrupt):  # an interrupted stage resumes; a failed one restarts
                 shutil.rmtree(self.dir, ignore_errors=True)
             return False
-        for name in (RESUME_KEY, CHECKPOINT):
-            (self.dir / name).unlink(missing_ok=True)
         self.metrics["wall_time_s"] = round(time.perf_counter() - self.started, 2)
         if self.resumed:
             self.metrics["resumed"] = True  # wall_time_s is then this run's share only
@@ -176,6 +178,8 @@ class StageOutput:
             os.replace(self.final, retired)
         os.replace(self.dir, self.final)
         shutil.rmtree(retired, ignore_errors=True)
+        for name in RESUME_FILES:  # not in the manifest's list; kept until here for a kill before the swap
+            (self.final / name).unlink(missing_ok=True)
         return False
 
 
@@ -190,14 +194,21 @@ class RunLock:
 
     def __enter__(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "unknown"
+        while True:
+            self.file = open(self.path, "a+")
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self.file.seek(0)
+                holder = self.file.read().strip() or "unknown"
+                self.file.close()
+                raise CacheError(f"run folder {self.path.parent} is in use by process {holder}") from None
+            try:  # the file locked must still be the one at the path: a finishing run deletes its own
+                if os.stat(self.path).st_ino == os.fstat(self.file.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             self.file.close()
-            raise CacheError(f"run folder {self.path.parent} is in use by process {holder}") from None
         self.file.seek(0)
         self.file.truncate()
         self.file.write(str(os.getpid()))

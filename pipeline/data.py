@@ -16,10 +16,12 @@ there is no val split.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -36,8 +38,9 @@ from PIL import Image
 
 from pipeline.errors import ConfigError, DataError
 from pipeline.demo_data import generate_demo_dataset
-from pipeline.io import atomic_write_json, file_digest, known_digests, load_mask, read_rgb, remember_digests
-from pipeline.labels import read_cls_labels, read_id_lines, read_tags
+from pipeline.io import (atomic_write_json, file_digest, file_identity, known_digests, load_mask, read_rgb,
+                         remember_digests)
+from pipeline.labels import read_cls_labels, read_id_lines, read_tags, read_text
 
 IGNORE = 255
 BACKGROUND = 0  # class 0 of every data set (classes.txt names it first)
@@ -52,8 +55,9 @@ STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 class FileChecks:
     """What validation found in each file (an image's decoded size; a mask's size and values),
-    remembered by (size, mtime) in ``<run-dir>/checked_files.json`` together with the files'
-    content digests, so a rerun on VOC-size data decodes and hashes only what changed."""
+    remembered by the file's identity (io.file_identity: size, modification and change times,
+    inode) in ``<run-dir>/checked_files.json`` together with the files' content digests, so a
+    rerun on VOC-size data decodes and hashes only what changed."""
 
     def __init__(self, path: Optional[Path] = None):
         self.path = path
@@ -62,19 +66,22 @@ class FileChecks:
         self.seconds = 0.0
         saved = _read_json(path) if path is not None else None
         if isinstance(saved, dict) and isinstance(saved.get("checks"), dict):
-            self.entries = saved["checks"]
-            remember_digests(saved.get("digests", []))
+            try:
+                remember_digests(saved.get("digests", []))
+                self.entries = saved["checks"]
+            except (TypeError, ValueError):  # another version's format: check everything again
+                self.entries = {}
 
     def get(self, path: Path, compute: Callable[[Path], list]) -> list:
-        stat = path.stat()
+        identity = list(file_identity(path))
         key = os.path.abspath(path)
         entry = self.entries.get(key)
-        if entry is not None and entry[:2] == [stat.st_size, stat.st_mtime_ns]:
+        if entry is not None and entry[0] == identity:
             self.hits += 1
-            return entry[2]
+            return entry[1]
         self.misses += 1
         result = compute(path)
-        self.entries[key] = [stat.st_size, stat.st_mtime_ns, result]
+        self.entries[key] = [identity, result]
         return result
 
     def summary(self) -> str:
@@ -112,7 +119,8 @@ class VOCDataset:
         classes_file = self.root / "classes.txt"
         if not classes_file.is_file():
             raise DataError(f"{classes_file} is missing: one class name per line, background first")
-        self.classes = [line.strip() for line in classes_file.read_text().splitlines() if line.strip()]
+        self.classes = [line.strip() for line in read_text(classes_file, 'one class name per line').splitlines()
+                        if line.strip()]
         if len(self.classes) < 2:
             raise DataError(f"{classes_file} must name the background and at least one class")
         self.train_split = train_split
@@ -158,7 +166,9 @@ class VOCDataset:
             for name in (image_id + suffix, image_id + suffix.upper()):
                 if (folder / name).is_file():
                     return folder / name
-        raise DataError(f"id {image_id!r} has no image {folder}/{image_id}.jpg|jpeg|png|bmp|tif|tiff")
+        hint = ("; ids are file names without their extension" if Path(image_id).suffix.lower() in IMAGE_SUFFIXES
+                else "")
+        raise DataError(f"id {image_id!r} has no image {folder}/{image_id}.jpg|jpeg|png|bmp|tif|tiff{hint}")
 
     def mask_path(self, image_id: str, folder: str = GROUND_TRUTH) -> Path:
         path = self.root / folder / f"{image_id}.png"
@@ -202,8 +212,9 @@ class VOCDataset:
             raise DataError(f"{self.labels_path} has no labels for id {image_id!r}")
         if image_id not in self._labels:
             if not self.has_mask(image_id, self.train_masks):
-                raise DataError(f"id {image_id!r} has no mask {self.root / self.train_masks}/{image_id}.png to read "
-                                "its image labels from: give every train image's tags in a tags file (data.tags)")
+                raise DataError(f"id {image_id!r} has no mask {self.root / self.train_masks}/{image_id}.png: weak mode "
+                                "reads its image labels from it unless a tags file gives every train image's tags "
+                                "(data.tags), and full and mixed modes train on it")
             self._labels[image_id] = _foreground(self.checked_values(self.mask_path(image_id, self.train_masks)))
         return self._labels[image_id]
 
@@ -445,22 +456,33 @@ class Volumes:
         self.spacing_file = root / data.spacing_file if data.spacing_file else None
         self.fixed_spacing = tuple(data.spacing) if data.spacing else None
         self.file_spacing = _read_spacing(self.spacing_file) if self.spacing_file else {}
+        self.excluded: set[str] = set()  # volumes left out of the scores (see complete)
 
-    def __call__(self, image_id: str) -> tuple[str, tuple]:
+    def __call__(self, image_id: str) -> tuple[str, tuple] | None:
         match = self.pattern.search(image_id)
         if match is None:
             raise DataError(f"id {image_id!r} does not match data.volume_pattern {self.pattern.pattern!r}")
-        return (match.group(1) if self.pattern.groups else match.group(0)), natural_order(image_id)
+        volume = match.group(1) if self.pattern.groups else match.group(0)
+        return None if volume in self.excluded else (volume, natural_order(image_id))
 
     def spacing(self, ids: list[str]) -> dict:
         """Volume -> (slice, row, column) spacing for the volumes of ``ids``."""
-        volumes = {self(image_id)[0] for image_id in ids}
+        volumes = {self(image_id)[0] for image_id in ids if self(image_id) is not None}
         if self.fixed_spacing:
             return {volume: self.fixed_spacing for volume in volumes}
         missing = sorted(volumes - set(self.file_spacing))
         if self.spacing_file and missing:
             raise DataError(f"{self.spacing_file} has no spacing for volume {missing[0]!r}")
         return {volume: self.file_spacing[volume] for volume in volumes if volume in self.file_spacing}
+
+    def complete(self, ids: list[str], dataset: VOCDataset) -> "Volumes":
+        """This grouping restricted to the volumes every slice of which (among ``ids``) has a
+        mask: stacking only the slices that have one would make non-adjacent slices neighbours.
+        A slice of another volume maps to None (scored per slice only)."""
+        missing = {self(image_id)[0] for image_id in ids if not dataset.has_mask(image_id)}
+        restricted = copy.copy(self)
+        restricted.excluded = missing
+        return restricted
 
     def check(self, ids: list[str], dataset: VOCDataset) -> None:
         """Every id matches the pattern, the slices of a volume share one size, and each volume has
@@ -484,22 +506,21 @@ def natural_order(text: str) -> tuple:
 def _read_spacing(path: Path) -> dict:
     if not path.is_file():
         raise DataError(f"spacing file {path} does not exist (config key data.spacing_file)")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = [h.strip().lower() for h in next(reader, [])]
-        if header != ["volume", "slice", "row", "column"]:
-            raise DataError(f"{path} line 1: the header must be 'volume,slice,row,column'")
-        spacing = {}
-        for row in reader:
-            if not row:
-                continue
-            try:
-                values = tuple(float(v) for v in row[1:])
-            except ValueError:
-                values = ()
-            if len(row) != 4 or len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
-                raise DataError(f"{path} line {reader.line_num}: expected a volume name and 3 positive spacings")
-            spacing[row[0].strip()] = values
+    reader = csv.reader(io.StringIO(read_text(path, "a spacing CSV")))
+    header = [h.strip().lower() for h in next(reader, [])]
+    if header != ["volume", "slice", "row", "column"]:
+        raise DataError(f"{path} line 1: the header must be 'volume,slice,row,column'")
+    spacing = {}
+    for row in reader:
+        if not row:
+            continue
+        try:
+            values = tuple(float(v) for v in row[1:])
+        except ValueError:
+            values = ()
+        if len(row) != 4 or len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+            raise DataError(f"{path} line {reader.line_num}: expected a volume name and 3 positive spacings")
+        spacing[row[0].strip()] = values
     return spacing
 
 
@@ -508,8 +529,10 @@ def _fall_back_if_missing(data) -> None:
     split's list or mask folder is missing (VOC without the SBD augmentation); says so on stderr.
     The switch happens before any cache key is computed, so the keys record what was used."""
     root = Path(data.root)
-    missing = [str(p) for p in (root / SPLITS / f"{data.train_split}.txt", root / data.train_masks)
-               if not p.exists()]
+    # With tags the train masks are for scores only: whether they exist must not change the training set.
+    needed = [root / SPLITS / f"{data.train_split}.txt"] + ([] if data.tags or data.image_labels else
+                                                             [root / data.train_masks])
+    missing = [str(p) for p in needed if not p.exists()]
     if data.fallback_train_split is None or not missing or data.train_split == data.fallback_train_split:
         return
     print(f"note: {missing[0]} not found; training on split {data.fallback_train_split!r} with "

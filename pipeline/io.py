@@ -16,16 +16,23 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-# Content digests already computed in this process, by (path, size, mtime): a run plans
-# every stage, and each stage fingerprints the same files.
-_DIGESTS: dict[tuple[str, int, int], str] = {}
+# Content digests already computed, by (path, file identity): a run plans every stage, and each
+# stage fingerprints the same files; data.FileChecks saves them for the next run.
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_identity(path: Path) -> tuple[int, int, int, int]:
+    """(size, mtime, ctime, inode): what changes when a file's bytes may have changed. The
+    change time and inode catch a file replaced with its old size and modification time
+    preserved (``cp -p``, ``rsync -a``), which size and mtime alone would miss."""
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
 
 
 def file_digest(path: Path) -> str:
     """Hash of a file's bytes. Cache keys use contents, not mtimes: copying or re-syncing a
     data folder (new mtimes, same bytes) must not make every cached stage stale."""
-    stat = path.stat()
-    memo_key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    memo_key = (os.path.abspath(path),) + file_identity(path)
     if memo_key not in _DIGESTS:
         with open(path, "rb") as f:
             _DIGESTS[memo_key] = hashlib.file_digest(f, "blake2b").hexdigest()[:32]
@@ -33,13 +40,13 @@ def file_digest(path: Path) -> str:
 
 
 def remember_digests(entries: list) -> None:
-    """Adds saved [path, size, mtime_ns, digest] records to this process's digest memo."""
-    for path, size, mtime_ns, digest in entries:
-        _DIGESTS.setdefault((path, size, mtime_ns), digest)
+    """Adds saved [path, size, mtime, ctime, inode, digest] records to the digest memo."""
+    for *key, digest in entries:
+        _DIGESTS.setdefault(tuple(key), digest)
 
 
 def known_digests() -> list:
-    return [[path, size, mtime_ns, digest] for (path, size, mtime_ns), digest in _DIGESTS.items()]
+    return [list(key) + [digest] for key, digest in _DIGESTS.items()]
 
 
 _UMASK = os.umask(0)

@@ -20,6 +20,8 @@ the run folder, and a crafted id would write outside it. Every problem is a one-
 from __future__ import annotations
 
 import csv
+import functools
+import io
 import json
 import re
 from pathlib import Path
@@ -29,20 +31,35 @@ import numpy as np
 from pipeline.errors import DataError
 
 
+MAX_ID_BYTES = 200  # an id becomes <id>.npz and a temporary .<id>.npz.XXXXXXXX.tmp: file names stop at 255 bytes
+
+
 def check_id(image_id: str, where: str) -> str:
     """``image_id`` if it is a plain file name, else a DataError naming ``where`` it came from."""
     if (not image_id or image_id in (".", "..") or "/" in image_id or "\\" in image_id or "\0" in image_id
             or image_id != image_id.strip()):
         raise DataError(f"{where}: id {image_id!r} is not a plain file name (ids become file names in the run "
                         "folder: no '/', '\\', '..' or surrounding spaces)")
+    if len(image_id.encode()) > MAX_ID_BYTES:
+        raise DataError(f"{where}: id {image_id[:40]!r}... is longer than {MAX_ID_BYTES} bytes")
     return image_id
+
+
+def read_text(path: Path, what: str) -> str:
+    """A hand-written text file as UTF-8 (a leading byte-order mark, as Windows editors write
+    it, is dropped); another encoding is a one-line DataError."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[:error.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: not UTF-8 text ({what}); save it as UTF-8") from None
 
 
 def read_id_lines(path: Path) -> list[str]:
     """The ids of a split or id-list file, one per line (blank lines skipped), each a plain
     file name and listed once."""
     ids, seen = [], {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "one id per line").splitlines(), start=1):
         image_id = line.strip()
         if not image_id:
             continue
@@ -69,8 +86,10 @@ def read_tags(path: Path, classes: list[str]) -> dict[str, np.ndarray]:
         raise DataError(f"tags file {path} must be .csv or .json{hint}")
     index = {name: i for i, name in enumerate(classes)}
     tags, first_line = {}, {}
-    for where, line, image_id, names in rows:
+    for where, line, image_id, field in rows:
         check_id(image_id, where)
+        # A field that is one class name is that class, spaces and all ("potted plant").
+        names = field if isinstance(field, list) else [field.strip()] if field.strip() in index else split_tags(field)
         if image_id in first_line:
             raise DataError(f"{where}: id {image_id!r} is listed twice (first on line {first_line[image_id]})")
         first_line[image_id] = line
@@ -89,8 +108,8 @@ def split_tags(field: str) -> list[str]:
 
 
 def _csv_rows(path: Path):
-    with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: spreadsheets write a BOM
-        reader = csv.reader(f)
+    reader = csv.reader(io.StringIO(read_text(path, "a CSV tags file")))
+    try:
         header = next(reader, None)
         if header is None or [h.strip().lower() for h in header] != ["id", "tags"]:
             raise DataError(f"{path} line 1: the header must be 'id,tags', got {','.join(header or [])!r}")
@@ -101,13 +120,15 @@ def _csv_rows(path: Path):
             if len(row) != 2:
                 raise DataError(f"{where}: expected 2 fields (id,tags), got {len(row)}; "
                                 "quote a tags field that contains commas")
-            yield where, reader.line_num, row[0].strip(), split_tags(row[1])
+            yield where, reader.line_num, row[0].strip(), row[1]
+    except csv.Error as error:
+        raise DataError(f"{path} line {reader.line_num}: not valid CSV ({error})") from None
 
 
 def _json_rows(path: Path):
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path, "a JSON tags file")
     try:
-        table = json.loads(text)
+        table = json.loads(text, object_pairs_hook=functools.partial(_unique_keys, path=path, text=text))
     except json.JSONDecodeError as error:
         raise DataError(f"{path} line {error.lineno}: not valid JSON ({error.msg})") from None
     if not isinstance(table, dict):
@@ -120,9 +141,21 @@ def _json_rows(path: Path):
         yield where, line, image_id, [name.strip() for name in names]
 
 
-def _json_key_line(text: str, key: str) -> int:
-    """Line of the first ``"key":`` in the JSON text (json.loads keeps no positions)."""
-    match = re.search(re.escape(json.dumps(key)) + r"\s*:", text)
+def _unique_keys(pairs: list, path: Path, text: str) -> dict:
+    """json.loads keeps the last of two equal keys silently; an id listed twice is an error."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DataError(f"{path} line {_json_key_line(text, key, 2)}: id {key!r} is listed twice "
+                            f"(first on line {_json_key_line(text, key)})")
+        seen[key] = value
+    return seen
+
+
+def _json_key_line(text: str, key: str, occurrence: int = 1) -> int:
+    """Line of the ``occurrence``-th ``"key":`` in the JSON text (json.loads keeps no positions)."""
+    matches = list(re.finditer(re.escape(json.dumps(key)) + r"\s*:", text))
+    match = matches[occurrence - 1] if len(matches) >= occurrence else None
     return text.count("\n", 0, match.start()) + 1 if match else 1
 
 

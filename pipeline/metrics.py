@@ -92,8 +92,11 @@ class SegmentationScores:
 
     def add(self, gt: np.ndarray, pred: np.ndarray, image_id: str | None = None) -> None:
         self.images += 1
-        if self.volumes is not None:
-            self.volumes.add(*self.volume_of(image_id), gt, pred)
+        place = self.volume_of(image_id) if self.volumes is not None else None
+        if place is not None:
+            self.volumes.add(*place, gt, pred)
+        elif self.volumes is not None:
+            self.volumes.incomplete.add(image_id)
         self.confusion += confusion_matrix(gt, pred, len(self.class_names))
         labelled = gt != IGNORE
         for index, name in enumerate(self.class_names[1:], start=1):
@@ -119,7 +122,9 @@ class VolumeScores:
     (and medpy's ``dc``/``hd95``) scores stacks of 2-D slices such as ACDC's.
 
     ``add(volume, order, gt, pred)`` collects one slice; ``result`` stacks each volume's
-    slices by ``order``. Per class and volume, over the pixels the ground truth labels:
+    slices by ``order``. Only volumes every slice of which has ground truth are scored
+    (data.Volumes.complete); the slices of the others are counted in
+    ``slices_of_incomplete_volumes``. Per class and volume, over the pixels the ground truth labels:
 
     * both masks contain the class: Dice 2|A∩B| / (|A|+|B|), and HD95 (:func:`hd95`, in the
       units of the volume's spacing, else pixels with one slice step counting as one pixel);
@@ -134,6 +139,7 @@ class VolumeScores:
         self.class_names = class_names
         self.spacing = spacing or {}  # volume -> (slice, row, column) spacing
         self.slices: dict[str, list] = {}
+        self.incomplete: set[str] = set()  # slices of volumes not every slice of which has a mask
 
     def add(self, volume: str, order, gt: np.ndarray, pred: np.ndarray) -> None:
         self.slices.setdefault(volume, []).append((order, gt, pred))
@@ -159,6 +165,7 @@ class VolumeScores:
         per_class_hd95 = {name: (round(float(np.mean(v)), 2) if v else None) for name, v in distances.items()}
         return {
             "volumes": len(self.slices),
+            "slices_of_incomplete_volumes": len(self.incomplete),
             "mean_dice": _mean_of_present(per_class_dice),
             "per_class_dice": per_class_dice,
             "mean_hd95": _mean_of_present(per_class_hd95),

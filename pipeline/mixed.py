@@ -45,6 +45,7 @@ from pipeline.config import MixedConfig, SRConfig
 from pipeline.data import BACKGROUND, IGNORE, MaskFolder, TrainingSet, VOCDataset, image_size
 from pipeline.errors import DataError
 from pipeline.io import file_digest
+from pipeline.labels import read_text
 from pipeline.losses import pixel_cross_entropy
 from pipeline.self_regulation import self_regulation_loss
 
@@ -55,7 +56,7 @@ def read_id_list(path: Path, train_ids: list[str]) -> list[str]:
     """The ids of ``mixed.full_list``, each of which must be in the train split."""
     if not path.is_file():
         raise DataError(f"id list {path} does not exist (config key mixed.full_list)")
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    ids = [line.strip() for line in read_text(path, 'one id per line').splitlines() if line.strip()]
     if not ids:
         raise DataError(f"id list {path} lists no ids (config key mixed.full_list)")
     known = set(train_ids)

@@ -26,7 +26,9 @@ from pipeline.config import Config, config_from_dict
 from pipeline.data import IMAGE_SUFFIXES, normalize
 from pipeline.errors import CacheError, DataError, PipelineError
 from pipeline.io import atomic_write_bytes, read_rgb, save_mask, voc_palette
+from pipeline.labels import read_text
 from pipeline.models import predict_batch, segmentation_network
+from pipeline.report import FIGURES
 from pipeline.runtime import configure_threads, select_device
 from pipeline.train import load_checkpoint
 
@@ -79,7 +81,8 @@ def list_images(source: Path) -> list[Path]:
         raise DataError(f"--images {source} does not exist")
     if source.suffix.lower() in IMAGE_SUFFIXES:
         return [source]
-    images = [source.parent / line.strip() for line in source.read_text().splitlines() if line.strip()]
+    images = [source.parent / line.strip() for line in read_text(source, 'one image path per line').splitlines()
+              if line.strip()]
     if not images:
         raise DataError(f"--images {source}: the list names no images")
     return images
@@ -88,11 +91,13 @@ def list_images(source: Path) -> list[Path]:
 def output_names(images: list[Path], out: Path, run_dir: Path) -> list[str]:
     """One output name per image (its file name without the suffix), checked before any work:
     no two images may share one, no image may lie in the output folder, and the output
-    folder may not be inside one of the run's cached stage folders."""
-    for stage in STAGE_FOLDERS:
-        if out.resolve().is_relative_to((run_dir / stage).resolve()):
-            raise DataError(f"--out {out} is inside the run's cached stage folder {run_dir / stage}: "
-                            "choose another output folder")
+    folder may not be one that a run of the pipeline rewrites (its stage, partial and report
+    folders, or the run folder itself)."""
+    target, run = out.resolve(), run_dir.resolve()
+    inside = target.relative_to(run).parts if target.is_relative_to(run) else None
+    if inside is not None and (not inside or inside[0] in STAGE_FOLDERS + (FIGURES,) or inside[0].startswith(".")):
+        raise DataError(f"--out {out} is the run folder or one of the folders a run rewrites ({run_dir}/"
+                        f"{inside[0] if inside else ''}): choose another output folder, e.g. {run_dir / 'predicted'}")
     seen = {}
     for image in images:
         if image.parent.resolve() == out.resolve():

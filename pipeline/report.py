@@ -17,6 +17,7 @@ import random
 import shutil
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import matplotlib
 
@@ -157,7 +158,7 @@ def _gallery_row(run_dir: Path, out: Path, dataset: VOCDataset, split: str, imag
     for k, (title, array) in enumerate(cells):
         name = f"{split}_{image_id}_{k}.png"
         atomic_write_bytes(out / "gallery" / name, _png(array))
-        html_cells.append(f'<figure><img src="{FIGURES}/gallery/{html.escape(name)}" alt="{html.escape(title)}">'
+        html_cells.append(f'<figure><img src="{FIGURES}/gallery/{html.escape(quote(name))}" alt="{html.escape(title)}">'
                           f"<figcaption>{html.escape(title)}</figcaption></figure>")
     label = f"{split} · {html.escape(image_id)}" + (" · worst scored" if why == "worst" else "")
     return f'<div class="row"><div class="id">{label}</div>{"".join(html_cells)}</div>'

@@ -33,11 +33,13 @@ def make_train_loader(dataset, cfg: TrainConfig, workers: int, generator: torch.
         raise ValueError(f"{len(dataset)} training images are fewer than one batch of {cfg.batch_size}")
     if batch_sampler is not None:
         return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
-                                           generator=generator, persistent_workers=workers > 0)
+                                           generator=generator)
     return torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, generator=generator,
         # Full batches only: BatchNorm (and ASPP's pooled branch) needs more than one sample.
-        drop_last=True, persistent_workers=workers > 0,
+        # Workers start afresh every epoch, seeded from the generator: a resumed training,
+        # which restores the generator, then draws the same augmentations.
+        drop_last=True,
     )
 
 
@@ -97,9 +99,8 @@ def train(model: nn.Module, loader, compute_loss: LossFn, cfg: TrainConfig, devi
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, loader, epoch_losses: list[float]) -> dict:
     """Everything an interrupted training needs to go on exactly as if uninterrupted at the end
     of an epoch: the model (its training-only heads included), the optimiser, the losses so far,
-    the global random generators, the loader's generator (shuffling, and each epoch's
-    augmentation seeds) and a batch sampler's own state (mixed mode's queues). Loader workers
-    kept alive across epochs hold random streams of their own, which are not saved."""
+    the global random generators, the loader's generator (shuffling, and each epoch's worker
+    seeds) and a batch sampler's own state (mixed mode's queues)."""
     sampler = loader.batch_sampler
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch_losses": epoch_losses,
             "rng": rng_state(), "loader_generator": loader.generator.get_state(),

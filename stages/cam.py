@@ -104,7 +104,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 confusions[t] = confusions[t] + confusion_matrix(gt, cam_to_label(stored, classes, t), dataset.num_classes)
 
         out.metrics = {"train_loss_by_epoch": [round(v, 4) for v in losses],
-                       "cam_bytes_per_image": round(sum(f.stat().st_size for f in cam_dir.iterdir())
+                       "cam_bytes_per_image": round(sum(f.stat().st_size for f in cam_dir.glob("*.npz"))
                                                     / max(len(train_ids), 1))}
         if not scored:
             out.metrics |= not_scored("no masks")

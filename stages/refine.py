@@ -182,6 +182,9 @@ def affinity_net(cfg: Config, run_dir: Path, refine_inputs: dict, device: torch.
     dataset = open_dataset(cfg.data)
     net_cfg = cfg.refine.affinity
     inputs = affinity_net_inputs(refine_inputs)
+    # Seeded before the network is built: its initial weights must not depend on whether cam
+    # ran earlier in this process (one cache key, one network).
+    generator = seed_everything(cfg.seed)
     model = AffinityNet(net_cfg.backbone, net_cfg.feature_stride, net_cfg.embedding_channels)
     if stage_status(run_dir, AFFINITY_NET, inputs).state == "cached":
         load_checkpoint(run_dir / AFFINITY_NET / "model.pt", model)
@@ -193,7 +196,6 @@ def affinity_net(cfg: Config, run_dir: Path, refine_inputs: dict, device: torch.
             train_ids = dataset.split_ids(cfg.data.train_split)
             crf_scores = write_crf_masks(cfg, run_dir, shard(train_ids), out.dir / "crf", out.resumed)
             started = time.perf_counter()
-            generator = seed_everything(cfg.seed)
             train_set = TrainingSet(dataset, train_ids, net_cfg.train.crop_size, net_cfg.train.scale_range,
                                     pixel_labels={"mask": MaskFolder(out.dir / "crf")})
             loader = make_train_loader(train_set, net_cfg.train, cfg.data.loader_workers, generator)

@@ -120,6 +120,8 @@ def predict_and_score(model: DeepLab, dataset: VOCDataset, ids: list[str], flip:
     the ids that have one (and per 3-D volume with ``volumes``). With ``out_dir`` each branch's
     masks are also written to the folder of that name; ``resume`` reads back the ones there."""
     forwards = branches(model)
+    if volumes is not None:
+        volumes = volumes.complete(ids, dataset)
     spacing = volumes.spacing(dataset.with_masks(ids)) if volumes is not None else None
     scores = {folder: SegmentationScores(dataset.classes, volumes, spacing) for folder in forwards}
     if out_dir is not None:

@@ -47,11 +47,22 @@ def test_json_tags(tmp_path):
     ("tags.json", '{"a": "cat"}', r"tags.json line 1: the tags of 'a' must be a list"),
     ("tags.json", '{"a": [}', r"tags.json line 1: not valid JSON"),
     ("tags.txt", "a cat", r"must be .csv or .json"),
+    ("tags.json", '{\n "a": ["cat"],\n "a": ["dog"]\n}', r"tags.json line 3: id 'a' is listed twice \(first on line 2\)"),
 ])
 def test_bad_tags_files_are_one_line_errors_naming_the_line(tmp_path, name, text, message):
     path = tmp_path / name
     path.write_text(text)
     with pytest.raises(DataError, match=message):
+        read_tags(path, CLASSES)
+
+
+def test_tags_files_from_spreadsheets_and_editors(tmp_path):
+    path = tmp_path / "tags.csv"
+    path.write_bytes("\ufeffid,tags\na,potted plant\nb,cat\n".encode())  # a byte-order mark; a name with a space
+    tags = read_tags(path, CLASSES)
+    assert tags["a"].tolist() == [3] and tags["b"].tolist() == [1]
+    path.write_bytes(b"id,tags\na,cat\nb,caf\xe9\n")  # cp1252, not UTF-8
+    with pytest.raises(DataError, match=r"tags.csv line 3: not UTF-8 text"):
         read_tags(path, CLASSES)
 
 
@@ -124,11 +135,21 @@ def test_without_split_files_the_tags_file_lists_the_train_split_and_there_is_no
 
 def test_without_tags_or_masks_the_error_says_what_to_give(tmp_path):
     root = _tags_only_folder(tmp_path, with_splits=True)
-    with pytest.raises(DataError, match="id 't0' has no mask .* give every train image's tags in a tags file"):
+    with pytest.raises(DataError, match="id 't0' has no mask .*: weak mode reads its image labels from it unless a "
+                                        "tags file gives every train image's tags"):
         prepare_data(load_config(DEMO_CONFIG, ["demo=null", f"data.root={root}"]))
     shutil.rmtree(root / "ImageSets")
     with pytest.raises(DataError, match="no ImageSets/Segmentation/ and no tags file"):
         prepare_data(load_config(DEMO_CONFIG, ["demo=null", f"data.root={root}"]))
+
+
+def test_a_tags_id_with_its_file_extension_gets_a_hint(tmp_path):
+    root = _tags_only_folder(tmp_path, with_splits=False)
+    (root / "tags.csv").write_text("id,tags\nt0.png,cat\n")
+    cfg = load_config(DEMO_CONFIG, ["demo=null", f"data.root={root}", "data.tags=tags.csv",
+                                    "cam.train.batch_size=2", "seg.train.batch_size=2"])
+    with pytest.raises(DataError, match="id 't0.png' has no image .*; ids are file names without their extension"):
+        prepare_data(cfg)
 
 
 def test_full_and_mixed_modes_name_the_masks_they_are_missing(tmp_path, capsys):
@@ -310,8 +331,9 @@ def test_predict_refuses_a_run_without_seg_and_an_output_folder_that_is_the_inpu
     assert error.count("\n") == 0 and "is the folder of the input image" in error
     inside = runs / "run" / "seg" / "predictions"
     before = sorted(p.name for p in inside.iterdir())
-    assert main(["predict", "--run-dir", str(runs / "run"), "--images", str(images), "--out", str(inside)]) == 2
-    assert "inside the run's cached stage folder" in capsys.readouterr().err
+    for out in (inside, runs / "run" / "report", runs / "run"):
+        assert main(["predict", "--run-dir", str(runs / "run"), "--images", str(images), "--out", str(out)]) == 2
+        assert "one of the folders a run rewrites" in capsys.readouterr().err
     assert sorted(p.name for p in inside.iterdir()) == before
 
 
