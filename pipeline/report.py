@@ -39,6 +39,7 @@ SAMPLE = 4  # seeded random images per split in the gallery
 WORST = 2  # worst-scored images per split, where masks exist
 WORST_POOL = 300  # ids scored to find the worst ones (a seeded sample on large data sets)
 THUMB = 160  # gallery cell height in pixels
+SCORED_ON = {"cam": "train", "affinitynet": "train", "refine": "train", "seg": "val"}  # the split a stage scores
 
 
 def _png(figure_or_array) -> bytes:
@@ -95,7 +96,7 @@ def _score_figure(stages: dict, classes: list[str]):
     for k, (name, metrics) in enumerate(scored.items()):
         values = [metrics["per_class_iou"].get(c) for c in classes]
         axes.bar(np.arange(len(classes)) + k * width, [100 * (v or 0) for v in values], width,
-                 label=f"{name} (mIoU {100 * metrics['miou']:.1f})")
+                 label=f"{name}, {SCORED_ON[name]} (mIoU {100 * metrics['miou']:.1f})")
     axes.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=45, ha="right")
     axes.set_ylabel("IoU (%)")
     axes.set_ylim(0, 100)
@@ -191,14 +192,14 @@ def write_report(run_dir: Path) -> Path:
         metrics = stage["metrics"]
         score = (f"{_fmt(metrics['miou'])}" if metrics.get("miou") is not None
                  else html.escape(f"not scored ({metrics.get('not_scored', 'no masks')})" if "miou" in metrics else "–"))
-        rows.append(f"<tr><td>{name}</td><td>{score}</td><td>{metrics.get('scored_images', '–')}</td>"
-                    f"<td>{metrics.get('wall_time_s', 0):.1f}</td></tr>")
-    body.append("<h2>Stages</h2><table><tr><th>stage</th><th>mIoU (%)</th><th>images scored</th>"
+        rows.append(f"<tr><td>{name}</td><td>{score}</td><td>{SCORED_ON[name]}</td>"
+                    f"<td>{metrics.get('scored_images', '–')}</td><td>{metrics.get('wall_time_s', 0):.1f}</td></tr>")
+    body.append("<h2>Stages</h2><table><tr><th>stage</th><th>mIoU (%)</th><th>scored on</th><th>images scored</th>"
                 f"<th>wall time (s)</th></tr>{''.join(rows)}</table>")
     per_class = [(name, s["metrics"]["per_class_iou"]) for name, s in stages.items()
                  if s["metrics"].get("per_class_iou")]
     if per_class and classes:
-        header = "".join(f"<th>{name}</th>" for name, _ in per_class)
+        header = "".join(f"<th>{name} ({SCORED_ON[name]})</th>" for name, _ in per_class)
         lines = "".join(f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{_fmt(ious.get(c))}</td>" for _, ious in per_class)
                         + "</tr>" for c in classes)
         body.append(f"<h2>IoU per class (%)</h2><table><tr><th>class</th>{header}</tr>{lines}</table>")
