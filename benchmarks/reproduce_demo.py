@@ -4,9 +4,9 @@
 Runs the demo config (seed 0) in weak mode (cam -> refine -> seg) and in full mode (seg)
 into fresh run folders, then compares each mIoU with the record:
 
-* same library versions (torch, torchvision, numpy, scipy, pillow, pydensecrf2), thread count
-  and device as the record: the numbers must be identical (to the 6 decimals recorded);
-  a seeded CPU run repeats bit for bit there;
+* same library versions (torch, torchvision, numpy, scipy, pillow, pydensecrf2), thread count,
+  device and CPU model as the record (the keys the record holds): the numbers must be
+  identical (to the 6 decimals recorded); a seeded CPU run repeats bit for bit there;
 * anything else differs: within TOLERANCE mIoU points, and the differing versions are named
   (float summation order changes with the kernels, so trained networks drift apart).
 
@@ -39,8 +39,18 @@ RUNS = {  # name -> (extra arguments, the metrics.json that holds its mIoU)
 
 
 def environment(num_threads: int) -> dict:
-    return {"python": platform.python_version(), "machine": platform.machine(), "device": "cpu",
+    """What a bit-identical rerun needs to share with the record. The CPU model counts too:
+    torch picks its kernels by instruction set, and they sum floats in different orders."""
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpu": cpu_model(), "device": "cpu",
             "num_threads": num_threads} | {name: metadata.version(name) for name in PACKAGES}
+
+
+def cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "unknown"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
 
 
 def run(run_dir: Path, extra: list[str]) -> float:
