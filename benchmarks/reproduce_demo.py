@@ -89,6 +89,9 @@ def main() -> int:
         }, indent=2) + "\n")
         print(f"recorded {REFERENCE}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in measured.items()))
         return 0
+    if not REFERENCE.is_file():
+        print(f"no record at {REFERENCE}: make one with --record")
+        return 1
     reference = json.loads(REFERENCE.read_text())
     differing = {k: (v, env.get(k)) for k, v in reference["environment"].items() if env.get(k) != v}
     exact = not differing
