@@ -43,7 +43,7 @@ def cache_key(inputs: dict) -> str:
 def read_json(path: Path):
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # ValueError: bad JSON, or bytes that are not text
         return None
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.cache import read_json
 from pipeline.errors import ConfigError, DataError
 from pipeline.demo_data import generate_demo_dataset
 from pipeline.io import (atomic_write_json, file_digest, file_identity, known_digests, load_mask, read_rgb,
@@ -64,7 +65,7 @@ class FileChecks:
         self.entries: dict[str, list] = {}
         self.hits = self.misses = 0
         self.seconds = 0.0
-        saved = _read_json(path) if path is not None else None
+        saved = read_json(path) if path is not None else None
         if isinstance(saved, dict) and isinstance(saved.get("checks"), dict):
             try:
                 remember_digests(saved.get("digests", []))
@@ -91,13 +92,6 @@ class FileChecks:
     def save(self) -> None:
         if self.path is not None:
             atomic_write_json(self.path, {"checks": self.entries, "digests": known_digests()})
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 class VOCDataset:
