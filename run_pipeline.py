@@ -22,7 +22,7 @@ from pipeline.cache import RunLock
 from pipeline.data import FileChecks, prepare_data
 from pipeline.errors import PipelineError
 from pipeline.runtime import configure_threads
-from stages import STAGES, execute, parse_stages, plan
+from stages import STAGES, execute, expected_inputs, parse_stages, plan, refine
 from stages.seg import check_training_masks
 
 CHECKED_FILES = "checked_files.json"  # in the run folder: what data validation found per file
@@ -53,6 +53,15 @@ def write_report(run_dir: Path) -> Path | None:
         return None
 
 
+def describe_affinity_net(cfg, run_dir: Path, refine_runs: bool) -> None:
+    """The dry run's line for refine's own cached network (``refine.method: affinity``): a
+    refine that runs reuses it when it is cached, even under --force, and trains it otherwise."""
+    status = refine.affinity_net_status(cfg, run_dir, expected_inputs(cfg, "refine"))
+    if status is not None:
+        action = ("reuse" if status.state == "cached" else "train") if refine_runs else "skip"
+        print(f"  {refine.AFFINITY_NET:<12} {status.state:<8} -> {action}: {status.reason}")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
@@ -72,6 +81,8 @@ def main(argv=None) -> int:
                 action = "run" if stage.will_run else "skip"
                 forced = " (--force)" if args.force and stage.state == "cached" else ""
                 print(f"{stage.name:<7} {stage.state:<8} -> {action}{forced}: {stage.reason}")
+                if stage.name == "refine":
+                    describe_affinity_net(cfg, run_dir, stage.will_run)
             return 0
         with RunLock(run_dir):  # every check passed: the run folder may be written from here on
             checks.save()

@@ -1,22 +1,32 @@
 """Learned affinity (AffinityNet, Ahn & Kwak, CVPR 2018) and the random walk that spreads CAMs with it.
 
 * **Affinity labels.** From a pseudo mask with its unsure label 255, brought to the
-  embedding map's size: a pair of pixels closer than ``radius`` gets label 1 when both
-  carry the same confident label (split into background-positive and foreground-positive
-  pairs), 0 when they carry different confident labels, and is ignored when either is
-  unsure or outside the image.
+  embedding map's size (``label_downsample``: ``pool``, PSA's way, averages each label's
+  one-hot map over the block and takes the most frequent label, so thin and small regions
+  survive while they fill most of a block; ``nearest`` samples one pixel per block): a pair
+  of pixels closer than ``radius`` gets label 1 when both carry the same confident label
+  (split into background-positive and foreground-positive pairs), 0 when they carry
+  different confident labels, and is ignored when either is unsure or outside the image.
 * **Affinity.** ``a(i, j) = exp(-mean_c |e_i - e_j|)`` over the embedding channels
-  (PSA's form): 1 for identical embeddings, towards 0 for distant ones; symmetric.
+  (PSA's form, psa@9493e59 network/resnet38_aff.py:58): 1 for identical embeddings,
+  towards 0 for distant ones; symmetric.
 * **Loss.** Cross-entropy of the affinities against the labels, averaged separately over
   background-positive, foreground-positive and negative pairs and combined
-  ``bg/4 + fg/4 + neg/2`` (PSA's balance), so the abundant background pairs do not drown
-  the others.
+  ``bg/4 + fg/4 + neg/2`` (PSA's balance, train_aff.py:113), so the abundant background
+  pairs do not drown the others.
 * **Random walk.** Transition probabilities ``T = D^-1 A^beta`` between every pixel and
-  the pixels within ``radius`` (itself included), ``D`` the row sums; the maps are
-  updated ``t`` times by ``x <- T x``, each pixel taking the transition-weighted mean of
-  its neighbours' scores (as in PSA and IRNet). ``T`` is stored as one weight per
-  (pixel, offset), so memory is linear in the image size, and the update is a batched
-  tensor operation that runs on the GPU when there is one.
+  the pixels within ``radius`` (itself included, affinity 1), ``D`` the row sums; the maps
+  are updated ``t`` times by ``x <- T x``, each pixel taking the transition-weighted mean
+  of its neighbours' scores. PSA computes the same product as ``x T^(2^logt)`` with a
+  column-normalised dense matrix (infer_aff.py:103-114; A is symmetric, so the two agree).
+  ``T`` is stored as one weight per (pixel, offset), so memory is linear in the image
+  size, and the update is a batched tensor operation that runs on the GPU when there is one.
+  ``pairs="psa"`` keeps only the pairs PSA's index function makes (tool/pyutils.py:125-159):
+  a pair (p, p + o), o in the half-plane, exists only when p lies outside the last
+  ``radius - 1`` rows and the first and last ``radius - 1`` columns, so pixels near the
+  left, right and bottom borders have fewer neighbours; ``pairs="all"`` keeps every pair
+  inside the image. ``tests/test_affinity.py`` checks the walk against values computed by
+  PSA's own code.
 
 Offsets are ``(dy, dx)`` with ``dy^2 + dx^2 < radius^2``.
 """
@@ -86,10 +96,28 @@ def pair_affinities(embeddings: torch.Tensor, offsets: list[tuple[int, int]]) ->
     ], dim=1)
 
 
-def affinity_loss(embeddings: torch.Tensor, mask: torch.Tensor, radius: int) -> dict:
+def downsample_mask(mask: torch.Tensor, size: tuple[int, int], how: str) -> torch.Tensor:
+    """A B x H x W long mask (classes, 255 unsure) brought to ``size``: ``nearest``, or
+    ``pool``: each label's share of the block (adaptive average pooling of its one-hot map),
+    the largest share winning; ties go to the lower label, background first and unsure last.
+    PSA pools the CRF's score maps (voc12/data.py:222-229); the cached pseudo masks hold hard
+    labels, whose one-hot maps stand in for the scores."""
+    if how == "nearest":
+        return F.interpolate(mask[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    sure = mask != IGNORE
+    unsure_code = int(mask[sure].max()) + 1 if sure.any() else 0
+    codes = torch.where(sure, mask, torch.full_like(mask, unsure_code))
+    shares = F.adaptive_avg_pool2d(F.one_hot(codes, unsure_code + 1).permute(0, 3, 1, 2).float(), size)
+    pooled = shares.argmax(dim=1)
+    return torch.where(pooled == unsure_code, torch.full_like(pooled, IGNORE), pooled)
+
+
+def affinity_loss(embeddings: torch.Tensor, mask: torch.Tensor, radius: int, label_downsample: str = "pool") -> dict:
     """The balanced pair loss of B x D x h x w embeddings against a B x H x W pseudo mask
-    (brought to h x w by nearest neighbour); terms "bg", "fg", "neg" and the total "loss"."""
-    mask = F.interpolate(mask[:, None].float(), size=embeddings.shape[-2:], mode="nearest")[:, 0].long()
+    (brought to h x w by :func:`downsample_mask`); terms "bg", "fg", "neg", the total "loss",
+    and "neg_affinity", the mean affinity of the negative pairs (a diagnostic, not trained
+    on: near 1 means the network has not yet learnt to separate regions)."""
+    mask = downsample_mask(mask, embeddings.shape[-2:], label_downsample)
     labels = affinity_labels(mask, radius)
     affinity = pair_affinities(embeddings, neighbour_offsets(radius, half=True))
     eps = 1e-5
@@ -104,21 +132,42 @@ def affinity_loss(embeddings: torch.Tensor, mask: torch.Tensor, radius: int) -> 
         "fg": mean_over(FOREGROUND_POSITIVE, -torch.log(affinity + eps)),
         "neg": mean_over(NEGATIVE, -torch.log(1.0 + eps - affinity)),
     }
-    return {"loss": terms["bg"] / 4 + terms["fg"] / 4 + terms["neg"] / 2} | terms
+    negative = labels == NEGATIVE
+    neg_affinity = affinity[negative].detach().mean() if negative.any() else affinity.new_tensor(float("nan"))
+    return {"loss": terms["bg"] / 4 + terms["fg"] / 4 + terms["neg"] / 2} | terms | {"neg_affinity": neg_affinity}
 
 
-def transition_weights(embeddings: torch.Tensor, radius: int, beta: float) -> tuple[torch.Tensor, list]:
+def transition_weights(embeddings: torch.Tensor, radius: int, beta: float,
+                       pairs: str = "all") -> tuple[torch.Tensor, list]:
     """Row-normalised transition probabilities of the walk: B x O x h x w, O the offsets of
     ``neighbour_offsets(radius, half=False)`` plus (0, 0); each position's weights sum to 1
-    and are 0 towards positions outside the image."""
+    and are 0 towards positions outside the image, and with ``pairs="psa"`` towards the
+    pairs PSA's index function leaves out (module docstring)."""
     offsets = [(0, 0)] + neighbour_offsets(radius, half=False)
     height, width = embeddings.shape[-2:]
     weights = pair_affinities(embeddings, offsets).pow(beta)
     pad = _reach(offsets)
-    inside = F.pad(embeddings.new_ones(1, 1, height, width), (pad, pad, pad, pad))
-    inside = torch.cat([_shifted(inside, pad, dy, dx, height, width) for dy, dx in offsets], dim=1)
-    weights = weights * inside
+    origins = F.pad(_pair_origins(embeddings, radius, pairs), (pad, pad, pad, pad))
+    in_image = F.pad(embeddings.new_ones(1, 1, height, width), (pad, pad, pad, pad))
+    exists = [embeddings.new_ones(1, 1, height, width)]  # (0, 0): every pixel keeps its own score
+    for dy, dx in offsets[1:]:
+        # (p, p + o) with o in the half-plane exists when p may start a pair; for the other
+        # half, (p, p + o) is the transpose of (p + o, p): it exists when p + o may start one.
+        first = (0, 0) if dy > 0 or (dy == 0 and dx > 0) else (dy, dx)
+        exists.append(_shifted(origins, pad, *first, height, width) * _shifted(in_image, pad, dy, dx, height, width))
+    weights = weights * torch.cat(exists, dim=1)
     return weights / weights.sum(dim=1, keepdim=True), offsets
+
+
+def _pair_origins(embeddings: torch.Tensor, radius: int, pairs: str) -> torch.Tensor:
+    """1 x 1 x h x w: 1 where a pixel may be the first pixel of a half-plane pair."""
+    height, width = embeddings.shape[-2:]
+    origins = embeddings.new_ones(1, 1, height, width)
+    if pairs == "psa":  # tool/pyutils.py:145-146: full_indices[:-(r-1), (r-1):-(r-1)]
+        cut = radius - 1
+        origins.zero_()
+        origins[..., :max(height - cut, 0), cut:max(width - cut, cut)] = 1
+    return origins
 
 
 def random_walk(maps: torch.Tensor, weights: torch.Tensor, offsets: list[tuple[int, int]],

@@ -86,6 +86,8 @@ class BackboneConfig:
 @dataclass
 class TrainConfig:
     epochs: int = _opt(5, low=1)
+    # A budget in SGD steps instead (0: use epochs): rounded up to whole epochs over the data set.
+    steps: int = _opt(0, low=0)
     batch_size: int = _opt(16, low=2)  # >= 2: BatchNorm needs more than one sample
     optimizer: str = _opt("sgd", choices=("sgd", "adam"))  # adam: betas (momentum, 0.99), as the mixed-supervision authors
     lr: float = _opt(0.01, low=0.0)
@@ -94,6 +96,9 @@ class TrainConfig:
     weight_decay: float = _opt(1e-4, low=0.0)
     crop_size: int = _opt(512, low=16)
     scale_range: list[float] = _opt([0.5, 1.5])  # random rescaling before the crop
+    # Random brightness, contrast, saturation and hue of the image (torchvision's ColorJitter);
+    # [] for none. PSA trains its AffinityNet with [0.3, 0.3, 0.3, 0.1] (train_aff.py:43-62).
+    color_jitter: list[float] = _opt([])
 
 
 @dataclass
@@ -137,27 +142,49 @@ class CrfConfig:
 @dataclass
 class AffinityNetConfig:
     """AffinityNet (Ahn & Kwak, CVPR 2018): pixel embeddings whose distances say which pixels
-    belong together, learnt from the confident pixels of the CRF pseudo masks."""
+    belong together, learnt from the confident pixels of the CRF pseudo masks. Defaults are
+    PSA's (jiwoon-ahn/psa@9493e59 train_aff.py:18-27, network/resnet38_aff.py)."""
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(output_stride=16))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8, lr=0.1, crop_size=448))
-    feature_stride: int = _opt(4, choices=(4, 8))  # of the embedding map the affinities live on
-    embedding_channels: int = _opt(128, low=1)
-    radius: int = _opt(5, low=1)  # label pairs closer than this, in embedding-map pixels
+    # PSA: batch 8, 8 epochs, lr 0.1 (new layers x10), weight decay 5e-4, crop 448, no rescale,
+    # colour jitter. Its SGD gets weight decay in momentum's place (tool/torchutils.py:12-16),
+    # so it runs with momentum 5e-4; 0.9 is kept here (README, "Stages").
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=8, batch_size=8, lr=0.1, weight_decay=5e-4, crop_size=448, scale_range=[1.0, 1.0],
+        color_jitter=[0.3, 0.3, 0.3, 0.1]))
+    feature_stride: int = _opt(8, choices=(4, 8))  # of the embedding map the affinities live on (PSA: 8)
+    embedding_channels: int = _opt(448, low=1)  # PSA: 448
+    # psa: 1x1 convs without bias, ELU, kaiming init, and an ELU output layer with xavier gain 4
+    # (resnet38_aff.py:13-22,38-41): the untrained affinities spread over 0-0.5, not all near 1;
+    # bn_relu: 1x1 conv, BN, ReLU per level and a linear 1x1 output with default initialisation.
+    head: str = _opt("psa", choices=("psa", "bn_relu"))
+    # How the pseudo mask reaches the embedding map for the pair labels: pool (PSA: average
+    # pooling, then the most frequent label) or nearest (one pixel per block).
+    label_downsample: str = _opt("pool", choices=("pool", "nearest"))
+    # Label pairs closer than this, in embedding-map pixels; 1 would leave no pair to learn from.
+    radius: int = _opt(5, low=2)
 
 
 @dataclass
 class RandomWalkConfig:
-    """Propagation of the CAMs along the learnt affinities (changing these never retrains the net)."""
-    radius: int = _opt(5, low=1)  # transitions between pixels closer than this, in embedding-map pixels
-    beta: float = _opt(10.0, above=0.0)  # affinities are raised to this power: sharper region borders
-    iterations: int = _opt(256, low=1)  # t, the number of transition steps (PSA and IRNet: 2^8)
-    # Two background maps (1 - max CAM)^power are walked with the CAMs, the walk's version of
-    # refine's two thresholds: against the strong one (low power) a pixel where a class still
-    # wins is confident foreground; against the weak one (high power) a pixel where the
-    # background still wins is confident background; the rest is unsure (255).
-    fg_bg_power: float = _opt(1.0, above=0.0)
-    bg_bg_power: float = _opt(4.0, above=0.0)
-    crf: bool = True  # snap both label maps to image edges with the dense CRF (refine.crf settings)
+    """Propagation of the CAMs along the learnt affinities (changing these never retrains the net).
+    Defaults are PSA's (infer_aff.py:59-62: alpha 16, beta 8, logt 8, radius 5)."""
+    # Transitions between pixels closer than this, in embedding-map pixels (1: no neighbour, no walk).
+    radius: int = _opt(5, low=2)
+    beta: float = _opt(8.0, above=0.0)  # affinities are raised to this power: sharper region borders
+    iterations: int = _opt(256, low=1)  # t, the number of transition steps (PSA: 2^logt = 2^8)
+    # psa: only the pairs PSA's index function makes (none start near the left, right and bottom
+    # borders; pipeline/affinity.py); all: every pair within the radius inside the image.
+    pairs: str = _opt("psa", choices=("psa", "all"))
+    # argmax (PSA): the background (1 - max CAM)^bg_power walks with the CAMs, and each pixel takes
+    # the highest walked score: no unsure pixels. two_backgrounds: every walked map is divided by
+    # its maximum; a pixel where a class wins against the strong background (1 - max CAM)^fg_bg_power
+    # is that class, one where the weak (1 - max CAM)^bg_bg_power still wins is background, the
+    # rest unsure (255), like refine's two thresholds.
+    rule: str = _opt("argmax", choices=("argmax", "two_backgrounds"))
+    bg_power: float = _opt(16.0, above=0.0)  # rule argmax: PSA's alpha
+    fg_bg_power: float = _opt(1.0, above=0.0)  # rule two_backgrounds
+    bg_bg_power: float = _opt(4.0, above=0.0)  # rule two_backgrounds
+    crf: bool = False  # snap the final label map(s) to image edges with the dense CRF (refine.crf settings)
 
 
 @dataclass
@@ -300,6 +327,10 @@ def config_from_dict(raw: dict) -> Config:
         scale_range = train.scale_range
         if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
             raise ConfigError(f"config key '{section}.train.scale_range' must be [low, high] with 0 < low <= high")
+        jitter = train.color_jitter
+        if jitter and (len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5):
+            raise ConfigError(f"config key '{section}.train.color_jitter' must be [] or [brightness, contrast, "
+                              "saturation, hue], each >= 0, hue <= 0.5")
     for section in ("cam", "seg"):
         exits = getattr(cfg, section).sr.exits
         unknown = [level for level in exits if level not in BACKBONE_LEVELS]

@@ -34,6 +34,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torchvision
 from PIL import Image
 
 from pipeline.cache import read_json
@@ -363,12 +364,15 @@ class TrainingSet(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset: VOCDataset, ids: list[str], crop_size: int, scale_range: list[float],
-                 pixel_labels: Optional[dict[str, Callable[[str], np.ndarray]]] = None):
+                 pixel_labels: Optional[dict[str, Callable[[str], np.ndarray]]] = None,
+                 color_jitter: Optional[list[float]] = None):
         self.dataset = dataset
         self.ids = ids
         self.crop_size = crop_size
         self.scale_range = scale_range
         self.pixel_labels = pixel_labels or {}
+        # The image only; no draw at all without it, so runs without jitter keep their augmentations.
+        self.jitter = torchvision.transforms.ColorJitter(*color_jitter) if color_jitter else None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -376,6 +380,8 @@ class TrainingSet(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         image_id = self.ids[index]
         image = Image.fromarray(self.dataset.load_image(image_id))
+        if self.jitter is not None:
+            image = self.jitter(image)
         masks = {key: Image.fromarray(load(image_id)) for key, load in self.pixel_labels.items()}
         # torch's RNG, not NumPy's: DataLoader seeds it per worker from the loader's generator.
         low, high = self.scale_range

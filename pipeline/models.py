@@ -142,20 +142,34 @@ class UNetDecoder(nn.Module):
 
 class AffinityNet(nn.Module):
     """Pixel embeddings for learned affinity (pipeline/affinity.py): every backbone level from
-    ``feature_stride`` down is projected (1x1 conv, BN, ReLU), resized to that stride's map,
+    ``feature_stride`` down is projected by a 1x1 conv, resized to that stride's map,
     concatenated and mixed by a 1x1 conv into ``embedding_channels``; shallow levels bring
-    edges, deep ones semantics."""
+    edges, deep ones semantics. ``head``: ``psa`` (PSA's resnet38_aff.py:13-22,38-41: convs
+    without bias, ELU after each, kaiming init, the output conv xavier-initialised with gain 4:
+    the embeddings start far apart, so the untrained affinities spread from near 0 to about
+    0.5 rather than all lying near 1) or ``bn_relu`` (BN and ReLU after each projection, a
+    linear output conv, default init: untrained affinities of 0.8-1.0 on random images,
+    ``tests/test_affinity.py``)."""
 
-    def __init__(self, backbone_cfg: BackboneConfig, feature_stride: int, embedding_channels: int):
+    def __init__(self, backbone_cfg: BackboneConfig, feature_stride: int, embedding_channels: int,
+                 head: str = "psa"):
         super().__init__()
         self.backbone = Backbone(backbone_cfg, "refine.affinity.backbone")
         self.first_level = {4: 1, 8: 2}[feature_stride]  # layer1 is at stride 4, layer2 at stride 8
         widths = [64, 128, 256, 256][self.first_level - 1:]
-        self.projections = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
-            for channels, width in zip(self.backbone.channels[self.first_level:], widths)
-        )
-        self.embed = nn.Conv2d(sum(widths), embedding_channels, 1)
+        levels = self.backbone.channels[self.first_level:]
+        if head == "psa":
+            self.projections = nn.ModuleList(nn.Sequential(nn.Conv2d(channels, width, 1, bias=False), nn.ELU())
+                                             for channels, width in zip(levels, widths))
+            self.embed = nn.Sequential(nn.Conv2d(sum(widths), embedding_channels, 1, bias=False), nn.ELU())
+            for projection in self.projections:
+                nn.init.kaiming_normal_(projection[0].weight)
+            nn.init.xavier_uniform_(self.embed[0].weight, gain=4)
+        else:
+            self.projections = nn.ModuleList(
+                nn.Sequential(nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+                for channels, width in zip(levels, widths))
+            self.embed = nn.Conv2d(sum(widths), embedding_channels, 1)
 
     def new_parameters(self) -> list[nn.Parameter]:
         return [p for head in (self.projections, self.embed) for p in head.parameters()]

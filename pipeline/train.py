@@ -54,24 +54,27 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def train(model: nn.Module, loader, compute_loss: LossFn, cfg: TrainConfig, device: torch.device,
-          desc: str, checkpoint: Path | None = None) -> list[float]:
-    """Trains in place; returns the mean loss of each epoch. With ``checkpoint`` the training
+          desc: str, checkpoint: Path | None = None) -> list[dict[str, float]]:
+    """Trains in place for ``epochs(cfg, loader)`` epochs; returns, per epoch, the mean of each
+    term ``compute_loss`` returns (the total under "loss"). With ``checkpoint`` the training
     state is written there at the end of every epoch, and a training that finds one continues
     after its epoch (see :func:`training_state`)."""
     optimizer = make_optimizer(model, cfg)
-    total_steps = cfg.epochs * len(loader)
-    epoch_losses = []
+    num_epochs = epochs(cfg, loader)
+    total_steps = num_epochs * len(loader)
+    history = []
     if checkpoint is not None and checkpoint.is_file():
-        epoch_losses = restore_training(checkpoint, model, optimizer, loader)
+        history = restore_training(checkpoint, model, optimizer, loader)
         if is_main_process():
-            tqdm.write(f"{desc}: resuming after epoch {len(epoch_losses)}/{cfg.epochs} from {checkpoint}")
-    step = len(epoch_losses) * len(loader)
+            tqdm.write(f"{desc}: resuming after epoch {len(history)}/{num_epochs} from {checkpoint}")
+    step = len(history) * len(loader)
     model.train()
-    for epoch in range(len(epoch_losses), cfg.epochs):
+    for epoch in range(len(history), num_epochs):
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
-        running = 0.0
-        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not is_main_process())
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}  # diagnostics may be undefined (NaN) in a batch: averaged where defined
+        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{num_epochs}", leave=False, disable=not is_main_process())
         for batch_index, batch in enumerate(bar, start=1):
             for group in optimizer.param_groups:  # poly schedule, as in DeepLab
                 group["lr"] = group["base_lr"] * (1 - step / total_steps) ** 0.9
@@ -85,29 +88,45 @@ def train(model: nn.Module, loader, compute_loss: LossFn, cfg: TrainConfig, devi
             terms["loss"].backward()
             optimizer.step()
             step += 1
-            running += loss
-            bar.set_postfix({k: f"{v.item():.3f}" for k, v in terms.items()} | {"avg": f"{running / batch_index:.3f}"})
-        epoch_losses.append(running / len(loader))
+            for name, value in terms.items():
+                value = loss if name == "loss" else value.item()
+                if math.isfinite(value):
+                    sums[name], counts[name] = sums.get(name, 0.0) + value, counts.get(name, 0) + 1
+            bar.set_postfix({k: f"{v.item():.3f}" for k, v in terms.items()} | {"avg": f"{sums['loss'] / batch_index:.3f}"})
+        history.append({name: sums[name] / counts[name] if counts.get(name) else math.nan for name in terms})
         if is_main_process():
-            tqdm.write(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {epoch_losses[-1]:.4f}")
+            tqdm.write(f"{desc} epoch {epoch + 1}/{num_epochs}: "
+                       + ", ".join(f"{name} {value:.4f}" for name, value in history[-1].items()))
         if checkpoint is not None:
-            atomic_write_bytes(checkpoint, _to_bytes(training_state(model, optimizer, loader, epoch_losses)))
+            atomic_write_bytes(checkpoint, _to_bytes(training_state(model, optimizer, loader, history)))
     model.eval()
-    return epoch_losses
+    return history
 
 
-def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, loader, epoch_losses: list[float]) -> dict:
+def epochs(cfg: TrainConfig, loader) -> int:
+    """The number of epochs: ``cfg.epochs``, or with ``cfg.steps`` enough whole epochs of
+    ``len(loader)`` batches for that many steps (the budget then follows the data set's size)."""
+    return math.ceil(cfg.steps / len(loader)) if cfg.steps else cfg.epochs
+
+
+def loss_curve(history: list[dict[str, float]], term: str = "loss") -> list[float]:
+    """One term of :func:`train`'s history, per epoch, rounded for metrics.json (None where
+    it was never defined in an epoch)."""
+    return [round(epoch[term], 4) if math.isfinite(epoch[term]) else None for epoch in history]
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, loader, history: list[dict]) -> dict:
     """Everything an interrupted training needs to go on exactly as if uninterrupted at the end
     of an epoch: the model (its training-only heads included), the optimiser, the losses so far,
     the global random generators, the loader's generator (shuffling, and each epoch's worker
     seeds) and a batch sampler's own state (mixed mode's queues)."""
     sampler = loader.batch_sampler
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch_losses": epoch_losses,
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
             "rng": rng_state(), "loader_generator": loader.generator.get_state(),
             "batch_sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None}
 
 
-def restore_training(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, loader) -> list[float]:
+def restore_training(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, loader) -> list[dict]:
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -115,7 +134,7 @@ def restore_training(checkpoint: Path, model: nn.Module, optimizer: torch.optim.
     loader.generator.set_state(state["loader_generator"])
     if state["batch_sampler"] is not None:
         loader.batch_sampler.load_state_dict(state["batch_sampler"])
-    return list(state["epoch_losses"])
+    return list(state["history"])
 
 
 def _to_bytes(obj) -> bytes:

@@ -28,7 +28,7 @@ from pipeline.metrics import confusion_matrix, iou_scores, not_scored
 from pipeline.models import CAMNet
 from pipeline.runtime import is_main_process, seed_everything, select_device, shard
 from pipeline.self_regulation import self_regulation_loss
-from pipeline.train import LossFn, make_train_loader, save_checkpoint, train
+from pipeline.train import LossFn, loss_curve, make_train_loader, save_checkpoint, train
 
 NAME = "cam"
 # Background thresholds scored on the train images, to report the best one beside the configured one.
@@ -78,9 +78,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
     scored = score_ids(cfg.data, dataset)
     with StageOutput(run_dir, NAME, own_inputs(cfg) | {"upstream": {}}) as out:
         model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1, cfg.cam.sr).to(device)
-        train_set = TrainingSet(dataset, train_ids, cfg.cam.train.crop_size, cfg.cam.train.scale_range)
+        train_set = TrainingSet(dataset, train_ids, cfg.cam.train.crop_size, cfg.cam.train.scale_range,
+                                color_jitter=cfg.cam.train.color_jitter)
         loader = make_train_loader(train_set, cfg.cam.train, cfg.data.loader_workers, generator)
-        losses = train(model, loader, training_loss(cfg.cam.sr), cfg.cam.train, device, "cam", out.dir / CHECKPOINT)
+        history = train(model, loader, training_loss(cfg.cam.sr), cfg.cam.train, device, "cam", out.dir / CHECKPOINT)
         save_checkpoint(out.dir / "model.pt", model)
 
         cam_dir = out.dir / "cams"
@@ -103,7 +104,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
             for t in thresholds:
                 confusions[t] = confusions[t] + confusion_matrix(gt, cam_to_label(stored, classes, t), dataset.num_classes)
 
-        out.metrics = {"train_loss_by_epoch": [round(v, 4) for v in losses],
+        out.metrics = {"train_loss_by_epoch": loss_curve(history),
                        "cam_bytes_per_image": round(sum(f.stat().st_size for f in cam_dir.glob("*.npz"))
                                                     / max(len(train_ids), 1))}
         if not scored:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from pipeline.affinity import affinity_loss, random_walk, transition_weights
 from pipeline.backbones import weights_fingerprint
-from pipeline.cache import CHECKPOINT, METRICS, StageOutput, read_json, stage_status, upstream_keys
+from pipeline.cache import CHECKPOINT, METRICS, StageOutput, StageStatus, read_json, stage_status, upstream_keys
 from pipeline.cam import cam_argmax
 from pipeline.config import (VOLUME_SCORING_KEYS, Config, DataConfig, RandomWalkConfig, RefineConfig,
                              section_for_cache)
@@ -47,7 +47,7 @@ from pipeline.io import load_mask, save_mask
 from pipeline.metrics import confident_confusion_matrix, confusion_matrix, iou_scores, not_scored
 from pipeline.models import AffinityNet
 from pipeline.runtime import is_main_process, parallel_map, seed_everything, select_device, shard
-from pipeline.train import load_checkpoint, make_train_loader, save_checkpoint, train
+from pipeline.train import load_checkpoint, loss_curve, make_train_loader, save_checkpoint, train
 from stages.cam import load_cams
 
 NAME = "refine"
@@ -71,6 +71,14 @@ def own_inputs(cfg: Config) -> dict:
                                                             "refine.affinity.backbone.weights")}
     return {"config": config,
             "data_fingerprint": dataset.fingerprint(cfg.data.train_split, [score_split(cfg.data)])} | extra
+
+
+def affinity_net_status(cfg: Config, run_dir: Path, refine_inputs: dict) -> StageStatus | None:
+    """The cached AffinityNet's state (cached, stale, damaged or missing) under ``cfg``, for
+    ``--dry-run``; None when refine does not use one."""
+    if cfg.refine.method != "affinity":
+        return None
+    return stage_status(run_dir, AFFINITY_NET, affinity_net_inputs(refine_inputs))
 
 
 def affinity_net_inputs(refine_inputs: dict) -> dict:
@@ -172,8 +180,8 @@ def write_crf_masks(cfg: Config, run_dir: Path, ids: list[str], out_dir: Path, r
 
 # --- AffinityNet -------------------------------------------------------------------------
 
-def _affinity_training_loss(model, batch, epoch, radius: int) -> dict:
-    return affinity_loss(model(batch["image"]), batch["mask"], radius)
+def _affinity_training_loss(model, batch, epoch, radius: int, label_downsample: str) -> dict:
+    return affinity_loss(model(batch["image"]), batch["mask"], radius, label_downsample)
 
 
 def affinity_net(cfg: Config, run_dir: Path, refine_inputs: dict, device: torch.device) -> tuple[AffinityNet, Path]:
@@ -185,7 +193,7 @@ def affinity_net(cfg: Config, run_dir: Path, refine_inputs: dict, device: torch.
     # Seeded before the network is built: its initial weights must not depend on whether cam
     # ran earlier in this process (one cache key, one network).
     generator = seed_everything(cfg.seed)
-    model = AffinityNet(net_cfg.backbone, net_cfg.feature_stride, net_cfg.embedding_channels)
+    model = AffinityNet(net_cfg.backbone, net_cfg.feature_stride, net_cfg.embedding_channels, net_cfg.head)
     if stage_status(run_dir, AFFINITY_NET, inputs).state == "cached":
         load_checkpoint(run_dir / AFFINITY_NET / "model.pt", model)
         if is_main_process():
@@ -197,13 +205,18 @@ def affinity_net(cfg: Config, run_dir: Path, refine_inputs: dict, device: torch.
             crf_scores = write_crf_masks(cfg, run_dir, shard(train_ids), out.dir / "crf", out.resumed)
             started = time.perf_counter()
             train_set = TrainingSet(dataset, train_ids, net_cfg.train.crop_size, net_cfg.train.scale_range,
-                                    pixel_labels={"mask": MaskFolder(out.dir / "crf")})
+                                    pixel_labels={"mask": MaskFolder(out.dir / "crf")},
+                                    color_jitter=net_cfg.train.color_jitter)
             loader = make_train_loader(train_set, net_cfg.train, cfg.data.loader_workers, generator)
-            losses = train(model.to(device), loader, functools.partial(_affinity_training_loss, radius=net_cfg.radius),
-                           net_cfg.train, device, "affinitynet", out.dir / CHECKPOINT)
+            loss = functools.partial(_affinity_training_loss, radius=net_cfg.radius,
+                                     label_downsample=net_cfg.label_downsample)
+            history = train(model.to(device), loader, loss, net_cfg.train, device, "affinitynet", out.dir / CHECKPOINT)
             save_checkpoint(out.dir / "model.pt", model)
-            out.metrics = {"crf": crf_scores, "train_loss_by_epoch": [round(v, 4) for v in losses],
-                           "train_seconds": round(time.perf_counter() - started, 1)}
+            # The three loss terms and the negative pairs' mean affinity per epoch: an
+            # under-trained network shows as a high neg_affinity and a still-falling neg term.
+            out.metrics = {"crf": crf_scores, "train_steps": len(history) * len(loader),
+                           "train_seconds": round(time.perf_counter() - started, 1)} | {
+                f"train_{term}_by_epoch": loss_curve(history, term) for term in ("loss", "bg", "fg", "neg", "neg_affinity")}
     return model.to(device).eval(), run_dir / AFFINITY_NET
 
 
@@ -211,27 +224,35 @@ def affinity_net(cfg: Config, run_dir: Path, refine_inputs: dict, device: torch.
 
 @torch.no_grad()
 def propagated_scores(model: AffinityNet, image: torch.Tensor, cams: np.ndarray, cfg: RandomWalkConfig) -> np.ndarray:
-    """(K+2) x H x W scores after the random walk on one 3 x H x W image: the strong and the
-    weak background map, then the K CAMs; each map divided by its maximum."""
+    """The walked score maps of one 3 x H x W image, at its size: the background map(s), then
+    the K CAMs. Rule ``argmax`` (PSA, infer_aff.py:96-118): one background (1 - max CAM)^bg_power,
+    made at the image's resolution and pooled with the CAMs to the embedding map, the walk,
+    bilinear upsampling, no rescaling. Rule ``two_backgrounds``: the strong and the weak
+    background map, each walked map divided by its maximum."""
     embeddings = model(image[None])
-    maps = F.adaptive_avg_pool2d(torch.from_numpy(cams).to(image.device)[None], embeddings.shape[-2:])
-    evidence = 1 - maps.amax(dim=1, keepdim=True)
-    backgrounds = [evidence.pow(cfg.fg_bg_power), evidence.pow(cfg.bg_bg_power)]
-    weights, offsets = transition_weights(embeddings, cfg.radius, cfg.beta)
-    # The walk is linear: both background maps go along in one pass.
-    maps = random_walk(torch.cat(backgrounds + [maps], dim=1), weights, offsets, cfg.iterations)
+    cams = torch.from_numpy(cams).to(image.device, torch.float32)
+    evidence = 1 - cams.amax(dim=0, keepdim=True)
+    powers = [cfg.bg_power] if cfg.rule == "argmax" else [cfg.fg_bg_power, cfg.bg_bg_power]
+    maps = torch.cat([evidence.pow(power) for power in powers] + [cams])[None]
+    maps = F.adaptive_avg_pool2d(maps, embeddings.shape[-2:])
+    weights, offsets = transition_weights(embeddings, cfg.radius, cfg.beta, cfg.pairs)
+    maps = random_walk(maps, weights, offsets, cfg.iterations)  # the walk is linear: all maps in one pass
     maps = F.interpolate(maps, size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
-    return (maps / maps.flatten(1).amax(dim=1).clamp_min(1e-5)[:, None, None]).cpu().numpy()
+    if cfg.rule == "two_backgrounds":
+        maps = maps / maps.flatten(1).amax(dim=1).clamp_min(1e-5)[:, None, None]
+    return maps.cpu().numpy()
 
 
 def walk_mask(image: np.ndarray, scores: np.ndarray, classes: np.ndarray, cfg: RefineConfig) -> np.ndarray:
-    """uint8 pseudo mask from :func:`propagated_scores`: the winners against the strong and
-    against the weak background (each snapped to edges by the CRF with ``random_walk.crf``),
-    combined as refine's two thresholds are."""
+    """uint8 pseudo mask from :func:`propagated_scores` by ``random_walk.rule``: the argmax, or
+    the winners against the strong and against the weak background combined as refine's two
+    thresholds are; each label map snapped to edges by the CRF with ``random_walk.crf``."""
     def winners(background: np.ndarray) -> np.ndarray:
-        labels = np.concatenate([background[None], scores[2:]]).argmax(axis=0)
+        labels = np.concatenate([background[None], scores[-len(classes):]]).argmax(axis=0)
         return crf_refine_labels(image, labels, len(classes) + 1, cfg.crf) if cfg.random_walk.crf else labels
 
+    if cfg.random_walk.rule == "argmax":
+        return np.concatenate([[0], classes]).astype(np.uint8)[winners(scores[0])]
     return combine_confident(winners(scores[0]), winners(scores[1]), classes)
 
 
@@ -265,9 +286,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
     dataset = open_dataset(cfg.data)
     train_ids = shard(dataset.split_ids(cfg.data.train_split))
     inputs = own_inputs(cfg) | {"upstream": upstream_keys(run_dir, upstream(cfg))}
+    cam_miou = (read_json(run_dir / "cam" / METRICS) or {}).get("miou")
     if cfg.refine.method == "crf":
         with StageOutput(run_dir, NAME, inputs) as out:
-            out.metrics = {"method": "crf"} | write_crf_masks(cfg, run_dir, train_ids, out.dir / "pseudo", out.resumed)
+            scores = write_crf_masks(cfg, run_dir, train_ids, out.dir / "pseudo", out.resumed)
+            out.metrics = {"method": "crf"} | with_gain(scores, cam_miou)
         return out.metrics
 
     device = select_device(cfg.device)
@@ -282,8 +305,18 @@ def run(cfg: Config, run_dir: Path) -> dict:
         with parallel_map(task, walked, cfg.refine.workers) as results:
             scores = _collect_scores(results, len(train_ids), dataset.classes, "refine (random walk)")
         net_metrics = read_json(net_dir / METRICS) or {}
-        out.metrics = {"method": "affinity"} | scores | {
-            "crf": net_metrics.get("crf"),
+        out.metrics = {"method": "affinity", "rule": cfg.refine.random_walk.rule} | with_gain(scores, cam_miou) | {
+            "crf": with_gain(net_metrics.get("crf") or {}, cam_miou),
+            "affinity_net_train_steps": net_metrics.get("train_steps"),
             "affinity_net_train_seconds": net_metrics.get("train_seconds"),
         }
     return out.metrics
+
+
+def with_gain(scores: dict, cam_miou: float | None) -> dict:
+    """``scores`` with ``cam_miou`` (the CAMs' own score, from cam's metrics.json) and
+    ``gain_over_cam``: how far these masks' mIoU (unsure counted as background, the argmax
+    protocol of PSA and IRNet) lies above the CAMs they were made from."""
+    if scores.get("miou") is None or cam_miou is None:
+        return scores
+    return scores | {"cam_miou": cam_miou, "gain_over_cam": round(scores["miou"] - cam_miou, 4)}

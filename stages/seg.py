@@ -32,7 +32,7 @@ from pipeline.mixed import (MixedBatchSampler, MixedTrainingSet, full_subset, mi
 from pipeline.models import DeepLab, predict_batch, segmentation_network
 from pipeline.runtime import is_main_process, seed_everything, select_device, shard
 from pipeline.self_regulation import self_regulation_loss
-from pipeline.train import LossFn, make_train_loader, save_checkpoint, train
+from pipeline.train import LossFn, loss_curve, make_train_loader, save_checkpoint, train
 
 NAME = "seg"
 CLASSES = "classes.txt"  # the class names, beside model.pt: `run_pipeline.py predict` needs no data folder
@@ -95,14 +95,15 @@ def training_loader(cfg: Config, dataset: VOCDataset, run_dir: Path, generator: 
     pseudo_masks = MaskFolder(run_dir / "refine" / "pseudo")
     if cfg.mode == "mixed":
         train_set = MixedTrainingSet(dataset, train_ids, full_ids, weak_labels(cfg.mixed, dataset, pseudo_masks),
-                                     crop, scales)
+                                     crop, scales, cfg.seg.train.color_jitter)
         full = set(full_ids)
         sampler = MixedBatchSampler([i for i, x in enumerate(train_ids) if x in full],
                                     [i for i, x in enumerate(train_ids) if x not in full],
                                     cfg.seg.train.batch_size, cfg.mixed.weak_per_full, generator)
         return make_train_loader(train_set, cfg.seg.train, cfg.data.loader_workers, generator, batch_sampler=sampler)
     labels = pseudo_masks if cfg.mode == "weak" else dataset.load_train_mask
-    train_set = TrainingSet(dataset, train_ids, crop, scales, pixel_labels={"mask": labels})
+    train_set = TrainingSet(dataset, train_ids, crop, scales, pixel_labels={"mask": labels},
+                            color_jitter=cfg.seg.train.color_jitter)
     return make_train_loader(train_set, cfg.seg.train, cfg.data.loader_workers, generator)
 
 
@@ -161,7 +162,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         loader = training_loader(cfg, dataset, run_dir, generator, full_ids)
         compute_loss = (functools.partial(mixed_supervision_loss, cfg=cfg.mixed, sr=cfg.seg.sr) if mixed
                         else training_loss(cfg.seg.sr))
-        losses = train(model, loader, compute_loss, cfg.seg.train, device, f"seg ({cfg.mode})", out.dir / CHECKPOINT)
+        history = train(model, loader, compute_loss, cfg.seg.train, device, f"seg ({cfg.mode})", out.dir / CHECKPOINT)
         save_checkpoint(out.dir / "model.pt", model)
 
         atomic_write_bytes(out.dir / CLASSES, "".join(f"{name}\n" for name in dataset.classes).encode())
@@ -172,7 +173,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         reason = "no masks" if val_ids else "no val split"
         out.metrics = scored(scores["predictions"], reason) | {
             "mode": cfg.mode,
-            "train_loss_by_epoch": [round(v, 4) for v in losses],
+            "train_loss_by_epoch": loss_curve(history),
         }
         if mixed:
             out.metrics["teacher"] = scored(scores["predictions_teacher"], reason)

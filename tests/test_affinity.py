@@ -3,8 +3,10 @@ import numpy as np
 import pytest
 import torch
 
+from pathlib import Path
+
 from pipeline.affinity import (BACKGROUND_POSITIVE, FOREGROUND_POSITIVE, NEGATIVE, affinity_labels, affinity_loss,
-                               neighbour_offsets, pair_affinities, random_walk, transition_weights)
+                               downsample_mask, neighbour_offsets, pair_affinities, random_walk, transition_weights)
 from pipeline.config import BackboneConfig, RandomWalkConfig, RefineConfig
 from pipeline.models import AffinityNet
 from stages.refine import walk_mask
@@ -142,7 +144,7 @@ def test_walk_mask_combines_the_strong_and_the_weak_background_as_the_two_thresh
     scores[1] = [[1.0, 0.2, 0.0], [0.1, 0.3, 0.9]]  # weak background
     scores[2] = [[0.0, 0.5, 0.8], [0.1, 0.6, 0.1]]  # class 4
     scores[3] = [[0.0, 0.0, 0.0], [0.9, 0.0, 0.2]]  # class 7
-    cfg = RefineConfig(random_walk=RandomWalkConfig(crf=False))
+    cfg = RefineConfig(random_walk=RandomWalkConfig(rule="two_backgrounds", crf=False))
     mask = walk_mask(np.zeros((2, 3, 3), np.uint8), scores, np.array([4, 7]), cfg)
     # (0,1) and (1,1): background against the strong map, class 4 against the weak one: unsure
     assert mask.tolist() == [[0, IGNORED, 4], [7, IGNORED, 0]]
@@ -152,3 +154,84 @@ def test_walk_mask_combines_the_strong_and_the_weak_background_as_the_two_thresh
 def test_affinitynet_gives_embeddings_at_its_feature_stride(stride, size):
     model = AffinityNet(BackboneConfig(name="resnet18", output_stride=16), stride, embedding_channels=32)
     assert model(torch.randn(2, 3, 96, 100)).shape == (2, 32) + size
+
+
+def test_walk_mask_argmax_rule_labels_every_pixel_with_the_highest_walked_score():
+    scores = np.zeros((3, 2, 3), dtype=np.float32)
+    scores[0] = [[0.9, 0.1, 0.1], [0.5, 0.2, 0.3]]  # walked background
+    scores[1] = [[0.1, 0.5, 0.0], [0.6, 0.1, 0.1]]  # class 4
+    scores[2] = [[0.0, 0.2, 0.8], [0.1, 0.3, 0.2]]  # class 7
+    mask = walk_mask(np.zeros((2, 3, 3), np.uint8), scores, np.array([4, 7]), RefineConfig())
+    assert mask.tolist() == [[0, 4, 7], [4, 7, 0]]
+
+
+REFERENCE = Path(__file__).parent / "data" / "psa_walk_reference.npz"
+
+
+@pytest.mark.parametrize("prefix, radius", [("", 3), ("r5_", 5)])
+@pytest.mark.parametrize("logt", [3, 8])
+def test_walk_matches_psa_reference_code(prefix, radius, logt):
+    """The reference values were computed by PSA's own code (jiwoon-ahn/psa@9493e59) on CPU:
+    ``tool/pyutils.py get_indices_of_pairs`` (imported), the pair affinities and the dense
+    matrix with identity and transpose of ``network/resnet38_aff.py:50-73``, and the walk of
+    ``infer_aff.py:96-118`` (background (1 - max)^16, A^8, column normalisation, logt
+    squarings, ``cam @ T``), on seeded random features (4 channels) and CAMs of two classes
+    at feature resolution; 6 x 7 at radius 3 and 12 x 14 at radius 5 (PSA's)."""
+    reference = np.load(REFERENCE)
+    features = torch.from_numpy(reference[prefix + "feat"])[None]
+    cams = torch.from_numpy(reference[prefix + "cam_in"])[None]  # [(1 - max)^16, class 1, class 2]
+    suffix = "_logt8" if logt == 8 else ""
+    weights, offsets = transition_weights(features, radius, beta=8.0, pairs="psa")
+    walked = random_walk(cams, weights, offsets, iterations=2 ** logt)[0].numpy()
+    expected = reference[prefix + "cam_rw" + suffix]
+    np.testing.assert_allclose(walked, expected, rtol=1e-4, atol=1e-6 * 2 ** logt)
+    assert (walked.argmax(axis=0) == reference[prefix + "pred" + suffix]).all()
+    # PSA's border pairs matter: with every pair inside the image the result is another one.
+    weights_all, _ = transition_weights(features, radius, beta=8.0, pairs="all")
+    assert np.abs(random_walk(cams, weights_all, offsets, 2 ** logt)[0].numpy() - expected).max() > 0.1
+
+
+def test_psa_pairs_start_nowhere_near_the_left_right_and_bottom_borders():
+    weights, offsets = transition_weights(torch.randn(1, 2, 8, 9), radius=3, beta=1.0, pairs="psa")
+    right = offsets.index((0, 1))
+    # (p, p + (0, 1)) starts at p: only columns 2..6 and rows 0..5 start pairs
+    starts = (weights[0, right] > 0).nonzero().tolist()
+    assert {y for y, _ in starts} == set(range(6)) and {x for _, x in starts} == set(range(2, 7))
+    # its transpose, seen from p + (0, 1), goes left
+    left = offsets.index((0, -1))
+    assert ((weights[0, left] > 0).nonzero().tolist()
+            == [[y, x + 1] for y, x in starts])
+    assert torch.allclose(weights.sum(dim=1), torch.ones(1, 8, 9))
+
+
+def test_pooled_labels_keep_a_region_that_fills_most_of_a_block_where_nearest_loses_it():
+    mask = torch.zeros(1, 8, 8, dtype=torch.long)
+    mask[0, 1:4, 1:4] = 3   # 9 of the 16 pixels of the top-left 4x4 block; (0, 0) is background
+    mask[0, 4:, 4:] = 255   # the bottom-right block is unsure
+    pooled = downsample_mask(mask, (2, 2), "pool")
+    assert pooled[0].tolist() == [[3, 0], [0, 255]]
+    nearest = downsample_mask(mask, (2, 2), "nearest")
+    assert nearest[0, 0, 0] == 0
+
+
+def test_affinity_loss_reports_the_mean_affinity_of_negative_pairs():
+    embeddings = torch.zeros(1, 2, 4, 4)
+    mask = torch.zeros(1, 4, 4, dtype=torch.long)
+    mask[0, :, 2:] = 1
+    terms = affinity_loss(embeddings, mask, radius=2, label_downsample="nearest")
+    assert terms["neg_affinity"].item() == pytest.approx(1.0)  # identical embeddings: affinity 1
+    assert torch.isnan(affinity_loss(embeddings, torch.zeros_like(mask), radius=2)["neg_affinity"])
+
+
+def test_psa_head_starts_with_distinct_embeddings_where_the_linear_head_starts_with_affinities_near_one():
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 64)
+    spreads = {}
+    for head in ("psa", "bn_relu"):
+        model = AffinityNet(BackboneConfig(name="resnet18", output_stride=16), 8, 64, head).eval()
+        with torch.no_grad():
+            affinity = pair_affinities(model(images), neighbour_offsets(5, half=True))
+        spreads[head] = (affinity.min().item(), affinity.max().item())
+    low, high = spreads["psa"]
+    assert low < 0.1 and high > 0.4
+    assert spreads["bn_relu"][0] > 0.5  # every pair starts looking alike

@@ -201,6 +201,11 @@ def test_affinity_refine_keeps_crf_and_final_masks_and_caches_the_net_under_its_
     assert run(weak_run, *settings) == 0  # refine (CRF masks, AffinityNet, walk) and seg
     metrics = json.loads((run_dir / "refine" / "metrics.json").read_text())
     assert metrics["method"] == "affinity" and 0 <= metrics["crf"]["miou"] <= 1 and 0 <= metrics["miou"] <= 1
+    cam_miou = json.loads((run_dir / "cam" / "metrics.json").read_text())["miou"]
+    assert metrics["gain_over_cam"] == round(metrics["miou"] - cam_miou, 4)
+    assert metrics["unsure_fraction"] == 0  # PSA's argmax rule labels every pixel
+    net = json.loads((run_dir / "affinitynet" / "metrics.json").read_text())
+    assert net["train_steps"] == 3 and len(net["train_neg_affinity_by_epoch"]) == 1
     for folder in ("crf", "pseudo"):
         assert len(list((run_dir / "refine" / folder).glob("*.png"))) == 24
     net_before = manifest_time(weak_run, "affinitynet", run_dir)
@@ -209,7 +214,8 @@ def test_affinity_refine_keeps_crf_and_final_masks_and_caches_the_net_under_its_
     # A random-walk parameter: refine and seg are stale, the AffinityNet is reused.
     assert run(weak_run, *settings, "--set", "refine.random_walk.beta=4", "--dry-run") == 0
     out = capsys.readouterr().out
-    assert "refine  stale" in out and "refine.random_walk.beta 10.0 -> 4" in out and "seg     stale" in out
+    assert "refine  stale" in out and "refine.random_walk.beta 8.0 -> 4" in out and "seg     stale" in out
+    assert "  affinitynet  cached   -> reuse" in out
     assert run(weak_run, *settings, "--set", "refine.random_walk.beta=4", "--stages", "refine") == 0
     assert "reusing the AffinityNet" in capsys.readouterr().err
     assert manifest_time(weak_run, "affinitynet", run_dir) == net_before
