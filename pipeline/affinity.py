@@ -114,12 +114,27 @@ def downsample_mask(mask: torch.Tensor, size: tuple[int, int], how: str) -> torc
 
 def affinity_loss(embeddings: torch.Tensor, mask: torch.Tensor, radius: int, label_downsample: str = "pool") -> dict:
     """The balanced pair loss of B x D x h x w embeddings against a B x H x W pseudo mask
-    (brought to h x w by :func:`downsample_mask`); terms "bg", "fg", "neg", the total "loss",
-    and "neg_affinity", the mean affinity of the negative pairs (a diagnostic, not trained
-    on: near 1 means the network has not yet learnt to separate regions)."""
+    (brought to h x w by :func:`downsample_mask`): see :func:`pair_loss`."""
     mask = downsample_mask(mask, embeddings.shape[-2:], label_downsample)
-    labels = affinity_labels(mask, radius)
-    affinity = pair_affinities(embeddings, neighbour_offsets(radius, half=True))
+    return pair_loss(pair_affinities(embeddings, neighbour_offsets(radius, half=True)), affinity_labels(mask, radius))
+
+
+def boundary_loss(boundary: torch.Tensor, mask: torch.Tensor, radius: int, label_downsample: str = "nearest") -> dict:
+    """IRNet's inter-pixel relation loss (irn@a2ece00 net/resnet50_irn.py:198-213,
+    step/train_irn.py:186-197) of a B x 1 x h x w boundary probability map against a pseudo
+    mask: the affinity of a pair is 1 minus the highest boundary value on the path between
+    them (:func:`path_affinities`), with :func:`pair_loss`'s balance ((bg/2 + fg/2) / 2 +
+    neg / 2 there). IRNet brings its labels to the map by nearest neighbour."""
+    mask = downsample_mask(mask, boundary.shape[-2:], label_downsample)
+    return pair_loss(path_affinities(boundary, neighbour_offsets(radius, half=True)), affinity_labels(mask, radius))
+
+
+def pair_loss(affinity: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Cross-entropy of B x O x h x w pair affinities against :func:`affinity_labels`, averaged
+    separately over background-positive, foreground-positive and negative pairs and combined
+    ``bg/4 + fg/4 + neg/2``; terms "bg", "fg", "neg", the total "loss", and "neg_affinity",
+    the mean affinity of the negative pairs (a diagnostic, not trained on: near 1 means the
+    network has not yet learnt to separate regions)."""
     eps = 1e-5
 
     def mean_over(code: int, values: torch.Tensor) -> torch.Tensor:
@@ -137,26 +152,64 @@ def affinity_loss(embeddings: torch.Tensor, mask: torch.Tensor, radius: int, lab
     return {"loss": terms["bg"] / 4 + terms["fg"] / 4 + terms["neg"] / 2} | terms | {"neg_affinity": neg_affinity}
 
 
+def path_points(dy: int, dx: int) -> list[tuple[int, int]]:
+    """The pixels between (0, 0) and (dy, dx), both included: those of the pair's bounding box
+    whose distance to the line through the two is below 1 (IRNet's paths, misc/indexing.py:32-49)."""
+    length = (dy * dy + dx * dx) ** 0.5
+    points = []
+    for y in range(min(0, dy), max(0, dy) + 1):
+        for x in range(min(0, dx), max(0, dx) + 1):
+            if length == 0 or abs(y * dx - x * dy) / length < 1:
+                points.append((y, x))
+    return points
+
+
+def path_affinities(boundary: torch.Tensor, offsets: list[tuple[int, int]]) -> torch.Tensor:
+    """B x 1 x h x w boundary probabilities -> B x O x h x w affinities between p and p + offset:
+    1 minus the highest boundary value on the path between them, and 1 for a pixel with itself
+    (IRNet adds the identity, misc/indexing.py:112-129). Outside the image the boundary is 1
+    (IRNet pads its map with 1, misc/indexing.py:150), so a pair leaving the image has affinity 0."""
+    height, width = boundary.shape[-2:]
+    pad = _reach(offsets)
+    padded = F.pad(boundary, (pad, pad, pad, pad), value=1.0)
+    return torch.cat([
+        torch.ones_like(boundary) if (dy, dx) == (0, 0) else
+        1 - torch.stack([_shifted(padded, pad, y, x, height, width) for y, x in path_points(dy, dx)]).amax(dim=0)
+        for dy, dx in offsets
+    ], dim=1)
+
+
+def walk_offsets(radius: int) -> list[tuple[int, int]]:
+    """The walk's offsets: (0, 0) first, then every neighbour within ``radius``."""
+    return [(0, 0)] + neighbour_offsets(radius, half=False)
+
+
 def transition_weights(embeddings: torch.Tensor, radius: int, beta: float,
                        pairs: str = "all") -> tuple[torch.Tensor, list]:
-    """Row-normalised transition probabilities of the walk: B x O x h x w, O the offsets of
-    ``neighbour_offsets(radius, half=False)`` plus (0, 0); each position's weights sum to 1
-    and are 0 towards positions outside the image, and with ``pairs="psa"`` towards the
-    pairs PSA's index function leaves out (module docstring)."""
-    offsets = [(0, 0)] + neighbour_offsets(radius, half=False)
-    height, width = embeddings.shape[-2:]
-    weights = pair_affinities(embeddings, offsets).pow(beta)
+    """The walk's transitions along AffinityNet embeddings: see :func:`normalized_transitions`."""
+    offsets = walk_offsets(radius)
+    return normalized_transitions(pair_affinities(embeddings, offsets), offsets, beta, radius, pairs), offsets
+
+
+def normalized_transitions(affinities: torch.Tensor, offsets: list, beta: float, radius: int,
+                           pairs: str = "all") -> torch.Tensor:
+    """Row-normalised transition probabilities of the walk from B x O x h x w affinities for
+    ``walk_offsets(radius)``: each position's weights sum to 1 and are 0 towards positions
+    outside the image, and with ``pairs="psa"`` towards the pairs PSA's index function leaves
+    out (module docstring)."""
+    height, width = affinities.shape[-2:]
+    weights = affinities.pow(beta)
     pad = _reach(offsets)
-    origins = F.pad(_pair_origins(embeddings, radius, pairs), (pad, pad, pad, pad))
-    in_image = F.pad(embeddings.new_ones(1, 1, height, width), (pad, pad, pad, pad))
-    exists = [embeddings.new_ones(1, 1, height, width)]  # (0, 0): every pixel keeps its own score
+    origins = F.pad(_pair_origins(affinities, radius, pairs), (pad, pad, pad, pad))
+    in_image = F.pad(affinities.new_ones(1, 1, height, width), (pad, pad, pad, pad))
+    exists = [affinities.new_ones(1, 1, height, width)]  # (0, 0): every pixel keeps its own score
     for dy, dx in offsets[1:]:
         # (p, p + o) with o in the half-plane exists when p may start a pair; for the other
         # half, (p, p + o) is the transpose of (p + o, p): it exists when p + o may start one.
         first = (0, 0) if dy > 0 or (dy == 0 and dx > 0) else (dy, dx)
         exists.append(_shifted(origins, pad, *first, height, width) * _shifted(in_image, pad, dy, dx, height, width))
     weights = weights * torch.cat(exists, dim=1)
-    return weights / weights.sum(dim=1, keepdim=True), offsets
+    return weights / weights.sum(dim=1, keepdim=True)
 
 
 def _pair_origins(embeddings: torch.Tensor, radius: int, pairs: str) -> torch.Tensor:

@@ -31,8 +31,8 @@ LOCK = ".lock"
 RESUME_KEY = "resume-key.json"  # in a partial folder: the key it is made under
 CHECKPOINT = "checkpoint.pt"  # in a partial folder: the training state at the end of the last epoch
 RESUME_FILES = (RESUME_KEY, CHECKPOINT)  # a partial folder's own files, never part of a finished stage
-# Every cached folder a run folder holds, in pipeline order (affinitynet: refine's AffinityNet).
-STAGE_FOLDERS = ("cam", "affinitynet", "refine", "seg")
+# Every cached folder a run folder holds, in pipeline order (affinitynet, irn: the networks of refine's methods).
+STAGE_FOLDERS = ("cam", "affinitynet", "irn", "refine", "seg")
 METRICS = "metrics.json"
 
 

@@ -188,10 +188,40 @@ class RandomWalkConfig:
 
 
 @dataclass
+class IrnConfig:
+    """IRNet's inter-pixel relations (Ahn, Cho & Kwak, CVPR 2019): a boundary map learnt from the
+    pair labels of the CRF masks. Defaults are IRNet's (jiwoon-ahn/irn@a2ece00 run_sample.py:35-52,
+    step/train_irn.py, net/resnet50_irn.py); the displacement branch, which serves instance
+    masks only, is left out."""
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(output_stride=16))
+    # IRNet: batch 32, 3 epochs, lr 0.1 for the boundary layers, weight decay 1e-4, crop 512,
+    # rescale 0.5-1.5. Its backbone is frozen (features detached, BatchNorm fixed).
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=3, batch_size=32, lr=0.1, head_lr_mult=1.0, weight_decay=1e-4, crop_size=512, scale_range=[0.5, 1.5]))
+    # false trains the backbone too: for a backbone without pretrained weights, whose frozen
+    # random features have little to say about boundaries (not IRNet's setting).
+    freeze_backbone: bool = True
+    radius: int = _opt(10, low=2)  # pairs of the training loss, in stride-4 pixels (train_irn.py:140)
+    label_downsample: str = _opt("nearest", choices=("pool", "nearest"))  # IRNet: nearest (dataloader.py:269)
+
+
+@dataclass
+class IrnWalkConfig:
+    """IRNet's walk (make_sem_seg_labels.py:37-49, misc/indexing.py:141-167): the CAMs, times
+    (1 - boundary), walked along 1 - (the highest boundary value between two pixels), then
+    divided by their overall maximum; a pixel is background where no class reaches ``bg_threshold``."""
+    radius: int = _opt(5, low=2)
+    beta: float = _opt(10.0, above=0.0)
+    iterations: int = _opt(256, low=1)  # IRNet: exp_times 8, 2^8 steps
+    bg_threshold: float = _opt(0.25, low=0.0, high=1.0)
+
+
+@dataclass
 class RefineConfig:
     # crf: the CRF pseudo masks are final; affinity: they train an AffinityNet, and a random
-    # walk along its affinities turns the CAMs into the final pseudo masks.
-    method: str = _opt("crf", choices=("crf", "affinity"))
+    # walk along its affinities turns the CAMs into the final pseudo masks; irn: the same with
+    # IRNet's boundary map and walk.
+    method: str = _opt("crf", choices=("crf", "affinity", "irn"))
     # IRNet's two thresholds: a pixel is confidently foreground when the CRF keeps it
     # foreground even against a high background score, confidently background when the
     # CRF calls it background even against a low one; everything between is unsure (255).
@@ -200,6 +230,8 @@ class RefineConfig:
     crf: CrfConfig = field(default_factory=CrfConfig)
     affinity: AffinityNetConfig = field(default_factory=AffinityNetConfig)
     random_walk: RandomWalkConfig = field(default_factory=RandomWalkConfig)
+    irn: IrnConfig = field(default_factory=IrnConfig)
+    irn_walk: IrnWalkConfig = field(default_factory=IrnWalkConfig)
     workers: int = _opt(2, low=1)  # CRF worker processes
 
 
@@ -323,7 +355,8 @@ def config_from_dict(raw: dict) -> Config:
         raise ConfigError("config key 'data.spacing' or 'data.spacing_file' needs 'data.volume_pattern'")
     if cfg.demo is not None and cfg.demo.min_size > cfg.demo.max_size:
         raise ConfigError("demo.min_size must not exceed demo.max_size")
-    for section, train in (("cam", cfg.cam.train), ("seg", cfg.seg.train), ("refine.affinity", cfg.refine.affinity.train)):
+    for section, train in (("cam", cfg.cam.train), ("seg", cfg.seg.train), ("refine.affinity", cfg.refine.affinity.train),
+                           ("refine.irn", cfg.refine.irn.train)):
         scale_range = train.scale_range
         if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
             raise ConfigError(f"config key '{section}.train.scale_range' must be [low, high] with 0 < low <= high")

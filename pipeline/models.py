@@ -184,6 +184,43 @@ class AffinityNet(nn.Module):
         return self.embed(torch.cat(projected, dim=1))
 
 
+class BoundaryNet(nn.Module):
+    """IRNet's boundary branch (irn@a2ece00 net/resnet50_irn.py:23-51,117-122): each of the five
+    backbone levels through a 1x1 conv to 32 channels and GroupNorm(4), resized to the stride-4
+    map, ReLU; the 160 channels concatenated and a 1x1 conv (with bias) to one boundary logit
+    per pixel. IRNet freezes the backbone (features detached, BatchNorm in eval mode);
+    ``freeze_backbone=False`` trains it too."""
+
+    def __init__(self, backbone_cfg: BackboneConfig, freeze_backbone: bool = True):
+        super().__init__()
+        self.backbone = Backbone(backbone_cfg, "refine.irn.backbone")
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+        self.branches = nn.ModuleList(nn.Sequential(nn.Conv2d(channels, 32, 1, bias=False), nn.GroupNorm(4, 32))
+                                      for channels in self.backbone.channels)
+        self.boundary = nn.Conv2d(32 * len(self.backbone.channels), 1, 1)
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        return [p for head in (self.branches, self.boundary) for p in head.parameters()]
+
+    def train(self, mode: bool = True) -> "BoundaryNet":
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """B x 1 x h x w boundary logits, h x w the size of the stride-4 level (layer1)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
+            features = self.backbone(x)
+        size = features[1].shape[-2:]
+        maps = [F.relu(F.interpolate(branch(f), size=size, mode="bilinear", align_corners=False)
+                       if f.shape[-2:] != size else branch(f))
+                for branch, f in zip(self.branches, features)]
+        return self.boundary(torch.cat(maps, dim=1))
+
+
 @torch.no_grad()
 def predict_batch(forward, images: list[torch.Tensor], flip: bool) -> list[np.ndarray]:
     """Class-index masks of same-sized 3xHxW images from a logits function (a branch of the

@@ -39,7 +39,7 @@ SAMPLE = 4  # seeded random images per split in the gallery
 WORST = 2  # worst-scored images per split, where masks exist
 WORST_POOL = 300  # ids scored to find the worst ones (a seeded sample on large data sets)
 THUMB = 160  # gallery cell height in pixels
-SCORED_ON = {"cam": "train", "affinitynet": "train", "refine": "train", "seg": "val"}  # the split a stage scores
+SCORED_ON = {"cam": "train", "affinitynet": "train", "irn": "train", "refine": "train", "seg": "val"}  # the split a stage scores
 
 
 def _png(figure_or_array) -> bytes:

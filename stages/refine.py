@@ -35,58 +35,69 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.affinity import affinity_loss, random_walk, transition_weights
+from pipeline.affinity import (affinity_loss, boundary_loss, normalized_transitions, path_affinities, random_walk,
+                               transition_weights, walk_offsets)
 from pipeline.backbones import weights_fingerprint
 from pipeline.cache import CHECKPOINT, METRICS, StageOutput, StageStatus, read_json, stage_status, upstream_keys
 from pipeline.cam import cam_argmax
-from pipeline.config import (VOLUME_SCORING_KEYS, Config, DataConfig, RandomWalkConfig, RefineConfig,
+from pipeline.config import (VOLUME_SCORING_KEYS, Config, DataConfig, IrnWalkConfig, RandomWalkConfig, RefineConfig,
                              section_for_cache)
 from pipeline.crf import crf_refine_labels
 from pipeline.data import IGNORE, MaskFolder, TrainingSet, normalize, open_dataset, score_ids, score_split
 from pipeline.io import load_mask, save_mask
 from pipeline.metrics import confident_confusion_matrix, confusion_matrix, iou_scores, not_scored
-from pipeline.models import AffinityNet
+from pipeline.models import AffinityNet, BoundaryNet
 from pipeline.runtime import is_main_process, parallel_map, seed_everything, select_device, shard
 from pipeline.train import load_checkpoint, loss_curve, make_train_loader, save_checkpoint, train
 from stages.cam import load_cams
 
 NAME = "refine"
 AFFINITY_NET = "affinitynet"  # the cached AffinityNet's folder in the run folder
+IRN_NET = "irn"  # the cached IRNet boundary network's folder
 
 
 def upstream(cfg: Config) -> list[str]:
     return ["cam"]
 
 
+# Per method: the folder of its cached network, and the refine sections it reads besides the
+# CRF settings (the network's, then the walk's).
+NETWORKS = {"affinity": AFFINITY_NET, "irn": IRN_NET}
+SECTIONS = {"crf": (), "affinity": ("affinity", "random_walk"), "irn": ("irn", "irn_walk")}
+
+
 def own_inputs(cfg: Config) -> dict:
     dataset = open_dataset(cfg.data)
-    if cfg.refine.method == "crf":
-        config = section_for_cache(cfg, "data", "refine", omit=VOLUME_SCORING_KEYS)
-        # The affinity settings do not touch CRF masks.
-        config["refine"] = {k: v for k, v in config["refine"].items() if k not in ("affinity", "random_walk")}
-        extra = {}
-    else:
-        config = section_for_cache(cfg, "seed", "data", "refine", omit=VOLUME_SCORING_KEYS)
-        extra = {"weights_fingerprint": weights_fingerprint(cfg.refine.affinity.backbone,
-                                                            "refine.affinity.backbone.weights")}
+    method = cfg.refine.method
+    keys = ("data", "refine") if method == "crf" else ("seed", "data", "refine")
+    config = section_for_cache(cfg, *keys, omit=VOLUME_SCORING_KEYS)
+    # Another method's settings do not touch this one's masks.
+    unused = {name for section in SECTIONS.values() for name in section} - set(SECTIONS[method])
+    config["refine"] = {k: v for k, v in config["refine"].items() if k not in unused}
+    extra = {}
+    if method != "crf":
+        section = SECTIONS[method][0]
+        extra = {"weights_fingerprint": weights_fingerprint(getattr(cfg.refine, section).backbone,
+                                                            f"refine.{section}.backbone.weights")}
     return {"config": config,
             "data_fingerprint": dataset.fingerprint(cfg.data.train_split, [score_split(cfg.data)])} | extra
 
 
-def affinity_net_status(cfg: Config, run_dir: Path, refine_inputs: dict) -> StageStatus | None:
-    """The cached AffinityNet's state (cached, stale, damaged or missing) under ``cfg``, for
-    ``--dry-run``; None when refine does not use one."""
-    if cfg.refine.method != "affinity":
+def relation_net_status(cfg: Config, run_dir: Path, refine_inputs: dict) -> tuple[str, StageStatus] | None:
+    """The folder name and state (cached, stale, damaged or missing) of the network refine's
+    method trains, under ``cfg``, for ``--dry-run``; None for the crf method."""
+    if cfg.refine.method == "crf":
         return None
-    return stage_status(run_dir, AFFINITY_NET, affinity_net_inputs(refine_inputs))
+    folder = NETWORKS[cfg.refine.method]
+    return folder, stage_status(run_dir, folder, relation_net_inputs(refine_inputs))
 
 
-def affinity_net_inputs(refine_inputs: dict) -> dict:
-    """The AffinityNet's cache inputs, from refine's (affinity method, upstream included):
-    everything refine depends on except the random walk and the method switch."""
+def relation_net_inputs(refine_inputs: dict) -> dict:
+    """The cached network's inputs, from refine's (upstream included): everything refine
+    depends on except the walk and the method switch."""
     inputs = copy.deepcopy(refine_inputs)
-    inputs["config"]["refine"].pop("random_walk")
-    inputs["config"]["refine"].pop("method")
+    refine = inputs["config"]["refine"]
+    refine.pop("random_walk" if refine.pop("method") == "affinity" else "irn_walk")
     return inputs
 
 
@@ -178,46 +189,58 @@ def write_crf_masks(cfg: Config, run_dir: Path, ids: list[str], out_dir: Path, r
                      "workers": cfg.refine.workers}
 
 
-# --- AffinityNet -------------------------------------------------------------------------
+# --- The relation network: AffinityNet or IRNet's boundary map ----------------------------
 
 def _affinity_training_loss(model, batch, epoch, radius: int, label_downsample: str) -> dict:
     return affinity_loss(model(batch["image"]), batch["mask"], radius, label_downsample)
 
 
-def affinity_net(cfg: Config, run_dir: Path, refine_inputs: dict, device: torch.device) -> tuple[AffinityNet, Path]:
-    """The trained AffinityNet and its folder (with ``crf/``, the CRF masks it learnt from):
-    from the cache when its key matches, else made now (CRF masks, then training)."""
+def _boundary_training_loss(model, batch, epoch, radius: int, label_downsample: str) -> dict:
+    return boundary_loss(torch.sigmoid(model(batch["image"])), batch["mask"], radius, label_downsample)
+
+
+def build_relation_net(cfg: RefineConfig) -> AffinityNet | BoundaryNet:
+    if cfg.method == "irn":
+        return BoundaryNet(cfg.irn.backbone, cfg.irn.freeze_backbone)
+    net = cfg.affinity
+    return AffinityNet(net.backbone, net.feature_stride, net.embedding_channels, net.head)
+
+
+def relation_net(cfg: Config, run_dir: Path, refine_inputs: dict,
+                 device: torch.device) -> tuple[AffinityNet | BoundaryNet, Path]:
+    """The trained network of refine's method and its folder (with ``crf/``, the CRF masks it
+    learnt from): from the cache when its key matches, else made now (CRF masks, training)."""
     dataset = open_dataset(cfg.data)
-    net_cfg = cfg.refine.affinity
-    inputs = affinity_net_inputs(refine_inputs)
+    folder = NETWORKS[cfg.refine.method]
+    net_cfg = cfg.refine.irn if cfg.refine.method == "irn" else cfg.refine.affinity
+    inputs = relation_net_inputs(refine_inputs)
     # Seeded before the network is built: its initial weights must not depend on whether cam
     # ran earlier in this process (one cache key, one network).
     generator = seed_everything(cfg.seed)
-    model = AffinityNet(net_cfg.backbone, net_cfg.feature_stride, net_cfg.embedding_channels, net_cfg.head)
-    if stage_status(run_dir, AFFINITY_NET, inputs).state == "cached":
-        load_checkpoint(run_dir / AFFINITY_NET / "model.pt", model)
+    model = build_relation_net(cfg.refine)
+    if stage_status(run_dir, folder, inputs).state == "cached":
+        load_checkpoint(run_dir / folder / "model.pt", model)
         if is_main_process():
-            print(f"refine: reusing the AffinityNet in {run_dir / AFFINITY_NET} (its inputs are unchanged)",
-                  file=sys.stderr)
-    else:
-        with StageOutput(run_dir, AFFINITY_NET, inputs) as out:
-            train_ids = dataset.split_ids(cfg.data.train_split)
-            crf_scores = write_crf_masks(cfg, run_dir, shard(train_ids), out.dir / "crf", out.resumed)
-            started = time.perf_counter()
-            train_set = TrainingSet(dataset, train_ids, net_cfg.train.crop_size, net_cfg.train.scale_range,
-                                    pixel_labels={"mask": MaskFolder(out.dir / "crf")},
-                                    color_jitter=net_cfg.train.color_jitter)
-            loader = make_train_loader(train_set, net_cfg.train, cfg.data.loader_workers, generator)
-            loss = functools.partial(_affinity_training_loss, radius=net_cfg.radius,
-                                     label_downsample=net_cfg.label_downsample)
-            history = train(model.to(device), loader, loss, net_cfg.train, device, "affinitynet", out.dir / CHECKPOINT)
-            save_checkpoint(out.dir / "model.pt", model)
-            # The three loss terms and the negative pairs' mean affinity per epoch: an
-            # under-trained network shows as a high neg_affinity and a still-falling neg term.
-            out.metrics = {"crf": crf_scores, "train_steps": len(history) * len(loader),
-                           "train_seconds": round(time.perf_counter() - started, 1)} | {
-                f"train_{term}_by_epoch": loss_curve(history, term) for term in ("loss", "bg", "fg", "neg", "neg_affinity")}
-    return model.to(device).eval(), run_dir / AFFINITY_NET
+            print(f"refine: reusing the network in {run_dir / folder} (its inputs are unchanged)", file=sys.stderr)
+        return model.to(device).eval(), run_dir / folder
+    with StageOutput(run_dir, folder, inputs) as out:
+        train_ids = dataset.split_ids(cfg.data.train_split)
+        crf_scores = write_crf_masks(cfg, run_dir, shard(train_ids), out.dir / "crf", out.resumed)
+        started = time.perf_counter()
+        train_set = TrainingSet(dataset, train_ids, net_cfg.train.crop_size, net_cfg.train.scale_range,
+                                pixel_labels={"mask": MaskFolder(out.dir / "crf")},
+                                color_jitter=net_cfg.train.color_jitter)
+        loader = make_train_loader(train_set, net_cfg.train, cfg.data.loader_workers, generator)
+        loss = functools.partial(_boundary_training_loss if cfg.refine.method == "irn" else _affinity_training_loss,
+                                 radius=net_cfg.radius, label_downsample=net_cfg.label_downsample)
+        history = train(model.to(device), loader, loss, net_cfg.train, device, folder, out.dir / CHECKPOINT)
+        save_checkpoint(out.dir / "model.pt", model)
+        # The three loss terms and the negative pairs' mean affinity per epoch: an
+        # under-trained network shows as a high neg_affinity and a still-falling neg term.
+        out.metrics = {"crf": crf_scores, "train_steps": len(history) * len(loader),
+                       "train_seconds": round(time.perf_counter() - started, 1)} | {
+            f"train_{term}_by_epoch": loss_curve(history, term) for term in ("loss", "bg", "fg", "neg", "neg_affinity")}
+    return model.to(device).eval(), run_dir / folder
 
 
 # --- Random walk -------------------------------------------------------------------------
@@ -243,15 +266,36 @@ def propagated_scores(model: AffinityNet, image: torch.Tensor, cams: np.ndarray,
     return maps.cpu().numpy()
 
 
+@torch.no_grad()
+def boundary_scores(model: BoundaryNet, image: torch.Tensor, cams: np.ndarray, cfg: IrnWalkConfig) -> np.ndarray:
+    """IRNet's walk on one 3 x H x W image (make_sem_seg_labels.py:37-49, misc/indexing.py:141-167):
+    the boundary map (the mean of the image's and its mirror's logits, then a sigmoid), the CAMs
+    pooled to it and multiplied by (1 - boundary), walked along the path affinities, upsampled,
+    divided by their overall maximum; returned after the constant background map
+    ``bg_threshold``, the K CAMs following, at the image's size."""
+    logits = model(torch.stack([image, image.flip(-1)]))
+    boundary = torch.sigmoid((logits[0] + logits[1].flip(-1)) / 2)[None]
+    maps = F.adaptive_avg_pool2d(torch.from_numpy(cams).to(image.device, torch.float32)[None], boundary.shape[-2:])
+    offsets = walk_offsets(cfg.radius)
+    weights = normalized_transitions(path_affinities(boundary, offsets), offsets, cfg.beta, cfg.radius, "all")
+    maps = random_walk(maps * (1 - boundary), weights, offsets, cfg.iterations)
+    maps = F.interpolate(maps, size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
+    maps = maps / maps.max().clamp_min(1e-5)
+    return torch.cat([torch.full_like(maps[:1], cfg.bg_threshold), maps]).cpu().numpy()
+
+
 def walk_mask(image: np.ndarray, scores: np.ndarray, classes: np.ndarray, cfg: RefineConfig) -> np.ndarray:
-    """uint8 pseudo mask from :func:`propagated_scores` by ``random_walk.rule``: the argmax, or
-    the winners against the strong and against the weak background combined as refine's two
-    thresholds are; each label map snapped to edges by the CRF with ``random_walk.crf``."""
+    """uint8 pseudo mask from the walked scores (:func:`propagated_scores` or
+    :func:`boundary_scores`): the argmax (irn, and affinity's ``argmax`` rule), or the winners
+    against the strong and against the weak background combined as refine's two thresholds
+    are; with ``random_walk.crf`` each label map is snapped to edges by the CRF first."""
+    snap = cfg.method == "affinity" and cfg.random_walk.crf
+
     def winners(background: np.ndarray) -> np.ndarray:
         labels = np.concatenate([background[None], scores[-len(classes):]]).argmax(axis=0)
-        return crf_refine_labels(image, labels, len(classes) + 1, cfg.crf) if cfg.random_walk.crf else labels
+        return crf_refine_labels(image, labels, len(classes) + 1, cfg.crf) if snap else labels
 
-    if cfg.random_walk.rule == "argmax":
+    if cfg.method == "irn" or cfg.random_walk.rule == "argmax":
         return np.concatenate([[0], classes]).astype(np.uint8)[winners(scores[0])]
     return combine_confident(winners(scores[0]), winners(scores[1]), classes)
 
@@ -268,7 +312,7 @@ def _walk_mask_one(item, data: DataConfig, scored: set[str], out_dir: Path, cfg:
     return _save_and_score(image_id, mask, data, scored, out_dir)
 
 
-def _walk_all(model: AffinityNet, ids: list[str], cfg: Config, cam_dir: Path, device: torch.device,
+def _walk_all(model: AffinityNet | BoundaryNet, ids: list[str], cfg: Config, cam_dir: Path, device: torch.device,
               done: Path | None) -> Iterator:
     """(id, propagated scores as float16, classes) per image, computed on ``device``; none for
     the images whose mask is already in the folder ``done`` (a resumed stage)."""
@@ -279,7 +323,9 @@ def _walk_all(model: AffinityNet, ids: list[str], cfg: Config, cam_dir: Path, de
             yield image_id, None, classes
             continue
         image = normalize(dataset.load_image(image_id)).to(device)
-        yield image_id, propagated_scores(model, image, cams, cfg.refine.random_walk).astype(np.float16), classes
+        scores = (boundary_scores(model, image, cams, cfg.refine.irn_walk) if cfg.refine.method == "irn"
+                  else propagated_scores(model, image, cams, cfg.refine.random_walk))
+        yield image_id, scores.astype(np.float16), classes
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
@@ -294,7 +340,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         return out.metrics
 
     device = select_device(cfg.device)
-    model, net_dir = affinity_net(cfg, run_dir, inputs, device)
+    model, net_dir = relation_net(cfg, run_dir, inputs, device)
     with StageOutput(run_dir, NAME, inputs) as out:
         shutil.copytree(net_dir / "crf", out.dir / "crf", dirs_exist_ok=out.resumed)
         (out.dir / "pseudo").mkdir(exist_ok=out.resumed)
@@ -305,10 +351,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
         with parallel_map(task, walked, cfg.refine.workers) as results:
             scores = _collect_scores(results, len(train_ids), dataset.classes, "refine (random walk)")
         net_metrics = read_json(net_dir / METRICS) or {}
-        out.metrics = {"method": "affinity", "rule": cfg.refine.random_walk.rule} | with_gain(scores, cam_miou) | {
+        rule = cfg.refine.random_walk.rule if cfg.refine.method == "affinity" else "argmax"
+        out.metrics = {"method": cfg.refine.method, "rule": rule} | with_gain(scores, cam_miou) | {
             "crf": with_gain(net_metrics.get("crf") or {}, cam_miou),
-            "affinity_net_train_steps": net_metrics.get("train_steps"),
-            "affinity_net_train_seconds": net_metrics.get("train_seconds"),
+            "net_train_steps": net_metrics.get("train_steps"),
+            "net_train_seconds": net_metrics.get("train_seconds"),
         }
     return out.metrics
 

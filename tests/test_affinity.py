@@ -6,9 +6,11 @@ import torch
 from pathlib import Path
 
 from pipeline.affinity import (BACKGROUND_POSITIVE, FOREGROUND_POSITIVE, NEGATIVE, affinity_labels, affinity_loss,
-                               downsample_mask, neighbour_offsets, pair_affinities, random_walk, transition_weights)
+                               boundary_loss, downsample_mask, neighbour_offsets, normalized_transitions,
+                               pair_affinities, path_affinities, path_points, random_walk, transition_weights,
+                               walk_offsets)
 from pipeline.config import BackboneConfig, RandomWalkConfig, RefineConfig
-from pipeline.models import AffinityNet
+from pipeline.models import AffinityNet, BoundaryNet
 from stages.refine import walk_mask
 
 IGNORED = 255
@@ -235,3 +237,61 @@ def test_psa_head_starts_with_distinct_embeddings_where_the_linear_head_starts_w
     low, high = spreads["psa"]
     assert low < 0.1 and high > 0.4
     assert spreads["bn_relu"][0] > 0.5  # every pair starts looking alike
+
+
+IRN_REFERENCE = Path(__file__).parent / "data" / "irn_walk_reference.npz"
+
+
+def test_irn_walk_matches_irnet_reference_code():
+    """The reference values were computed by IRNet's own code (jiwoon-ahn/irn@a2ece00) on CPU:
+    ``misc/indexing.py propagate_to_edge`` unmodified (radius 5, beta 10, exp_times 3), then
+    ``step/make_sem_seg_labels.py:44-49`` (division by the overall maximum, background 0.25,
+    argmax), on a seeded random 6 x 7 boundary map and CAMs of two classes."""
+    reference = np.load(IRN_REFERENCE)
+    radius, beta, exp_times, bg_threshold = reference["params"]
+    radius, exp_times = int(radius), int(exp_times)
+    boundary = torch.from_numpy(reference["edge"])[None]
+    offsets = walk_offsets(radius)
+    weights = normalized_transitions(path_affinities(boundary, offsets), offsets, beta, radius, "all")
+    walked = random_walk(torch.from_numpy(reference["cams"])[None] * (1 - boundary), weights, offsets, 2 ** exp_times)[0]
+    np.testing.assert_allclose(walked.numpy(), reference["rw"][:, 0], rtol=1e-4, atol=1e-5)
+    normalised = walked / walked.max()
+    np.testing.assert_allclose(normalised.numpy(), reference["rw_norm"], rtol=1e-4, atol=1e-5)
+    scores = torch.cat([torch.full_like(normalised[:1], bg_threshold), normalised])
+    assert (scores.argmax(dim=0).numpy() == reference["pred"]).all()
+
+
+def test_paths_run_between_the_two_pixels_and_are_symmetric():
+    assert path_points(0, 3) == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    assert path_points(2, 1) == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    for dy, dx in neighbour_offsets(5, half=True):
+        assert sorted((dy - y, dx - x) for y, x in path_points(dy, dx)) == sorted(path_points(dy, dx))
+
+
+def test_a_boundary_between_two_pixels_cuts_their_affinity_and_leaving_the_image_cuts_it_too():
+    boundary = torch.zeros(1, 1, 5, 6)
+    boundary[..., 3] = 0.9  # a vertical wall in column 3
+    offsets = [(0, 0), (0, 1), (0, 2), (0, -2)]
+    affinity = path_affinities(boundary, offsets)[0]
+    assert affinity[0, 2, 0] == 1.0  # itself
+    assert affinity[1, 2, 0] == 1.0  # (2, 0) -> (2, 1): no wall between
+    assert affinity[2, 2, 2] == pytest.approx(0.1)  # (2, 2) -> (2, 4) crosses the wall
+    assert affinity[3, 2, 1] == 0.0  # (2, 1) -> (2, -1) leaves the image
+
+
+def test_boundary_loss_is_low_for_a_boundary_on_the_label_edge_and_high_for_none():
+    mask = torch.zeros(1, 8, 8, dtype=torch.long)
+    mask[0, :, 4:] = 1
+    on_edge = torch.full((1, 1, 8, 8), 1e-4)
+    on_edge[..., 3:5] = 1 - 1e-4
+    none = torch.full((1, 1, 8, 8), 1e-4)
+    assert boundary_loss(on_edge, mask, radius=3)["neg"] < 0.01 < boundary_loss(none, mask, radius=3)["neg"]
+
+
+def test_boundary_net_trains_only_its_branch_with_a_frozen_backbone():
+    model = BoundaryNet(BackboneConfig(name="resnet18", output_stride=16)).train()
+    assert not model.backbone.training and all(not p.requires_grad for p in model.backbone.parameters())
+    logits = model(torch.randn(2, 3, 64, 72))
+    assert logits.shape == (2, 1, 16, 18)
+    logits.mean().backward()
+    assert all(p.grad is not None for p in model.new_parameters())

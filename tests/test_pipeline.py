@@ -217,13 +217,36 @@ def test_affinity_refine_keeps_crf_and_final_masks_and_caches_the_net_under_its_
     assert "refine  stale" in out and "refine.random_walk.beta 8.0 -> 4" in out and "seg     stale" in out
     assert "  affinitynet  cached   -> reuse" in out
     assert run(weak_run, *settings, "--set", "refine.random_walk.beta=4", "--stages", "refine") == 0
-    assert "reusing the AffinityNet" in capsys.readouterr().err
+    assert "reusing the network in" in capsys.readouterr().err
     assert manifest_time(weak_run, "affinitynet", run_dir) == net_before
 
     # An AffinityNet parameter retrains it.
     assert run(weak_run, *settings, "--set", "refine.affinity.radius=3", "--stages", "refine") == 0
     assert "reusing" not in capsys.readouterr().err
     assert manifest_time(weak_run, "affinitynet", run_dir) != net_before
+
+
+IRN = ["refine.method=irn", "refine.irn.backbone.name=resnet18", "refine.irn.train.epochs=1",
+       "refine.irn.train.batch_size=8", "refine.irn.train.crop_size=48", "refine.irn.radius=5",
+       "refine.irn_walk.iterations=8"]
+
+
+def test_irn_refine_learns_a_boundary_map_and_walks_with_it(weak_run, capsys):
+    run_dir = weak_run / "irn"
+    shutil.copytree(weak_run / "run" / "cam", run_dir / "cam")
+    settings = sum((["--set", item] for item in IRN), ["--run-dir", str(run_dir), "--stages", "refine"])
+    assert run(weak_run, *settings) == 0
+    metrics = json.loads((run_dir / "refine" / "metrics.json").read_text())
+    assert metrics["method"] == "irn" and metrics["unsure_fraction"] == 0 and metrics["net_train_steps"] == 3
+    assert len(list((run_dir / "refine" / "pseudo").glob("*.png"))) == 24
+    assert (run_dir / "irn" / "model.pt").is_file() and not (run_dir / "affinitynet").exists()
+    capsys.readouterr()
+    # The walk's settings and the affinity method's do not retrain the boundary network.
+    assert run(weak_run, *settings, "--set", "refine.irn_walk.bg_threshold=0.4",
+               "--set", "refine.affinity.radius=3", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "refine  stale" in out and "  irn          cached   -> reuse" in out
+    assert "refine.affinity" not in out
 
 
 def test_crf_refine_ignores_affinity_settings(weak_run, capsys):
