@@ -96,8 +96,9 @@ def check_files(folder: Path, files: dict) -> str | None:
 def describe_changes(old: dict, new: dict, limit: int = 4) -> str:
     before, after = _flatten(old), _flatten(new)
     changes = []
+    unset = object()  # a key one side lacks differs from a key set to None
     for key in sorted(set(before) | set(after)):
-        if before.get(key) != after.get(key):
+        if before.get(key, unset) != after.get(key, unset):
             if key.startswith("upstream."):
                 changes.append(f"{key.split('.', 1)[1]} output changed")
             elif key == "data_fingerprint":

@@ -479,9 +479,15 @@ def section_for_cache(cfg: Config, *keys: str, omit: tuple[str, ...] = ()) -> di
     return _collapse_disabled(picked)
 
 
+# Training keys added after runs were cached, at the value that leaves training as it was:
+# left out of the cache key, so those runs stay cached.
+UNSET_TRAIN_KEYS = {"steps": 0, "color_jitter": []}
+
+
 def _collapse_disabled(tree):
     if not isinstance(tree, dict):
         return tree
     if tree.get("enabled") is False:
         return {"enabled": False}
-    return {key: _collapse_disabled(value) for key, value in tree.items()}
+    return {key: _collapse_disabled(value) for key, value in tree.items()
+            if not (key in UNSET_TRAIN_KEYS and value == UNSET_TRAIN_KEYS[key])}

@@ -74,3 +74,8 @@ def test_upstream_keys_require_a_finished_upstream(tmp_path):
     with StageOutput(tmp_path, "cam", INPUTS):
         pass
     assert upstream_keys(tmp_path, ["cam"]) == {"cam": cache_key(INPUTS)}
+
+
+def test_a_key_added_as_none_is_named_as_a_change():
+    change = describe_changes({"config": {"data": {}}}, {"config": {"data": {"spacing": None}}})
+    assert change == "config.data.spacing '(unset)' -> None"

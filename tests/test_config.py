@@ -112,3 +112,21 @@ def test_exponent_notation_without_a_dot_is_a_number():
     assert load_config(DEMO_CONFIG, ["cam.train.lr=1e-3"]).cam.train.lr == 0.001
     with pytest.raises(ConfigError, match="config key 'cam.train.lr' must be a number, got 'fast'"):
         load_config(DEMO_CONFIG, ["cam.train.lr=fast"])
+
+
+def test_training_keys_at_their_off_value_leave_the_cache_key_as_before_they_existed():
+    plain = section_for_cache(config_from_dict({}), "cam")["cam"]["train"]
+    assert "steps" not in plain and "color_jitter" not in plain
+    tuned = config_from_dict({"cam": {"train": {"steps": 100, "color_jitter": [0.3, 0.3, 0.3, 0.1]}}})
+    assert section_for_cache(tuned, "cam")["cam"]["train"]["steps"] == 100
+    assert section_for_cache(tuned, "cam")["cam"]["train"]["color_jitter"] == [0.3, 0.3, 0.3, 0.1]
+
+
+@pytest.mark.parametrize("key, value", [("refine.affinity.radius", 1), ("refine.random_walk.radius", 1),
+                                        ("refine.irn.radius", 1), ("cam.train.color_jitter", [0.3, 0.3])])
+def test_settings_that_cannot_work_are_config_errors(key, value):
+    tree = value
+    for part in reversed(key.split(".")):
+        tree = {part: tree}
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config_from_dict(tree)
