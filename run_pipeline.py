@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -20,8 +21,9 @@ from pipeline import predict, report
 from pipeline.config import MODES, load_config
 from pipeline.cache import RunLock
 from pipeline.data import FileChecks, prepare_data
-from pipeline.errors import PipelineError
-from pipeline.runtime import configure_threads
+from pipeline.errors import CacheError, PipelineError
+from pipeline.runtime import (configure_threads, destroy_process_group, distributed, from_main_process,
+                              init_distributed, is_main_process, select_device)
 from stages import STAGES, execute, expected_inputs, parse_stages, plan, refine
 from stages.seg import check_training_masks
 
@@ -63,6 +65,17 @@ def describe_relation_net(cfg, run_dir: Path, refine_runs: bool) -> None:
         print(f"  {folder:<12} {status.state:<8} -> {action}: {status.reason}")
 
 
+def prepare(args, cfg, run_dir: Path):
+    """Everything before the run folder is written: the data set checked (and the demo
+    generated), the masks seg trains on, the plan. Raises PipelineError on bad input."""
+    requested = parse_stages(args.stages, cfg)
+    checks = FileChecks(run_dir / CHECKED_FILES)
+    dataset = prepare_data(cfg, checks)
+    if "seg" in requested:
+        check_training_masks(cfg, dataset)
+    return checks, plan(cfg, run_dir, requested, args.force)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
@@ -70,30 +83,45 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, args.mode)
-        requested = parse_stages(args.stages, cfg)
         run_dir = Path(args.run_dir or f"runs/{Path(args.config).stem}-{cfg.mode}")
-        checks = FileChecks(run_dir / CHECKED_FILES)
-        dataset = prepare_data(cfg, checks)
-        if "seg" in requested:
-            check_training_masks(cfg, dataset)
-        planned = plan(cfg, run_dir, requested, args.force)
+        # Under torchrun the main process checks and plans first (the others would race it
+        # generating the demo data), then the others, on what it left.
+        init_distributed(select_device(cfg.device))
+        error = None
+        if is_main_process():
+            try:
+                checks, planned = prepare(args, cfg, run_dir)
+            except PipelineError as failed:
+                error = str(failed)
+        error = from_main_process(error)
+        if error is not None:
+            raise PipelineError(error)
+        if not is_main_process():
+            checks, planned = prepare(args, cfg, run_dir)
         if args.dry_run:
-            for stage in planned:
+            for stage in planned if is_main_process() else []:
                 action = "run" if stage.will_run else "skip"
                 forced = " (--force)" if args.force and stage.state == "cached" else ""
                 print(f"{stage.name:<7} {stage.state:<8} -> {action}{forced}: {stage.reason}")
                 if stage.name == "refine":
                     describe_relation_net(cfg, run_dir, stage.will_run)
             return 0
-        with RunLock(run_dir):  # every check passed: the run folder may be written from here on
-            checks.save()
-            print(checks.summary())
+        with run_folder_lock(run_dir):  # every check passed: the run folder may be written from here on
+            if is_main_process():
+                checks.save()
+                print(checks.summary())
             configure_threads(cfg.num_threads)
             results = execute(cfg, run_dir, planned)
-            page = write_report(run_dir)
+            page = write_report(run_dir) if is_main_process() else None
     except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if is_main_process():
+            print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if distributed():
+            destroy_process_group()
+    if not is_main_process():
+        return 0
     print(f"\nrun folder: {run_dir}   mode: {cfg.mode}   report: {page or 'not written (see the warning above)'}")
     print(f"{'stage':<8}{'mIoU':>8}{'time (s)':>11}  status")
     for result in results:
@@ -101,6 +129,27 @@ def main(argv=None) -> int:
         status = ("ran" if result.ran else "cached") + (f", not scored ({result.not_scored})" if result.not_scored else "")
         print(f"{result.name:<8}{miou:>8}{result.wall_time_s:>11.1f}  {status}")
     return 0
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path):
+    """The run folder's lock, held by the main process for all; under torchrun the others
+    learn whether it got it."""
+    lock = RunLock(run_dir)
+    error = None
+    if is_main_process():
+        try:
+            lock.__enter__()
+        except PipelineError as failed:
+            error = str(failed)
+    error = from_main_process(error)
+    if error is not None:
+        raise CacheError(error)
+    try:
+        yield
+    finally:
+        if is_main_process():
+            lock.__exit__(None, None, None)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pipeline.errors import CacheError
 from pipeline.io import atomic_write_json, file_digest
+from pipeline.runtime import barrier, from_main_process, is_main_process
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
@@ -138,6 +139,16 @@ class StageOutput:
         self.resumed = False
 
     def __enter__(self) -> "StageOutput":
+        # Under torchrun the main process prepares the folder; the others then write their
+        # shares of the per-image outputs into it.
+        if is_main_process():
+            self._prepare()
+        barrier()
+        self.resumed = from_main_process(self.resumed)
+        self.started = time.perf_counter()
+        return self
+
+    def _prepare(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # Old outputs retired but not yet deleted when a kill came between the swap's two renames.
         for leftover in self.run_dir.glob(f".{self.stage}.retired-*"):
@@ -153,14 +164,19 @@ class StageOutput:
         else:
             self.dir.mkdir()
             atomic_write_json(self.dir / RESUME_KEY, {"key": key})
-        self.started = time.perf_counter()
-        return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
             if not issubclass(exc_type, KeyboardInterrupt):  # an interrupted stage resumes; a failed one restarts
                 shutil.rmtree(self.dir, ignore_errors=True)
             return False
+        barrier()  # every process has written its share
+        if is_main_process():
+            self._publish()
+        barrier()  # nobody reads the stage before it is in place
+        return False
+
+    def _publish(self) -> None:
         self.metrics["wall_time_s"] = round(time.perf_counter() - self.started, 2)
         if self.resumed:
             self.metrics["resumed"] = True  # wall_time_s is then this run's share only
@@ -181,7 +197,6 @@ class StageOutput:
         shutil.rmtree(retired, ignore_errors=True)
         for name in RESUME_FILES:  # not in the manifest's list; kept until here for a kill before the swap
             (self.final / name).unlink(missing_ok=True)
-        return False
 
 
 class RunLock:

@@ -96,6 +96,8 @@ class TrainConfig:
     weight_decay: float = _opt(1e-4, low=0.0)
     crop_size: int = _opt(512, low=16)
     scale_range: list[float] = _opt([0.5, 1.5])  # random rescaling before the crop
+    # Under torchrun: BatchNorm statistics over every process's share of the batch (SyncBatchNorm).
+    sync_batchnorm: bool = False
     # Random brightness, contrast, saturation and hue of the image (torchvision's ColorJitter);
     # [] for none. PSA trains its AffinityNet with [0.3, 0.3, 0.3, 0.1] (train_aff.py:43-62).
     color_jitter: list[float] = _opt([])
@@ -481,7 +483,7 @@ def section_for_cache(cfg: Config, *keys: str, omit: tuple[str, ...] = ()) -> di
 
 # Training keys added after runs were cached, at the value that leaves training as it was:
 # left out of the cache key, so those runs stay cached.
-UNSET_TRAIN_KEYS = {"steps": 0, "color_jitter": []}
+UNSET_TRAIN_KEYS = {"steps": 0, "color_jitter": [], "sync_batchnorm": False}
 
 
 def _collapse_disabled(tree):

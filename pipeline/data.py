@@ -43,6 +43,7 @@ from pipeline.demo_data import generate_demo_dataset
 from pipeline.io import (atomic_write_json, file_digest, file_identity, known_digests, load_mask, read_rgb,
                          remember_digests)
 from pipeline.labels import read_cls_labels, read_id_lines, read_tags, read_text
+from pipeline.runtime import world_size
 
 IGNORE = 255
 BACKGROUND = 0  # class 0 of every data set (classes.txt names it first)
@@ -437,12 +438,16 @@ def prepare_data(cfg, checks: Optional[FileChecks] = None) -> VOCDataset:
     if data.volume_pattern is not None:
         Volumes(data, dataset.root).check(dataset.split_ids(data.val_split), dataset)
     trainings = {"cam": cfg.cam.train, "seg": cfg.seg.train}
-    if cfg.refine.method == "affinity":
-        trainings["refine.affinity"] = cfg.refine.affinity.train
+    if cfg.refine.method != "crf":
+        trainings[f"refine.{cfg.refine.method}"] = getattr(cfg.refine, cfg.refine.method).train
+    processes = world_size()
     for section, train in trainings.items():
         if len(train_ids) < train.batch_size:
             raise ConfigError(f"config key '{section}.train.batch_size' is {train.batch_size} "
                               f"but the train split has only {len(train_ids)} images")
+        if train.batch_size % processes or train.batch_size // processes < 2:
+            raise ConfigError(f"config key '{section}.train.batch_size' is {train.batch_size}: under torchrun it "
+                              f"is shared by {processes} processes, and each needs an equal share of at least 2")
     return dataset
 
 

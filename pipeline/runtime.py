@@ -1,9 +1,11 @@
 """Device, threads, seeds and the process topology.
 
-Every per-image loop takes its share of ids from :func:`shard` and every training loop
-checks :func:`is_main_process` before logging or writing, so launching the same code
-with ``torchrun`` (one process per GPU, ``RANK``/``WORLD_SIZE`` in the environment) only
-needs the process group and the DistributedDataParallel wrapper added in one place.
+Under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` in the environment) every
+process runs the whole pipeline: :func:`init_distributed` starts the process group (NCCL
+on CUDA, gloo on the CPU), every per-image loop takes its share of ids from :func:`shard`,
+scores are summed across processes (:func:`sum_across_ranks`), training wraps the model in
+DistributedDataParallel (``pipeline/train.py``), and only the main process (rank 0) writes
+manifests, checkpoints and the report, and prints.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from pipeline.errors import ConfigError
 
@@ -29,8 +32,51 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 def is_main_process() -> bool:
     return rank() == 0
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def init_distributed(device: torch.device) -> None:
+    """Joins the process group torchrun describes (nothing in a single process)."""
+    if world_size() > 1 and not distributed():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def destroy_process_group() -> None:
+    dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if distributed():
+        dist.barrier()
+
+
+def sum_across_ranks(values):
+    """An array (or number) summed over every process; itself in a single process."""
+    if not distributed():
+        return values
+    array = np.asarray(values)
+    tensor = torch.as_tensor(array.astype(np.float64))  # exact for counts below 2^53
+    dist.all_reduce(tensor)
+    result = tensor.numpy().astype(array.dtype)
+    return result if array.ndim else result.item()
+
+
+def from_main_process(value):
+    """The main process's ``value``, in every process."""
+    if not distributed():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def shard(items: Sequence[T]) -> list[T]:
@@ -39,11 +85,13 @@ def shard(items: Sequence[T]) -> list[T]:
 
 
 def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device of ``name`` (auto, cpu, cuda); on CUDA under torchrun, this process's GPU."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("config key 'device' is cuda but no CUDA device is available")
-    return torch.device(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank())
+    return torch.device("cuda", local_rank())
 
 
 def configure_threads(num_threads: int) -> None:

@@ -2,14 +2,20 @@
 
 A stage supplies the model, the data set and a ``compute_loss(model, batch, epoch)``
 (epoch 0-based, for schedules such as Self-Regulation's warm-up) that returns a dict
-of named loss terms with the total under "loss". The loader and the
-loop are the two places DistributedDataParallel plugs into (a DistributedSampler in
-``make_train_loader``, the DDP wrapper around ``model``), hence they live here only.
+of named loss terms with the total under "loss".
+
+Under torchrun (``pipeline/runtime.py``) the loader gives each process its share of every
+batch (``batch_size`` is the batch of all processes together: a DistributedSampler seeded
+per epoch, or every world_size-th image of each batch of a batch sampler), and the model
+goes through DistributedDataParallel, which averages the gradients, so the step is the
+single-process step on the whole batch (BatchNorm statistics are per process unless
+``train.sync_batchnorm``). Only the main process writes the checkpoint.
 """
 from __future__ import annotations
 
 import io
 import math
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +26,7 @@ from tqdm import tqdm
 from pipeline.config import TrainConfig
 from pipeline.errors import TrainingError
 from pipeline.io import atomic_write_bytes
-from pipeline.runtime import is_main_process, rng_state, set_rng_state
+from pipeline.runtime import distributed, is_main_process, rank, rng_state, set_rng_state, sum_across_ranks, world_size
 
 LossFn = Callable[[nn.Module, dict, int], dict]
 # Training-only submodules (the Self-Regulation heads): not part of the saved inference network.
@@ -28,12 +34,20 @@ TRAINING_ONLY_PREFIX = "sr_heads."
 
 
 def make_train_loader(dataset, cfg: TrainConfig, workers: int, generator: torch.Generator, batch_sampler=None):
-    """Shuffled full batches, or the batches of ``batch_sampler`` (mixed mode's fixed composition)."""
+    """Shuffled full batches, or the batches of ``batch_sampler`` (mixed mode's fixed composition);
+    under torchrun this process's share of each."""
     if len(dataset) < cfg.batch_size:
         raise ValueError(f"{len(dataset)} training images are fewer than one batch of {cfg.batch_size}")
     if batch_sampler is not None:
+        if world_size() > 1:
+            batch_sampler = RankShare(batch_sampler)
         return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
                                            generator=generator)
+    if world_size() > 1:
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=generator.initial_seed(),
+                                                      drop_last=True)
+        return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size // world_size(), sampler=sampler,
+                                           num_workers=workers, generator=generator, drop_last=True)
     return torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, generator=generator,
         # Full batches only: BatchNorm (and ASPP's pooled branch) needs more than one sample.
@@ -41,6 +55,58 @@ def make_train_loader(dataset, cfg: TrainConfig, workers: int, generator: torch.
         # which restores the generator, then draws the same augmentations.
         drop_last=True,
     )
+
+
+class RankShare:
+    """This process's share of every batch of a batch sampler that each process builds alike
+    (same seed): every world_size-th index, from its rank on."""
+
+    def __init__(self, batch_sampler):
+        self.batch_sampler = batch_sampler
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        for batch in self.batch_sampler:
+            yield batch[rank()::world_size()]
+
+    def state_dict(self) -> dict:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.load_state_dict(state)
+
+
+class Methods(nn.Module):
+    """Lets DistributedDataParallel run any of the model's forward methods: ``forward_exits``
+    and the like must pass through the DDP wrapper's call for its gradient hooks to fire."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, method: str, *args, **kwargs):
+        return getattr(self.model, method)(*args, **kwargs)
+
+
+class DistributedModel:
+    """What ``compute_loss`` sees under torchrun: the model's methods, each called through DDP."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.model = model
+        # SR heads and the mixed teacher are unused by some forwards: DDP must not wait for them.
+        self.ddp = nn.parallel.DistributedDataParallel(Methods(model), device_ids=[device] if device.type == "cuda" else None,
+                                                       find_unused_parameters=True)
+
+    def __call__(self, *args, **kwargs):
+        return self.ddp("forward", *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        value = getattr(self.model, name)
+        if callable(value) and name.startswith("forward"):
+            return lambda *args, **kwargs: self.ddp(name, *args, **kwargs)
+        return value
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -59,7 +125,10 @@ def train(model: nn.Module, loader, compute_loss: LossFn, cfg: TrainConfig, devi
     term ``compute_loss`` returns (the total under "loss"). With ``checkpoint`` the training
     state is written there at the end of every epoch, and a training that finds one continues
     after its epoch (see :func:`training_state`)."""
+    if distributed() and cfg.sync_batchnorm:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place for the layers' parameters
     optimizer = make_optimizer(model, cfg)
+    net = DistributedModel(model, device) if distributed() else model
     num_epochs = epochs(cfg, loader)
     total_steps = num_epochs * len(loader)
     history = []
@@ -79,7 +148,7 @@ def train(model: nn.Module, loader, compute_loss: LossFn, cfg: TrainConfig, devi
             for group in optimizer.param_groups:  # poly schedule, as in DeepLab
                 group["lr"] = group["base_lr"] * (1 - step / total_steps) ** 0.9
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            terms = compute_loss(model, batch, epoch)
+            terms = compute_loss(net, batch, epoch)
             loss = terms["loss"].item()
             if not math.isfinite(loss):  # the stage's partial folder is deleted: nothing is cached
                 raise TrainingError(f"{desc}: the loss is {loss} at epoch {epoch + 1}, step {batch_index}; "
@@ -93,13 +162,18 @@ def train(model: nn.Module, loader, compute_loss: LossFn, cfg: TrainConfig, devi
                 if math.isfinite(value):
                     sums[name], counts[name] = sums.get(name, 0.0) + value, counts.get(name, 0) + 1
             bar.set_postfix({k: f"{v.item():.3f}" for k, v in terms.items()} | {"avg": f"{sums['loss'] / batch_index:.3f}"})
-        history.append({name: sums[name] / counts[name] if counts.get(name) else math.nan for name in terms})
+        sums = {name: sum_across_ranks(sums.get(name, 0.0)) for name in terms}  # the same names in every process
+        counts = {name: sum_across_ranks(counts.get(name, 0)) for name in terms}
+        history.append({name: sums[name] / counts[name] if counts[name] else math.nan for name in terms})
         if is_main_process():
             tqdm.write(f"{desc} epoch {epoch + 1}/{num_epochs}: "
                        + ", ".join(f"{name} {value:.4f}" for name, value in history[-1].items()))
-        if checkpoint is not None:
+        if checkpoint is not None and is_main_process():
             atomic_write_bytes(checkpoint, _to_bytes(training_state(model, optimizer, loader, history)))
     model.eval()
+    if world_size() > 1:  # every process says so: training ran on each of them
+        tqdm.write(f"{desc}: process {rank()} of {world_size()} trained {step} steps of "
+                   f"{loader.batch_size or len(next(iter(loader.batch_sampler)))} images", file=sys.stderr)
     return history
 
 
@@ -146,7 +220,9 @@ def _to_bytes(obj) -> bytes:
 def save_checkpoint(path: Path, model: nn.Module) -> None:
     """The inference network's state_dict, a plain dict of tensors (loadable with
     ``torch.load(..., weights_only=True)``); training-only heads are left out, so it loads
-    strictly into the same network built without them."""
+    strictly into the same network built without them. Written by the main process only."""
+    if not is_main_process():
+        return
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(TRAINING_ONLY_PREFIX)}
     atomic_write_bytes(path, _to_bytes(state))
 

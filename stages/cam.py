@@ -26,7 +26,7 @@ from pipeline.io import load_arrays, save_arrays
 from pipeline.losses import multilabel_loss
 from pipeline.metrics import confusion_matrix, iou_scores, not_scored
 from pipeline.models import CAMNet
-from pipeline.runtime import is_main_process, seed_everything, select_device, shard
+from pipeline.runtime import barrier, is_main_process, seed_everything, select_device, shard, sum_across_ranks
 from pipeline.self_regulation import self_regulation_loss
 from pipeline.train import LossFn, loss_curve, make_train_loader, save_checkpoint, train
 
@@ -87,7 +87,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         cam_dir = out.dir / "cams"
         cam_dir.mkdir(exist_ok=True)
         thresholds = sorted(set(THRESHOLD_SWEEP) | {cfg.cam.bg_threshold})
-        confusions = {t: 0 for t in thresholds}
+        confusions = {t: np.zeros((dataset.num_classes,) * 2, dtype=np.int64) for t in thresholds}
         for image_id in tqdm(shard(train_ids), desc="cam inference", leave=False, disable=not is_main_process()):
             classes = dataset.image_labels(image_id)
             if out.resumed and (cam_dir / f"{image_id}.npz").is_file():  # written, hence complete, before a kill
@@ -104,6 +104,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
             for t in thresholds:
                 confusions[t] = confusions[t] + confusion_matrix(gt, cam_to_label(stored, classes, t), dataset.num_classes)
 
+        confusions = {t: sum_across_ranks(confusion) for t, confusion in confusions.items()}
+        barrier()  # every process's CAMs are written
         out.metrics = {"train_loss_by_epoch": loss_curve(history),
                        "cam_bytes_per_image": round(sum(f.stat().st_size for f in cam_dir.glob("*.npz"))
                                                     / max(len(train_ids), 1))}

@@ -47,7 +47,8 @@ from pipeline.data import IGNORE, MaskFolder, TrainingSet, normalize, open_datas
 from pipeline.io import load_mask, save_mask
 from pipeline.metrics import confident_confusion_matrix, confusion_matrix, iou_scores, not_scored
 from pipeline.models import AffinityNet, BoundaryNet
-from pipeline.runtime import is_main_process, parallel_map, seed_everything, select_device, shard
+from pipeline.runtime import (barrier, is_main_process, parallel_map, seed_everything, select_device, shard,
+                              sum_across_ranks)
 from pipeline.train import load_checkpoint, loss_curve, make_train_loader, save_checkpoint, train
 from stages.cam import load_cams
 
@@ -158,13 +159,17 @@ def _crf_mask_one(image_id: str, data: DataConfig, scored: set[str], cam_dir: Pa
 def _collect_scores(results: Iterable, total: int, class_names: list[str], desc: str) -> dict:
     """Sums the workers' confusion matrices into the masks' scores; times the whole pass."""
     started = time.perf_counter()
-    confusion = confident = 0
+    confusion = np.zeros((len(class_names),) * 2, dtype=np.int64)
+    confident = confusion.copy()
     unsure = pixels = scored = 0
     for cm, cm_sure, n_unsure, n_pixels in tqdm(results, total=total, desc=desc, leave=False,
                                                 disable=not is_main_process()):
         confusion, confident = confusion + cm, confident + cm_sure
         unsure, pixels = unsure + n_unsure, pixels + n_pixels
         scored += not isinstance(cm, int)  # unscored ids return 0 for their matrices
+    # Under torchrun each process scored its share: the sums are the whole split's.
+    confusion, confident = sum_across_ranks(confusion), sum_across_ranks(confident)
+    unsure, pixels, scored = (sum_across_ranks(unsure), sum_across_ranks(pixels), sum_across_ranks(scored))
     counts = {"unsure_fraction": round(unsure / max(pixels, 1), 4),
               "seconds_per_image": round((time.perf_counter() - started) / max(total, 1), 4)}
     if not scored:
@@ -180,7 +185,7 @@ def _collect_scores(results: Iterable, total: int, class_names: list[str], desc:
 def write_crf_masks(cfg: Config, run_dir: Path, ids: list[str], out_dir: Path, resume: bool) -> dict:
     """The CRF masks of ``ids`` in ``out_dir``, scored; ``resume`` keeps the masks already there."""
     dataset = open_dataset(cfg.data)
-    out_dir.mkdir(exist_ok=resume)
+    out_dir.mkdir(exist_ok=True)  # a new partial folder is empty; under torchrun every process makes it
     task = functools.partial(_crf_mask_one, data=cfg.data, scored=score_ids(cfg.data, dataset),
                              cam_dir=run_dir / "cam" / "cams", out_dir=out_dir, cfg=cfg.refine, resume=resume)
     with parallel_map(task, ids, cfg.refine.workers) as results:
@@ -226,6 +231,7 @@ def relation_net(cfg: Config, run_dir: Path, refine_inputs: dict,
     with StageOutput(run_dir, folder, inputs) as out:
         train_ids = dataset.split_ids(cfg.data.train_split)
         crf_scores = write_crf_masks(cfg, run_dir, shard(train_ids), out.dir / "crf", out.resumed)
+        barrier()  # the network trains on every process's CRF masks
         started = time.perf_counter()
         train_set = TrainingSet(dataset, train_ids, net_cfg.train.crop_size, net_cfg.train.scale_range,
                                 pixel_labels={"mask": MaskFolder(out.dir / "crf")},
@@ -342,8 +348,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
     device = select_device(cfg.device)
     model, net_dir = relation_net(cfg, run_dir, inputs, device)
     with StageOutput(run_dir, NAME, inputs) as out:
-        shutil.copytree(net_dir / "crf", out.dir / "crf", dirs_exist_ok=out.resumed)
-        (out.dir / "pseudo").mkdir(exist_ok=out.resumed)
+        if is_main_process():
+            shutil.copytree(net_dir / "crf", out.dir / "crf", dirs_exist_ok=out.resumed)
+        (out.dir / "pseudo").mkdir(exist_ok=True)
         task = functools.partial(_walk_mask_one, data=cfg.data, scored=score_ids(cfg.data, dataset),
                                  out_dir=out.dir / "pseudo", cfg=cfg.refine, resume=out.resumed)
         walked = _walk_all(model, train_ids, cfg, run_dir / "cam" / "cams", device,

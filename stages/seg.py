@@ -30,7 +30,7 @@ from pipeline.metrics import SegmentationScores, not_scored
 from pipeline.mixed import (MixedBatchSampler, MixedTrainingSet, full_subset, mixed_fingerprint,
                             mixed_supervision_loss, weak_labels)
 from pipeline.models import DeepLab, predict_batch, segmentation_network
-from pipeline.runtime import is_main_process, seed_everything, select_device, shard
+from pipeline.runtime import barrier, is_main_process, seed_everything, select_device, shard, world_size
 from pipeline.self_regulation import self_regulation_loss
 from pipeline.train import LossFn, loss_curve, make_train_loader, save_checkpoint, train
 
@@ -116,10 +116,11 @@ def branches(model: DeepLab) -> dict:
 
 def predict_and_score(model: DeepLab, dataset: VOCDataset, ids: list[str], flip: bool, device: torch.device,
                       out_dir: Path | None, volumes: Volumes | None = None,
-                      resume: bool = False) -> dict[str, SegmentationScores]:
-    """Predictions of this process's share of ``ids`` per branch, scored against the masks of
-    the ids that have one (and per 3-D volume with ``volumes``). With ``out_dir`` each branch's
-    masks are also written to the folder of that name; ``resume`` reads back the ones there."""
+                      resume: bool = False, share: bool = True) -> dict[str, SegmentationScores]:
+    """Predictions of ``ids`` (with ``share``, this process's share of them) per branch, scored
+    against the masks of the ids that have one (and per 3-D volume with ``volumes``). With
+    ``out_dir`` each branch's masks are also written to the folder of that name; ``resume``
+    reads back the ones there."""
     forwards = branches(model)
     if volumes is not None:
         volumes = volumes.complete(ids, dataset)
@@ -127,9 +128,10 @@ def predict_and_score(model: DeepLab, dataset: VOCDataset, ids: list[str], flip:
     scores = {folder: SegmentationScores(dataset.classes, volumes, spacing) for folder in forwards}
     if out_dir is not None:
         for folder in forwards:
-            (out_dir / folder).mkdir(exist_ok=resume)
+            (out_dir / folder).mkdir(exist_ok=True)  # a new partial folder is empty; torchrun: every process
     model.eval()
-    for image_id in tqdm(shard(ids), desc="seg prediction", leave=False, disable=not is_main_process()):
+    for image_id in tqdm(shard(ids) if share else ids, desc="seg prediction", leave=False,
+                         disable=not is_main_process()):
         gt = dataset.load_mask(image_id) if dataset.has_mask(image_id) else None
         image = None
         for folder, forward in forwards.items():
@@ -170,6 +172,12 @@ def run(cfg: Config, run_dir: Path) -> dict:
         volumes = Volumes(cfg.data, dataset.root) if cfg.data.volume_pattern else None
         scores = predict_and_score(model, dataset, val_ids, cfg.seg.flip_predict, device, out.dir if val_ids else None,
                                    volumes, out.resumed)
+        if world_size() > 1 and val_ids:
+            # Per-image HD95 and 3-D volumes do not split across processes: once every share is
+            # written, each process scores the whole split from the files (nothing is predicted again).
+            barrier()
+            scores = predict_and_score(model, dataset, val_ids, cfg.seg.flip_predict, device, out.dir, volumes,
+                                       resume=True, share=False)
         reason = "no masks" if val_ids else "no val split"
         out.metrics = scored(scores["predictions"], reason) | {
             "mode": cfg.mode,
