@@ -95,8 +95,10 @@ def select_device(name: str) -> torch.device:
 
 
 def configure_threads(num_threads: int) -> None:
-    if num_threads > 0:
-        torch.set_num_threads(num_threads)
+    """torch's CPU threads: ``num_threads`` (0: torch's default, the cores), shared by the
+    processes torchrun starts on this machine, at least one each."""
+    total = num_threads or torch.get_num_threads()
+    torch.set_num_threads(max(1, total // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -135,9 +137,22 @@ def parallel_map(task: Callable, items: Iterable, workers: int) -> Iterator[Iter
     fork, not spawn: workers inherit the already opened data set and start at once; the
     tasks given here use NumPy and pydensecrf only, never torch. ``items`` may be a lazy
     iterable: the parent computes it (torch allowed there) while the workers take tasks.
+    The busy threads stay within torch's thread count: each worker runs one thread, and the
+    parent gives up one torch thread per worker (keeping at least one) while they run.
     """
     if workers == 1:
         yield map(task, items)
         return
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        yield pool.imap_unordered(task, items, chunksize=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - workers))
+    try:
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_one_thread) as pool:
+            yield pool.imap_unordered(task, items, chunksize=4)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _one_thread() -> None:
+    """A worker process runs one thread (OpenMP included, for the libraries it calls)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)

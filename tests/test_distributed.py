@@ -31,7 +31,8 @@ def single(tmp_path_factory):
 
 
 def test_two_processes_run_every_stage_and_both_train(single):
-    done = torchrun(single, single / "two")
+    # SR in seg: its exits' forward must pass through DistributedDataParallel too.
+    done = torchrun(single, single / "two", "--set", "seg.sr.enabled=true")
     assert done.returncode == 0, done.stderr[-3000:]
     for process in (0, 1):  # cam and seg, each a batch of 8 shared by the two
         assert done.stderr.count(f"process {process} of 2 trained 3 steps of 4 images") == 2
