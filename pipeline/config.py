@@ -105,14 +105,25 @@ class TrainConfig:
 
 @dataclass
 class SRConfig:
-    """Self-Regulation losses (Zhang et al., ICCV 2021), training only; see pipeline/self_regulation.py."""
+    """Self-Regulation losses (Zhang et al., ICCV 2021), training only; see pipeline/self_regulation.py.
+    Defaults are the authors' (dongzhang89/SR-SS@90a8e86 deeplab.py, trainval.py, losses.py)."""
     enabled: bool = False
-    exits: list[str] = _opt(list(BACKBONE_LEVELS))  # levels that get an auxiliary exit (checked in config_from_dict)
-    head_channels: int = _opt(16, low=1)  # exit segmenters' width; 16 keeps the demo's step time < 1.3x (benchmarks/)
-    w_cls: float = _opt(0.2, low=0.0)  # Operation I, image-level BCE summed over exits
-    w_seg: float = _opt(0.8, low=0.0)  # Operation I, pixel cross-entropy summed over exits (seg stage only)
-    w_sf: float = _opt(1.0, low=0.0)  # Operation II, shallow teacher -> deep students (details), mean over students
-    w_sl: float = _opt(1.0, low=0.0)  # Operation III, deep teacher -> shallow students (context), mean over students
+    # Levels that get an auxiliary exit (checked in config_from_dict); the main head is the
+    # deepest exit. The authors': stem, layer1, layer2, layer3 (deeplab.py:43-46); an exit on
+    # layer4 would duplicate the main head, which sits on it.
+    exits: list[str] = _opt(list(BACKBONE_LEVELS[:-1]))
+    # Exit segmenters' width: the authors' ClassLayer has 256 (deeplab.py:9-31); at stride 2 that
+    # costs more than a small backbone itself, so the shipped configs set their own (README).
+    head_channels: int = _opt(256, low=1)
+    w_cls: float = _opt(0.2, low=0.0)  # Operation I, image-level BCE over exits
+    w_seg: float = _opt(0.8, low=0.0)  # Operation I, pixel cross-entropy over exits (seg stage only)
+    w_sf: float = _opt(1.0, low=0.0)  # Operation II, shallow teacher -> deep students (details)
+    w_sl: float = _opt(1.0, low=0.0)  # Operation III, deep teacher -> shallow students (context)
+    # Operations II and III over their students: sum (the authors', losses.py:100-134) or mean.
+    reduction: str = _opt("sum", choices=("sum", "mean"))
+    # Where Operation II compares the maps: input (the authors': every exit upsampled to the
+    # input size, deeplab.py:61-94) or teacher (the stride-2 teacher's own size, a quarter of the pixels).
+    detail_resolution: str = _opt("input", choices=("input", "teacher"))
     form: str = _opt("hard", choices=("hard", "soft"))  # Operation II: hard targets or softened distributions
     temperature: float = _opt(1.0, low=0.01)  # of the softmaxes of Operation II's soft form
     warmup_epochs: int = _opt(0, low=0)  # epochs with Operation I only
@@ -126,7 +137,7 @@ class CamConfig:
     flip: bool = True  # add the horizontally flipped image at every scale
     bg_threshold: float = _opt(0.15, low=0.0, high=1.0)  # CAM score below which a pixel is background
     # Without pixel labels the image-level loss is the main supervision, so it keeps the baseline's weight 1.
-    sr: SRConfig = field(default_factory=lambda: SRConfig(w_cls=1.0))
+    sr: SRConfig = field(default_factory=SRConfig)
 
 
 @dataclass

@@ -13,9 +13,9 @@ each is a ``(maps, logits)`` pair with maps at the level's own resolution.
 * Operation I, supervise every exit: image-level BCE on every exit's logits, plus
   (seg stage) pixel cross-entropy on every exit's maps upsampled to the label size.
 * Operation II, Shallow Teacher, Deep Students (details): the shallowest exit's maps
-  (detached) are the target of every deeper exit's maps, upsampled to the teacher's
-  resolution (stride 2 for the default ``stem`` teacher, a quarter of the input's
-  pixels). Seg stage: per pixel, the distribution over classes; ``form: hard`` is the
+  (detached) are the target of every deeper exit's maps, all upsampled to the input size
+  (``detail_resolution: input``, the authors') or to the teacher's own resolution
+  (``teacher``: stride 2 for a ``stem`` teacher, a quarter of the input's pixels). Seg stage: per pixel, the distribution over classes; ``form: hard`` is the
   cross-entropy against the teacher's argmax (the authors' code), ``form: soft`` the
   KL(teacher || student) of temperature-softened softmaxes times T^2. Cam stage (the
   maps are CAMs, there is no background class): per class in the image label, the
@@ -26,8 +26,10 @@ each is a ``(maps, logits)`` pair with maps at the level's own resolution.
   probabilities (sigmoid, detached) are BCE targets of every shallower exit's logits.
 
 Total: ``w_cls * sum_exits L_cls + w_seg * sum_exits L_seg + w_sf * L_II + w_sl * L_III``
-where L_II and L_III are means over their students (so their weights do not depend on
-how many exits are configured). During the first ``warmup_epochs`` only Operation I is on.
+where L_II and L_III are sums over their students (``reduction: sum``, the authors'
+trainval.py:143-169 with losses.py:100-134) or means (``mean``: their weights then do not
+depend on how many exits are configured). During the first ``warmup_epochs`` only
+Operation I is on.
 
 The heads live in the model's ``sr_heads`` submodule, which the inference path never
 calls and :func:`pipeline.train.save_checkpoint` leaves out of ``model.pt``.
@@ -81,21 +83,26 @@ class SRHeads(nn.Module):
         return exits + [(main_maps, self.main_classifier(main_maps.mean(dim=(2, 3))))]
 
 
+def over_students(losses: list[torch.Tensor], reduction: str) -> torch.Tensor:
+    stacked = torch.stack(losses)
+    return stacked.sum() if reduction == "sum" else stacked.mean()
+
+
 def class_detail_loss(teacher: torch.Tensor, students: list[torch.Tensor], form: str,
-                      temperature: float) -> torch.Tensor:
+                      temperature: float, reduction: str = "mean") -> torch.Tensor:
     """Operation II with pixel labels: B x C x h x w maps, all of one size; per pixel the
-    distribution over classes. The mean over the students."""
+    distribution over classes. Summed or averaged over the students (``reduction``)."""
     if form == "hard":
         target = teacher.argmax(dim=1)
-        return torch.stack([F.cross_entropy(student, target) for student in students]).mean()
-    return softened_kl(teacher, students, temperature)
+        return over_students([F.cross_entropy(student, target) for student in students], reduction)
+    return softened_kl(teacher, students, temperature, reduction)
 
 
 def spatial_detail_loss(teacher: torch.Tensor, students: list[torch.Tensor], labels: torch.Tensor, form: str,
-                        temperature: float) -> torch.Tensor:
+                        temperature: float, reduction: str = "mean") -> torch.Tensor:
     """Operation II on CAMs: B x K x h x w maps, all of one size; the distribution over the
-    pixels of each (image, class) pair in the image label. The mean over the students; 0 (with
-    a gradient path) when no image has a label."""
+    pixels of each (image, class) pair in the image label. Summed or averaged over the
+    students; 0 (with a gradient path) when no image has a label."""
     present = labels > 0.5
     teacher, students = teacher[present].flatten(1), [student[present].flatten(1) for student in students]
     if len(teacher) == 0:
@@ -105,34 +112,39 @@ def spatial_detail_loss(teacher: torch.Tensor, students: list[torch.Tensor], lab
         threshold = torch.minimum(teacher.mean(dim=1, keepdim=True), teacher.amax(dim=1, keepdim=True))
         support = (teacher >= threshold).float()
         target = support / support.sum(dim=1, keepdim=True)
-        return torch.stack([F.kl_div(F.log_softmax(student, dim=1), target, reduction="none").sum(dim=1).mean()
-                            for student in students]).mean()
-    return softened_kl(teacher, students, temperature)
+        return over_students([F.kl_div(F.log_softmax(student, dim=1), target, reduction="none").sum(dim=1).mean()
+                              for student in students], reduction)
+    return softened_kl(teacher, students, temperature, reduction)
 
 
-def softened_kl(teacher: torch.Tensor, students: list[torch.Tensor], temperature: float) -> torch.Tensor:
+def softened_kl(teacher: torch.Tensor, students: list[torch.Tensor], temperature: float,
+                reduction: str = "mean") -> torch.Tensor:
     """KL(teacher || student) of the softmaxes over dim 1 at ``temperature``, times T^2 (so the
-    gradient scale does not depend on T), averaged over all other positions, then over the students."""
+    gradient scale does not depend on T), averaged over all other positions, then summed or
+    averaged over the students."""
     target = F.log_softmax(teacher / temperature, dim=1)
-    return torch.stack([
+    return over_students([
         F.kl_div(F.log_softmax(student / temperature, dim=1), target, reduction="none", log_target=True)
         .sum(dim=1).mean() for student in students
-    ]).mean() * temperature ** 2
+    ], reduction) * temperature ** 2
 
 
-def context_loss(logits: list[torch.Tensor]) -> torch.Tensor:
-    """Operation III: mean over the shallower exits of the BCE against the deepest exit's probabilities."""
+def context_loss(logits: list[torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+    """Operation III: the BCE of the shallower exits against the deepest exit's probabilities,
+    summed or averaged over them."""
     teacher = torch.sigmoid(logits[-1]).detach()
-    return torch.stack([F.binary_cross_entropy_with_logits(student, teacher) for student in logits[:-1]]).mean()
+    return over_students([F.binary_cross_entropy_with_logits(student, teacher) for student in logits[:-1]],
+                         reduction)
 
 
 def self_regulation_loss(exits: list[Exit], labels: torch.Tensor, cfg: SRConfig, epoch: int,
-                         mask: torch.Tensor | None = None) -> dict:
+                         mask: torch.Tensor | None = None, input_size: tuple[int, int] | None = None) -> dict:
     """The SR loss terms of one batch, total under "loss".
 
     ``exits``: shallow -> deep, main last; ``labels``: B x (C-1) multi-hot image labels;
     ``mask``: B x H x W pixel labels (seg stage) or None (cam stage: the maps are CAMs);
-    ``epoch``: 0-based, for the warm-up.
+    ``epoch``: 0-based, for the warm-up; ``input_size``: the images' size (default: the
+    mask's), where ``detail_resolution: input`` compares the maps.
     """
     maps, logits = [m for m, _ in exits], [z for _, z in exits]
     cls = torch.stack([multilabel_loss(z, labels) for z in logits]).sum()
@@ -143,11 +155,13 @@ def self_regulation_loss(exits: list[Exit], labels: torch.Tensor, cfg: SRConfig,
         terms["seg"] = seg
         total = total + cfg.w_seg * seg
     if epoch >= cfg.warmup_epochs:
-        teacher = maps[0].detach()
-        students = [resize(m, teacher.shape[-2:]) for m in maps[1:]]
-        terms["detail"] = (class_detail_loss(teacher, students, cfg.form, cfg.temperature) if mask is not None
-                           else spatial_detail_loss(teacher, students, labels, cfg.form, cfg.temperature))
-        terms["context"] = context_loss(logits)
+        size = maps[0].shape[-2:] if cfg.detail_resolution == "teacher" else (input_size or mask.shape[-2:])
+        teacher = resize(maps[0].detach(), size)
+        students = [resize(m, size) for m in maps[1:]]
+        terms["detail"] = (
+            class_detail_loss(teacher, students, cfg.form, cfg.temperature, cfg.reduction) if mask is not None
+            else spatial_detail_loss(teacher, students, labels, cfg.form, cfg.temperature, cfg.reduction))
+        terms["context"] = context_loss(logits, cfg.reduction)
     else:
         terms["detail"] = terms["context"] = cls.new_zeros(())
     total = total + cfg.w_sf * terms["detail"] + cfg.w_sl * terms["context"]

@@ -52,7 +52,8 @@ def classification_loss(model, batch, epoch) -> dict:
 
 def sr_classification_loss(model, batch, epoch, sr: SRConfig) -> dict:
     """Self-Regulation without pixel labels: every exit's maps are its CAMs."""
-    return self_regulation_loss(model.forward_exits(batch["image"]), batch["labels"], sr, epoch)
+    return self_regulation_loss(model.forward_exits(batch["image"]), batch["labels"], sr, epoch,
+                                input_size=batch["image"].shape[-2:])
 
 
 def training_loss(sr: SRConfig) -> LossFn:

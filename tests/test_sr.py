@@ -50,10 +50,13 @@ def hand_made_exits(channels=4, sizes=(16, 8, 4, 4), requires_grad=True):
 def test_sr_config_defaults_and_keys():
     cfg = load_config(DEMO_CONFIG, ["cam.sr.enabled=true", "seg.sr.form=soft", "seg.sr.exits=[layer1, stem]"])
     assert cfg.cam.sr.enabled and not cfg.seg.sr.enabled
-    assert cfg.cam.sr.exits == list(BACKBONE_LEVELS) and cfg.seg.sr.form == "soft"
+    # The authors' (SR-SS deeplab.py, trainval.py): exits on stem..layer3, the main head the
+    # deepest; 256-wide heads; 0.2 / 0.8 / 1 / 1; II and III summed over the students, II at the input size.
+    assert cfg.cam.sr.exits == list(BACKBONE_LEVELS[:-1]) and cfg.seg.sr.form == "soft"
     assert cfg.seg.sr.exits == ["layer1", "stem"]
-    assert (cfg.seg.sr.w_cls, cfg.seg.sr.w_seg, cfg.seg.sr.w_sf, cfg.seg.sr.w_sl) == (0.2, 0.8, 1.0, 1.0)
-    assert cfg.cam.sr.w_cls == 1.0  # no pixel loss in the cam stage: the image-level loss keeps weight 1
+    for sr in (cfg.cam.sr, cfg.seg.sr):
+        assert (sr.w_cls, sr.w_seg, sr.w_sf, sr.w_sl) == (0.2, 0.8, 1.0, 1.0)
+        assert (sr.head_channels, sr.reduction, sr.detail_resolution) == (256, "sum", "input")
 
 
 @pytest.mark.parametrize("raw, match", [
@@ -92,10 +95,11 @@ def test_hard_class_form_is_the_cross_entropy_against_the_teachers_argmax():
     assert own.item() == pytest.approx(F.cross_entropy(teacher, teacher.argmax(1)).item())
     # any student that disagrees with the teacher's argmax somewhere pays more than the teacher itself
     assert class_detail_loss(teacher, [teacher.roll(1, dims=1)], "hard", 1.0).item() > own.item()
-    # the mean over the students
+    # the mean or the sum over the students
     other = torch.randn(2, 4, 5, 5)
-    both = class_detail_loss(teacher, [teacher, other], "hard", 1.0).item()
-    assert both == pytest.approx((own.item() + F.cross_entropy(other, teacher.argmax(1)).item()) / 2, rel=1e-5)
+    both = own.item() + F.cross_entropy(other, teacher.argmax(1)).item()
+    assert class_detail_loss(teacher, [teacher, other], "hard", 1.0).item() == pytest.approx(both / 2, rel=1e-5)
+    assert class_detail_loss(teacher, [teacher, other], "hard", 1.0, "sum").item() == pytest.approx(both, rel=1e-5)
 
 
 def test_hard_spatial_form_is_minimal_for_a_student_uniform_on_the_teachers_support():
@@ -127,6 +131,7 @@ def test_context_loss_is_the_bce_against_the_deepest_probabilities():
     expected = (F.binary_cross_entropy_with_logits(logits[0], target)
                 + F.binary_cross_entropy_with_logits(logits[1], target)) / 2
     assert context_loss(logits).item() == pytest.approx(expected.item())
+    assert context_loss(logits, "sum").item() == pytest.approx(2 * expected.item())
     # a student equal to the teacher is at the minimum: zero gradient
     student = logits[-1].clone().requires_grad_()
     context_loss([student, logits[-1]]).backward()
@@ -140,7 +145,7 @@ def test_teachers_get_no_gradient_from_their_operation(form, with_mask):
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     mask = torch.randint(0, 4, (2, 32, 32)) if with_mask else None
     cfg = dataclasses.replace(SR, form=form)
-    terms = self_regulation_loss(exits, labels, cfg, epoch=0, mask=mask)
+    terms = self_regulation_loss(exits, labels, cfg, epoch=0, mask=mask, input_size=(32, 32))
     terms["detail"].backward(retain_graph=True)
     assert exits[0][0].grad is None  # the shallow teacher of Operation II
     assert all(maps.grad is not None and maps.grad.abs().sum() > 0 for maps, _ in exits[1:])
@@ -149,25 +154,30 @@ def test_teachers_get_no_gradient_from_their_operation(form, with_mask):
     assert all(logits.grad.abs().sum() > 0 for _, logits in exits[:-1])
 
 
-def test_exits_at_different_resolutions_align_and_every_term_is_summed_as_documented():
+@pytest.mark.parametrize("resolution, reduction", [("teacher", "mean"), ("input", "sum")])
+def test_exits_at_different_resolutions_align_and_every_term_is_summed_as_documented(resolution, reduction):
     exits = hand_made_exits(channels=4, sizes=(16, 8, 4, 2))
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     mask = torch.randint(0, 4, (2, 32, 32))
     mask[0, :5] = 255
-    cfg = SRConfig(enabled=True, w_cls=0.3, w_seg=0.5, w_sf=2.0, w_sl=3.0, form="soft", temperature=2.0)
+    cfg = SRConfig(enabled=True, w_cls=0.3, w_seg=0.5, w_sf=2.0, w_sl=3.0, form="soft", temperature=2.0,
+                   detail_resolution=resolution, reduction=reduction)
     terms = self_regulation_loss(exits, labels, cfg, epoch=0, mask=mask)
     maps, logits = [m for m, _ in exits], [z for _, z in exits]
     cls = sum(multilabel_loss(z, labels) for z in logits)
     seg = sum(pixel_cross_entropy(F.interpolate(m, size=(32, 32), mode="bilinear", align_corners=False), mask)
               for m in maps)
-    students = [F.interpolate(m, size=(16, 16), mode="bilinear", align_corners=False) for m in maps[1:]]
-    detail = softened_kl(maps[0], students, 2.0)
-    for name, value in [("cls", cls), ("seg", seg), ("detail", detail), ("context", context_loss(logits))]:
+    size = (16, 16) if resolution == "teacher" else (32, 32)
+    aligned = [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps]
+    detail = softened_kl(aligned[0], aligned[1:], 2.0, reduction)
+    context = context_loss(logits, reduction)
+    for name, value in [("cls", cls), ("seg", seg), ("detail", detail), ("context", context)]:
         assert terms[name].item() == pytest.approx(value.item(), rel=1e-5), name
-    total = 0.3 * cls + 0.5 * seg + 2.0 * detail + 3.0 * context_loss(logits)
+    total = 0.3 * cls + 0.5 * seg + 2.0 * detail + 3.0 * context
     assert terms["loss"].item() == pytest.approx(total.item(), rel=1e-5)
     cam_exits = hand_made_exits(channels=3, sizes=(16, 8, 4, 2))  # CAMs: one map per foreground class
-    assert set(self_regulation_loss(cam_exits, labels, cfg, epoch=0)) == {"loss", "cls", "detail", "context"}
+    assert set(self_regulation_loss(cam_exits, labels, cfg, epoch=0, input_size=(32, 32))) == {
+        "loss", "cls", "detail", "context"}
 
 
 def test_warmup_switches_operations_two_and_three_off():
