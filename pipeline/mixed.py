@@ -18,7 +18,7 @@ seg head) with no shared weights (:class:`pipeline.models.DeepLab` with ``teache
   bounds the term (below 0.035 for four classes at T = 2); an earlier version
   softened the logits, the textbook form, whose KL is unbounded: at w_kl 50 it was 18 times the
   teacher's loss by the fourth step on acdc-dev, and both branches collapsed to background
-  (docs/results.md, "ACDC");
+  (docs/earlier-results.md, "ACDC");
 * the Shannon entropy of the student's softmax makes the student confident; the KL term
   keeps it from the trivial confident answer. Averaged over classes and pixels, as in the
   authors' code (their ``HLoss``), so ``w_entropy: 1`` weighs it as they do; over all the
