@@ -98,6 +98,9 @@ class TrainConfig:
     scale_range: list[float] = _opt([0.5, 1.5])  # random rescaling before the crop
     # Under torchrun: BatchNorm statistics over every process's share of the batch (SyncBatchNorm).
     sync_batchnorm: bool = False
+    # Mixed precision: auto is bf16 autocast on a CUDA GPU that supports it, else fp16 with a
+    # gradient scaler, and off on the CPU; or off, bf16, fp16 (CUDA only).
+    amp: str = _opt("auto", choices=("auto", "off", "bf16", "fp16"))
     # Random brightness, contrast, saturation and hue of the image (torchvision's ColorJitter);
     # [] for none. PSA trains its AffinityNet with [0.3, 0.3, 0.3, 0.1] (train_aff.py:43-62).
     color_jitter: list[float] = _opt([])
@@ -494,7 +497,8 @@ def section_for_cache(cfg: Config, *keys: str, omit: tuple[str, ...] = ()) -> di
 
 # Training keys added after runs were cached, at the value that leaves training as it was:
 # left out of the cache key, so those runs stay cached.
-UNSET_TRAIN_KEYS = {"steps": 0, "color_jitter": [], "sync_batchnorm": False}
+# amp: auto follows the device, which is not part of the cache key either.
+UNSET_TRAIN_KEYS = {"steps": 0, "color_jitter": [], "sync_batchnorm": False, "amp": "auto"}
 
 
 def _collapse_disabled(tree):

@@ -445,6 +445,9 @@ def prepare_data(cfg, checks: Optional[FileChecks] = None) -> VOCDataset:
         if len(train_ids) < train.batch_size:
             raise ConfigError(f"config key '{section}.train.batch_size' is {train.batch_size} "
                               f"but the train split has only {len(train_ids)} images")
+        if train.amp == "fp16" and (cfg.device == "cpu" or not torch.cuda.is_available()):
+            raise ConfigError(f"config key '{section}.train.amp' is fp16, which needs a CUDA device; "
+                              "use bf16 or off on the CPU")
         if train.batch_size % processes or train.batch_size // processes < 2:
             raise ConfigError(f"config key '{section}.train.batch_size' is {train.batch_size}: under torchrun it "
                               f"is shared by {processes} processes, and each needs an equal share of at least 2")

@@ -24,7 +24,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from pipeline.config import TrainConfig
-from pipeline.errors import TrainingError
+from pipeline.errors import ConfigError, TrainingError
 from pipeline.io import atomic_write_bytes
 from pipeline.runtime import distributed, is_main_process, rank, rng_state, set_rng_state, sum_across_ranks, world_size
 
@@ -47,9 +47,11 @@ def make_train_loader(dataset, cfg: TrainConfig, workers: int, generator: torch.
         sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=generator.initial_seed(),
                                                       drop_last=True)
         return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size // world_size(), sampler=sampler,
-                                           num_workers=workers, generator=generator, drop_last=True)
+                                           num_workers=workers, generator=generator, drop_last=True,
+                                           pin_memory=torch.cuda.is_available())
     return torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, generator=generator,
+        pin_memory=torch.cuda.is_available(),
         # Full batches only: BatchNorm (and ASPP's pooled branch) needs more than one sample.
         # Workers start afresh every epoch, seeded from the generator: a resumed training,
         # which restores the generator, then draws the same augmentations.
@@ -128,12 +130,16 @@ def train(model: nn.Module, loader, compute_loss: LossFn, cfg: TrainConfig, devi
     if distributed() and cfg.sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place for the layers' parameters
     optimizer = make_optimizer(model, cfg)
+    precision = amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == torch.float16)  # fp16 gradients underflow unscaled
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
     net = DistributedModel(model, device) if distributed() else model
     num_epochs = epochs(cfg, loader)
     total_steps = num_epochs * len(loader)
     history = []
     if checkpoint is not None and checkpoint.is_file():
-        history = restore_training(checkpoint, model, optimizer, loader)
+        history = restore_training(checkpoint, model, optimizer, loader, scaler)
         if is_main_process():
             tqdm.write(f"{desc}: resuming after epoch {len(history)}/{num_epochs} from {checkpoint}")
     step = len(history) * len(loader)
@@ -148,14 +154,16 @@ def train(model: nn.Module, loader, compute_loss: LossFn, cfg: TrainConfig, devi
             for group in optimizer.param_groups:  # poly schedule, as in DeepLab
                 group["lr"] = group["base_lr"] * (1 - step / total_steps) ** 0.9
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            terms = compute_loss(net, batch, epoch)
+            with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
+                terms = compute_loss(net, batch, epoch)
             loss = terms["loss"].item()
             if not math.isfinite(loss):  # the stage's partial folder is deleted: nothing is cached
                 raise TrainingError(f"{desc}: the loss is {loss} at epoch {epoch + 1}, step {batch_index}; "
                                     "nothing was cached (a lower learning rate may help)")
             optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
+            scaler.scale(terms["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             for name, value in terms.items():
                 value = loss if name == "loss" else value.item()
@@ -169,12 +177,23 @@ def train(model: nn.Module, loader, compute_loss: LossFn, cfg: TrainConfig, devi
             tqdm.write(f"{desc} epoch {epoch + 1}/{num_epochs}: "
                        + ", ".join(f"{name} {value:.4f}" for name, value in history[-1].items()))
         if checkpoint is not None and is_main_process():
-            atomic_write_bytes(checkpoint, _to_bytes(training_state(model, optimizer, loader, history)))
+            atomic_write_bytes(checkpoint, _to_bytes(training_state(model, optimizer, loader, history, scaler)))
     model.eval()
     if world_size() > 1:  # every process says so: training ran on each of them
         tqdm.write(f"{desc}: process {rank()} of {world_size()} trained {step} steps of "
                    f"{loader.batch_size or len(next(iter(loader.batch_sampler)))} images", file=sys.stderr)
     return history
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.amp`` on ``device``; None: full precision."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("config key 'train.amp' is fp16, which needs a CUDA device; use bf16 or off on the CPU")
+    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
 
 
 def epochs(cfg: TrainConfig, loader) -> int:
@@ -189,21 +208,26 @@ def loss_curve(history: list[dict[str, float]], term: str = "loss") -> list[floa
     return [round(epoch[term], 4) if math.isfinite(epoch[term]) else None for epoch in history]
 
 
-def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, loader, history: list[dict]) -> dict:
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, loader, history: list[dict],
+                   scaler: torch.amp.GradScaler) -> dict:
     """Everything an interrupted training needs to go on exactly as if uninterrupted at the end
     of an epoch: the model (its training-only heads included), the optimiser, the losses so far,
     the global random generators, the loader's generator (shuffling, and each epoch's worker
     seeds) and a batch sampler's own state (mixed mode's queues)."""
     sampler = loader.batch_sampler
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
+            "scaler": scaler.state_dict(),
             "rng": rng_state(), "loader_generator": loader.generator.get_state(),
             "batch_sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None}
 
 
-def restore_training(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, loader) -> list[dict]:
+def restore_training(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, loader,
+                     scaler: torch.amp.GradScaler) -> list[dict]:
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     loader.generator.set_state(state["loader_generator"])
     if state["batch_sampler"] is not None:

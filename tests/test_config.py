@@ -130,3 +130,13 @@ def test_settings_that_cannot_work_are_config_errors(key, value):
         tree = {part: tree}
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config_from_dict(tree)
+
+
+def test_mixed_precision_is_off_on_the_cpu_and_fp16_needs_cuda():
+    import torch
+    from pipeline.train import amp_dtype
+    cpu = torch.device("cpu")
+    assert amp_dtype("auto", cpu) is None and amp_dtype("off", cpu) is None
+    assert amp_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(ConfigError, match="'train.amp' is fp16"):
+        amp_dtype("fp16", cpu)

@@ -390,3 +390,10 @@ def test_an_interrupted_run_resumes_every_stage_and_ends_bit_identical(tmp_path,
         assert after["miou"] == before["miou"] and after.get("train_loss_by_epoch") == before.get("train_loss_by_epoch")
     assert json.loads((resumed / "seg" / "metrics.json").read_text())["resumed"] is True
     assert not list(resumed.glob(".*")) and not (resumed / "seg" / "checkpoint.pt").exists()
+
+
+def test_fp16_on_the_cpu_stops_before_any_work(tmp_path, capsys):
+    assert run(tmp_path, "--set", "device=cpu", "--set", "seg.train.amp=fp16") == 2
+    assert capsys.readouterr().err.strip() == ("error: config key 'seg.train.amp' is fp16, which needs a CUDA "
+                                               "device; use bf16 or off on the CPU")
+    assert not (tmp_path / "run").exists()
