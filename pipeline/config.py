@@ -127,6 +127,9 @@ class SRConfig:
     # Where Operation II compares the maps: input (the authors': every exit upsampled to the
     # input size, deeplab.py:61-94) or teacher (the stride-2 teacher's own size, a quarter of the pixels).
     detail_resolution: str = _opt("input", choices=("input", "teacher"))
+    # An exit's image-level logits: linear (the authors': GAP, then a linear layer) or pooled (the
+    # GAP of each class's map is its logit, as for the main CAM; cam stage only, checked below).
+    exit_classifier: str = _opt("linear", choices=("linear", "pooled"))
     form: str = _opt("hard", choices=("hard", "soft"))  # Operation II: hard targets or softened distributions
     temperature: float = _opt(1.0, low=0.01)  # of the softmaxes of Operation II's soft form
     warmup_epochs: int = _opt(0, low=0)  # epochs with Operation I only
@@ -390,6 +393,9 @@ def config_from_dict(raw: dict) -> Config:
             raise ConfigError(f"config key '{section}.sr.exits' lists a level twice: {exits}")
         if getattr(cfg, section).sr.enabled and not exits:
             raise ConfigError(f"config key '{section}.sr.exits' must list at least one level when SR is enabled")
+    if cfg.seg.sr.exit_classifier == "pooled":
+        raise ConfigError("config key 'seg.sr.exit_classifier' is pooled, which needs one map per foreground class: "
+                          "only the cam stage has that")
     if not cfg.cam.scales or any(s <= 0 for s in cfg.cam.scales):
         raise ConfigError("cam.scales must be a non-empty list of positive numbers")
     if cfg.refine.bg_threshold > cfg.refine.fg_threshold:

@@ -48,14 +48,17 @@ Exit = tuple[torch.Tensor, torch.Tensor]  # (maps B x C x h x w, image-level log
 
 
 class ExitHead(nn.Module):
-    """Segmenter (2 x 3x3 conv-BN-ReLU, 1x1 conv to ``num_maps``) and classifier (GAP, linear)."""
+    """Segmenter (2 x 3x3 conv-BN-ReLU, 1x1 conv to ``num_maps``) and classifier: GAP then a
+    linear layer (the authors' ClassLayer), or with ``pooled`` the GAP of each map alone as its
+    class's logit (for CAMs: each exit's map of a class is then trained as a CAM of that class,
+    as the main CAM is, rather than mixed with the others by a linear layer)."""
 
-    def __init__(self, in_channels: int, hidden: int, num_maps: int, num_foreground: int):
+    def __init__(self, in_channels: int, hidden: int, num_maps: int, num_foreground: int, pooled: bool = False):
         super().__init__()
         self.segmenter = nn.Sequential(
             *conv_bn_relu(in_channels, hidden), *conv_bn_relu(hidden, hidden), nn.Conv2d(hidden, num_maps, 1),
         )
-        self.classifier = nn.Linear(num_maps, num_foreground)
+        self.classifier = nn.Identity() if pooled else nn.Linear(num_maps, num_foreground)
 
     def forward(self, features: torch.Tensor) -> Exit:
         maps = self.segmenter(features)
@@ -69,8 +72,11 @@ class SRHeads(nn.Module):
     def __init__(self, cfg: SRConfig, channels: list[int], num_maps: int, num_foreground: int,
                  main_classifier: bool):
         super().__init__()
+        pooled = cfg.exit_classifier == "pooled"
+        if pooled and num_maps != num_foreground:
+            raise ValueError("sr.exit_classifier: pooled needs one map per foreground class (the cam stage)")
         self.exits = nn.ModuleDict({
-            level: ExitHead(channels[index], cfg.head_channels, num_maps, num_foreground)
+            level: ExitHead(channels[index], cfg.head_channels, num_maps, num_foreground, pooled)
             for index, level in enumerate(BACKBONE_LEVELS) if level in cfg.exits
         })
         # Without its own classifier (CAMNet) the main exit's logits are the GAP of its maps:

@@ -303,3 +303,12 @@ def test_tiny_pipeline_with_sr_in_both_networks(tmp_path):
         load_checkpoint(tmp_path / "run" / stage / "model.pt", build())  # strict: no SR head inside
     manifest = json.loads((tmp_path / "run" / "cam" / "manifest.json").read_text())
     assert manifest["inputs"]["config"]["cam"]["sr"]["enabled"] is True  # SR settings are part of the cache key
+
+
+def test_pooled_exit_classifier_makes_each_exit_map_the_cam_of_its_class():
+    from pipeline.self_regulation import ExitHead
+    head = ExitHead(in_channels=8, hidden=4, num_maps=3, num_foreground=3, pooled=True)
+    maps, logits = head(torch.randn(2, 8, 6, 6))
+    assert torch.allclose(logits, maps.mean(dim=(2, 3)))
+    with pytest.raises(ConfigError, match="'seg.sr.exit_classifier' is pooled"):
+        config_from_dict({"seg": {"sr": {"exit_classifier": "pooled"}}})
