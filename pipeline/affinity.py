@@ -212,10 +212,10 @@ def normalized_transitions(affinities: torch.Tensor, offsets: list, beta: float,
     return weights / weights.sum(dim=1, keepdim=True)
 
 
-def _pair_origins(embeddings: torch.Tensor, radius: int, pairs: str) -> torch.Tensor:
-    """1 x 1 x h x w: 1 where a pixel may be the first pixel of a half-plane pair."""
-    height, width = embeddings.shape[-2:]
-    origins = embeddings.new_ones(1, 1, height, width)
+def _pair_origins(like: torch.Tensor, radius: int, pairs: str) -> torch.Tensor:
+    """1 x 1 x h x w, h x w those of ``like``: 1 where a pixel may be the first pixel of a half-plane pair."""
+    height, width = like.shape[-2:]
+    origins = like.new_ones(1, 1, height, width)
     if pairs == "psa":  # tool/pyutils.py:145-146: full_indices[:-(r-1), (r-1):-(r-1)]
         cut = radius - 1
         origins.zero_()

@@ -181,7 +181,7 @@ def train(model: nn.Module, loader, compute_loss: LossFn, cfg: TrainConfig, devi
     model.eval()
     if world_size() > 1:  # every process says so: training ran on each of them
         tqdm.write(f"{desc}: process {rank()} of {world_size()} trained {step} steps of "
-                   f"{loader.batch_size or len(next(iter(loader.batch_sampler)))} images", file=sys.stderr)
+                   f"{cfg.batch_size // world_size()} images", file=sys.stderr)
     return history
 
 

@@ -217,7 +217,7 @@ def relation_net(cfg: Config, run_dir: Path, refine_inputs: dict,
     learnt from): from the cache when its key matches, else made now (CRF masks, training)."""
     dataset = open_dataset(cfg.data)
     folder = NETWORKS[cfg.refine.method]
-    net_cfg = cfg.refine.irn if cfg.refine.method == "irn" else cfg.refine.affinity
+    net_cfg = getattr(cfg.refine, SECTIONS[cfg.refine.method][0])
     inputs = relation_net_inputs(refine_inputs)
     # Seeded before the network is built: its initial weights must not depend on whether cam
     # ran earlier in this process (one cache key, one network).
