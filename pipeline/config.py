@@ -165,10 +165,10 @@ class AffinityNetConfig:
     PSA's (jiwoon-ahn/psa@9493e59 train_aff.py:18-27, network/resnet38_aff.py)."""
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(output_stride=16))
     # PSA: batch 8, 8 epochs, lr 0.1 (new layers x10), weight decay 5e-4, crop 448, no rescale,
-    # colour jitter. Its SGD gets weight decay in momentum's place (tool/torchutils.py:12-16),
-    # so it runs with momentum 5e-4; 0.9 is kept here (README, "Stages").
+    # colour jitter. Its SGD gets the weight decay in momentum's place (tool/torchutils.py:12-16),
+    # so it runs with momentum 5e-4: that is the default here too (README, "Stages").
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=8, batch_size=8, lr=0.1, weight_decay=5e-4, crop_size=448, scale_range=[1.0, 1.0],
+        epochs=8, batch_size=8, lr=0.1, momentum=5e-4, weight_decay=5e-4, crop_size=448, scale_range=[1.0, 1.0],
         color_jitter=[0.3, 0.3, 0.3, 0.1]))
     feature_stride: int = _opt(8, choices=(4, 8))  # of the embedding map the affinities live on (PSA: 8)
     embedding_channels: int = _opt(448, low=1)  # PSA: 448
@@ -215,8 +215,10 @@ class IrnConfig:
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(output_stride=16))
     # IRNet: batch 32, 3 epochs, lr 0.1 for the boundary layers, weight decay 1e-4, crop 512,
     # rescale 0.5-1.5. Its backbone is frozen (features detached, BatchNorm fixed).
+    # Its SGD, like PSA's, gets the weight decay in momentum's place (misc/torchutils.py:11-12).
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=3, batch_size=32, lr=0.1, head_lr_mult=1.0, weight_decay=1e-4, crop_size=512, scale_range=[0.5, 1.5]))
+        epochs=3, batch_size=32, lr=0.1, head_lr_mult=1.0, momentum=1e-4, weight_decay=1e-4, crop_size=512,
+        scale_range=[0.5, 1.5]))
     # false trains the backbone too: for a backbone without pretrained weights, whose frozen
     # random features have little to say about boundaries (not IRNet's setting).
     freeze_backbone: bool = True
