@@ -2,12 +2,14 @@
 """Refine stage throughput, measured side by side in one run on a finished run folder.
 
 * CRF pseudo masks with ``refine.workers`` 1 and 2 (images per second, same images);
-* the random walk alone (AffinityNet embeddings + walk, per image), when the run folder
-  holds a trained AffinityNet (``refine.method: affinity`` was run);
+* the random walk of ``refine.method`` (affinity or irn) per image, with its network's forward
+  pass and without (the network alone timed beside it), when the run folder holds that trained
+  network; ``--save-masks DIR`` writes the walked masks as the stage makes them, so that two
+  versions of the code can be compared file by file;
 * the size of the CAM files (bytes per image).
 
     .venv/bin/python benchmarks/refine_speed.py --run-dir runs/demo-weak [--config configs/demo.yaml] \
-        [--set KEY=VALUE ...] [--images 100]
+        [--set KEY=VALUE ...] [--images 100] [--walk-only] [--save-masks DIR]
 """
 from __future__ import annotations
 
@@ -25,11 +27,12 @@ import torch  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import normalize, open_dataset, prepare_data  # noqa: E402
-from pipeline.models import AffinityNet  # noqa: E402
+from pipeline.io import save_mask  # noqa: E402
 from pipeline.runtime import configure_threads, select_device  # noqa: E402
 from pipeline.train import load_checkpoint  # noqa: E402
 from stages.cam import load_cams  # noqa: E402
-from stages.refine import AFFINITY_NET, propagated_scores, write_crf_masks  # noqa: E402
+from stages.refine import (NETWORKS, boundary_scores, build_relation_net, propagated_scores, walk_mask,  # noqa: E402
+                           write_crf_masks)
 
 
 def main() -> None:
@@ -38,6 +41,8 @@ def main() -> None:
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--save-masks", type=Path)
+    parser.add_argument("--walk-only", action="store_true", help="time the random walk only")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     prepare_data(cfg)
@@ -50,7 +55,7 @@ def main() -> None:
     sizes = [(cam_dir / f"{i}.npz").stat().st_size for i in ids]
     print(f"CAM files: {np.mean(sizes):.0f} bytes per image (float16, the image's classes only)")
 
-    for workers in (1, 2):
+    for workers in () if args.walk_only else (1, 2):
         cfg.refine.workers = workers
         with tempfile.TemporaryDirectory() as scratch:
             started = time.perf_counter()
@@ -58,29 +63,45 @@ def main() -> None:
             elapsed = time.perf_counter() - started
         print(f"CRF masks, {workers} worker(s): {len(ids) / elapsed:.1f} images/s ({elapsed / len(ids):.3f} s/image)")
 
-    net_file = args.run_dir / AFFINITY_NET / "model.pt"
-    if not net_file.exists():
-        print(f"no {net_file}: random walk not timed")
+    net_file = args.run_dir / NETWORKS[cfg.refine.method] / "model.pt" if cfg.refine.method != "crf" else None
+    if net_file is None or not net_file.exists():
+        print(f"no trained network for refine.method {cfg.refine.method} in {args.run_dir}: random walk not timed")
         return
     device = select_device(cfg.device)
-    net_cfg = cfg.refine.affinity
-    model = AffinityNet(net_cfg.backbone, net_cfg.feature_stride, net_cfg.embedding_channels)
+    model = build_relation_net(cfg.refine)
     load_checkpoint(net_file, model)
     model.to(device).eval()
-    timed, walked = 0.0, 0
+    network_seconds, walk_seconds, walked = 0.0, 0.0, 0
     for image_id in ids:
         cams, classes = load_cams(cam_dir, image_id)
         if len(classes) == 0:  # all background: the stage does not walk these
             continue
         image = normalize(dataset.load_image(image_id)).to(device)
         started = time.perf_counter()
-        propagated_scores(model, image, cams, cfg.refine.random_walk)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        timed += time.perf_counter() - started
+        with torch.no_grad():
+            model(image[None])
+        network_seconds += _synchronized(device, started)
+        started = time.perf_counter()
+        scores = (boundary_scores(model, image, cams, cfg.refine.irn_walk) if cfg.refine.method == "irn"
+                  else propagated_scores(model, image, cams, cfg.refine.random_walk))
+        walk_seconds += _synchronized(device, started)
         walked += 1
-    print(f"random walk ({cfg.refine.random_walk.iterations} steps, radius {cfg.refine.random_walk.radius}, "
-          f"embeddings included), {device}: {timed / max(walked, 1):.3f} s/image over {walked} images")
+        if args.save_masks is not None:  # as the stage makes them: float16 scores, then the mask
+            mask = walk_mask(dataset.load_image(image_id), scores.astype(np.float16).astype(np.float32), classes,
+                             cfg.refine)
+            args.save_masks.mkdir(parents=True, exist_ok=True)
+            save_mask(args.save_masks / f"{image_id}.png", mask)
+    walk = cfg.refine.irn_walk if cfg.refine.method == "irn" else cfg.refine.random_walk
+    walked = max(walked, 1)
+    print(f"{cfg.refine.method} walk ({walk.iterations} steps, radius {walk.radius}), {device}, {walked} images: "
+          f"{walk_seconds / walked:.3f} s/image with the network, of which the network alone "
+          f"{network_seconds / walked:.3f} s, the walk {(walk_seconds - network_seconds) / walked:.3f} s")
+
+
+def _synchronized(device: torch.device, started: float) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
 
 
 if __name__ == "__main__":

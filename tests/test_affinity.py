@@ -140,6 +140,23 @@ def test_random_walk_conserves_mass_weighted_by_degree():
     assert torch.allclose(constant, torch.ones_like(constant))
 
 
+def test_one_walk_step_takes_each_pixels_weighted_mean_of_its_neighbours_image_by_image():
+    torch.manual_seed(0)
+    embeddings = torch.rand(2, 3, 5, 6)
+    weights, offsets = transition_weights(embeddings, radius=3, beta=2.0, pairs="psa")
+    maps = torch.rand(2, 2, 5, 6)
+    stepped = random_walk(maps, weights, offsets, iterations=1)
+    expected = torch.zeros_like(maps)
+    for index, (dy, dx) in enumerate(offsets):
+        for y in range(5):
+            for x in range(6):
+                if 0 <= y + dy < 5 and 0 <= x + dx < 6:
+                    expected[:, :, y, x] += weights[:, index, y, x, None] * maps[:, :, y + dy, x + dx]
+    assert torch.allclose(stepped, expected, atol=1e-6)
+    alone = torch.cat([random_walk(maps[i:i + 1], weights[i:i + 1], offsets, 7) for i in range(2)])
+    assert torch.allclose(random_walk(maps, weights, offsets, 7), alone, atol=1e-6)  # no mass across images
+
+
 def test_walk_mask_combines_the_strong_and_the_weak_background_as_the_two_thresholds():
     scores = np.zeros((4, 2, 3), dtype=np.float32)
     scores[0] = [[1.0, 0.9, 0.1], [0.5, 0.7, 0.9]]  # strong background
