@@ -59,7 +59,7 @@ def main() -> None:
         cfg.refine.workers = workers
         with tempfile.TemporaryDirectory() as scratch:
             started = time.perf_counter()
-            write_crf_masks(cfg, args.run_dir, ids, Path(scratch) / "crf")
+            write_crf_masks(cfg, args.run_dir, ids, Path(scratch) / "crf", resume=False)
             elapsed = time.perf_counter() - started
         print(f"CRF masks, {workers} worker(s): {len(ids) / elapsed:.1f} images/s ({elapsed / len(ids):.3f} s/image)")
 
