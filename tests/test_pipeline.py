@@ -231,11 +231,21 @@ IRN = ["refine.method=irn", "refine.irn.backbone.name=resnet18", "refine.irn.tra
        "refine.irn_walk.iterations=8"]
 
 
-def test_irn_refine_learns_a_boundary_map_and_walks_with_it(weak_run, capsys):
+IRN_SETTINGS = sum((["--set", item] for item in IRN), ["--stages", "refine"])
+
+
+@pytest.fixture(scope="module")
+def irn_run(weak_run):
+    """The weak run's CAMs refined with ``refine.method: irn``: the run folder."""
     run_dir = weak_run / "irn"
     shutil.copytree(weak_run / "run" / "cam", run_dir / "cam")
-    settings = sum((["--set", item] for item in IRN), ["--run-dir", str(run_dir), "--stages", "refine"])
-    assert run(weak_run, *settings) == 0
+    assert run(weak_run, *IRN_SETTINGS, "--run-dir", str(run_dir)) == 0
+    return run_dir
+
+
+def test_irn_refine_learns_a_boundary_map_and_walks_with_it(weak_run, irn_run, capsys):
+    run_dir = irn_run
+    settings = IRN_SETTINGS + ["--run-dir", str(run_dir)]
     metrics = json.loads((run_dir / "refine" / "metrics.json").read_text())
     assert metrics["method"] == "irn" and metrics["unsure_fraction"] == 0 and metrics["net_train_steps"] == 3
     assert len(list((run_dir / "refine" / "pseudo").glob("*.png"))) == 24
@@ -247,6 +257,32 @@ def test_irn_refine_learns_a_boundary_map_and_walks_with_it(weak_run, capsys):
     out = capsys.readouterr().out
     assert "refine  stale" in out and "  irn          cached   -> reuse" in out
     assert "refine.affinity" not in out
+
+
+def test_refine_speed_benchmark_times_the_crf_and_the_walk_and_saves_the_stages_masks(weak_run, irn_run, tmp_path):
+    """benchmarks/refine_speed.py on an IRN run: both CRF timings, the walk's, and walked masks
+    equal to the ones the stage wrote."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from conftest import ROOT
+    from pipeline.io import load_mask
+
+    run_dir = irn_run
+    settings = TINY + IRN + [f"data.root={weak_run / 'demo'}"]
+    command = [sys.executable, str(ROOT / "benchmarks" / "refine_speed.py"), "--config", DEMO_CONFIG,
+               "--run-dir", str(run_dir), "--images", "6", "--save-masks", str(tmp_path / "masks")]
+    done = subprocess.run(command + [arg for item in settings for arg in ("--set", item)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert "CRF masks, 1 worker(s)" in done.stdout and "CRF masks, 2 worker(s)" in done.stdout
+    assert re.search(r"irn walk \(8 steps, radius 5\), cpu, \d+ images: [0-9.]+ s/image", done.stdout), done.stdout
+    saved = sorted((tmp_path / "masks").glob("*.png"))
+    assert saved
+    for path in saved:
+        assert np.array_equal(load_mask(path), load_mask(run_dir / "refine" / "pseudo" / path.name)), path.name
 
 
 def test_crf_refine_ignores_affinity_settings(weak_run, capsys):
