@@ -433,3 +433,20 @@ def test_fp16_on_the_cpu_stops_before_any_work(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == ("error: config key 'seg.train.amp' is fp16, which needs a CUDA "
                                                "device; use bf16 or off on the CPU")
     assert not (tmp_path / "run").exists()
+
+
+def test_train_loop_benchmark_trains_ours_and_the_bare_loop_alike(weak_run):
+    """benchmarks/train_loop_overhead.py: one round of each loop on the tiny demo, the ratio printed."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    settings = TINY + [f"data.root={weak_run / 'demo'}"]
+    command = [sys.executable, str(ROOT / "benchmarks" / "train_loop_overhead.py"), "--config", DEMO_CONFIG,
+               "--rounds", "1"] + [arg for item in settings for arg in ("--set", item)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("24 images, batch 8, crop 48, resnet18, SR off, cpu")
+    assert re.search(r"round 1, ours: [0-9.]+ images/s", done.stdout) and "round 1, bare:" in done.stdout
+    assert re.search(r"ratio ours/bare [0-9.]+$", done.stdout.strip()), done.stdout

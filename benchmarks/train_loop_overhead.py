@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""The cam stage's training loop against a bare torchvision-style loop, side by side in one run.
+
+Both train the same network (``CAMNet`` of the config's ``cam.backbone``, freshly seeded) for
+one epoch on the same data (the cam stage's ``TrainingSet``: same images, crop, scale range
+and loader workers), batch and threads:
+
+* **ours**: ``pipeline.train.train`` with the cam stage's loss, its end-of-epoch checkpoint
+  written to a scratch folder, as the stage runs it;
+* **bare**: the loop of torchvision's ``references/segmentation/train.py``: forward, loss,
+  ``zero_grad``, ``backward``, ``step``, a poly ``LambdaLR``, nothing else.
+
+The two alternate for ``--rounds`` rounds (so that load from elsewhere hits both alike);
+images/s per round and the ratio ours/bare of the medians are printed.
+
+    .venv/bin/python benchmarks/train_loop_overhead.py [--config configs/demo.yaml] [--rounds 3] [--set KEY=VALUE ...]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data import TrainingSet, open_dataset, prepare_data  # noqa: E402
+from pipeline.losses import multilabel_loss  # noqa: E402
+from pipeline.models import CAMNet  # noqa: E402
+from pipeline.runtime import configure_threads, seed_everything, select_device  # noqa: E402
+from pipeline.train import make_optimizer, make_train_loader, train  # noqa: E402
+from stages.cam import training_loss  # noqa: E402
+
+
+def ours(model, loader, cfg, device, scratch: Path) -> None:
+    train(model, loader, training_loss(cfg.cam.sr), cfg.cam.train, device, "ours", scratch / "checkpoint.pt")
+
+
+def bare(model, loader, cfg, device, scratch: Path) -> None:
+    optimizer = make_optimizer(model, cfg.cam.train)  # the same parameter groups and learning rates
+    total = len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - step / total) ** 0.9)
+    model.train()
+    for batch in loader:
+        image, labels = batch["image"].to(device), batch["labels"].to(device)
+        loss = multilabel_loss(model(image), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides + ["cam.train.epochs=1", "cam.train.steps=0"])
+    prepare_data(cfg)
+    configure_threads(cfg.num_threads)
+    device = select_device(cfg.device)
+    dataset = open_dataset(cfg.data)
+    train_set = TrainingSet(dataset, dataset.split_ids(cfg.data.train_split), cfg.cam.train.crop_size,
+                            cfg.cam.train.scale_range, color_jitter=cfg.cam.train.color_jitter)
+    print(f"{len(train_set)} images, batch {cfg.cam.train.batch_size}, crop {cfg.cam.train.crop_size}, "
+          f"{cfg.cam.backbone.name}, SR {'on' if cfg.cam.sr.enabled else 'off'}, {device}, "
+          f"torch threads {torch.get_num_threads()}, loader workers {cfg.data.loader_workers}; one epoch per run")
+    rates = {"ours": [], "bare": []}
+    for round_index in range(args.rounds):
+        for name, loop in (("ours", ours), ("bare", bare)):
+            generator = seed_everything(cfg.seed)
+            model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1, cfg.cam.sr).to(device)
+            loader = make_train_loader(train_set, cfg.cam.train, cfg.data.loader_workers, generator)
+            with tempfile.TemporaryDirectory() as scratch:
+                started = time.perf_counter()
+                loop(model, loader, cfg, device, Path(scratch))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - started
+            rates[name].append(len(loader) * cfg.cam.train.batch_size / elapsed)
+            print(f"round {round_index + 1}, {name}: {rates[name][-1]:.2f} images/s ({elapsed:.1f} s)", flush=True)
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    print(f"median images/s: ours {median['ours']:.2f}, bare {median['bare']:.2f}; "
+          f"ratio ours/bare {median['ours'] / median['bare']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
