@@ -184,6 +184,7 @@ class Backbone(nn.Module):
                 "layer2": resnet.layer2, "layer3": resnet.layer3, "layer4": resnet.layer4})
             self.channels = [64] + [RESNET_CHANNELS[cfg.name] // d for d in (8, 4, 2, 1)]
         self.output_stride = cfg.output_stride
+        self.fixed_norms: list[str] = []  # names of the BatchNorm layers :meth:`freeze` fixed
         mean, std = INPUT_STATS.get(cfg.name, (MEAN, STD))
         # x_own = (x * STD + MEAN - mean) / std, as one per-channel affine map (identity for ResNets).
         scale = torch.tensor(STD / np.array(std), dtype=torch.float32).view(1, 3, 1, 1)
@@ -191,6 +192,25 @@ class Backbone(nn.Module):
         self.renormalize = not (torch.allclose(scale, torch.ones(())) and torch.allclose(shift, torch.zeros(())))
         self.register_buffer("input_scale", scale, persistent=False)
         self.register_buffer("input_shift", shift, persistent=False)
+
+    def freeze(self, levels: list[str], batchnorm: bool) -> None:
+        """Fixes the parameters of ``levels`` and, with ``batchnorm``, those of every BatchNorm
+        layer; a fixed BatchNorm also keeps its running statistics (it stays in eval mode when
+        the network trains), as PSA's backbone does (psa@9493e59 network/resnet38d.py:191-211)."""
+        for level in levels:
+            self.body[level].requires_grad_(False)
+        # By name, not by object: SyncBatchNorm conversion replaces the layers.
+        self.fixed_norms = [name for name, module in self.named_modules()
+                            if isinstance(module, nn.modules.batchnorm._BatchNorm)
+                            and (batchnorm or name.split(".")[1] in levels)]
+        for name in self.fixed_norms:
+            self.get_submodule(name).requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "Backbone":
+        super().train(mode)
+        for name in self.fixed_norms:
+            self.get_submodule(name).eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.renormalize:

@@ -181,6 +181,12 @@ class AffinityNetConfig:
     label_downsample: str = _opt("pool", choices=("pool", "nearest"))
     # Label pairs closer than this, in embedding-map pixels; 1 would leave no pair to learn from.
     radius: int = _opt(5, low=2)
+    # PSA trains neither the BatchNorm layers of its backbone (eval mode, parameters fixed:
+    # network/resnet38d.py:191-211) nor its first blocks (resnet38_aff.py:24: conv1a and b2, to
+    # stride 4; here stem and layer1). For a backbone without pretrained weights, train them all
+    # (false and []): random fixed features have nothing to say.
+    freeze_batchnorm: bool = True
+    frozen_levels: list[str] = _opt(["stem", "layer1"])
 
 
 @dataclass
@@ -385,6 +391,10 @@ def config_from_dict(raw: dict) -> Config:
         if jitter and (len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5):
             raise ConfigError(f"config key '{section}.train.color_jitter' must be [] or [brightness, contrast, "
                               "saturation, hue], each >= 0, hue <= 0.5")
+    frozen = [level for level in cfg.refine.affinity.frozen_levels if level not in BACKBONE_LEVELS]
+    if frozen:
+        raise ConfigError(f"config key 'refine.affinity.frozen_levels' lists {frozen[0]!r}; "
+                          f"levels are {', '.join(BACKBONE_LEVELS)}")
     for section in ("cam", "seg"):
         exits = getattr(cfg, section).sr.exits
         unknown = [level for level in exits if level not in BACKBONE_LEVELS]
@@ -503,10 +513,11 @@ def section_for_cache(cfg: Config, *keys: str, omit: tuple[str, ...] = ()) -> di
     return _collapse_disabled(picked)
 
 
-# Training keys added after runs were cached, at the value that leaves training as it was:
-# left out of the cache key, so those runs stay cached.
+# Keys added after runs were cached, at the value that leaves training as it was: left out of
+# the cache key, so those runs stay cached.
 # amp: auto follows the device, which is not part of the cache key either.
-UNSET_TRAIN_KEYS = {"steps": 0, "color_jitter": [], "sync_batchnorm": False, "amp": "auto"}
+UNSET_KEYS = {"steps": 0, "color_jitter": [], "sync_batchnorm": False, "amp": "auto",
+              "freeze_batchnorm": False, "frozen_levels": []}
 
 
 def _collapse_disabled(tree):
@@ -515,4 +526,4 @@ def _collapse_disabled(tree):
     if tree.get("enabled") is False:
         return {"enabled": False}
     return {key: _collapse_disabled(value) for key, value in tree.items()
-            if not (key in UNSET_TRAIN_KEYS and value == UNSET_TRAIN_KEYS[key])}
+            if not (key in UNSET_KEYS and value == UNSET_KEYS[key])}

@@ -152,9 +152,10 @@ class AffinityNet(nn.Module):
     ``tests/test_affinity.py``)."""
 
     def __init__(self, backbone_cfg: BackboneConfig, feature_stride: int, embedding_channels: int,
-                 head: str = "psa"):
+                 head: str = "psa", freeze_batchnorm: bool = False, frozen_levels: tuple[str, ...] = ()):
         super().__init__()
         self.backbone = Backbone(backbone_cfg, "refine.affinity.backbone")
+        self.backbone.freeze(list(frozen_levels), freeze_batchnorm)  # PSA's fixed BatchNorm and first blocks
         self.first_level = {4: 1, 8: 2}[feature_stride]  # layer1 is at stride 4, layer2 at stride 8
         widths = [64, 128, 256, 256][self.first_level - 1:]
         levels = self.backbone.channels[self.first_level:]

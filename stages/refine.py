@@ -208,7 +208,8 @@ def build_relation_net(cfg: RefineConfig) -> AffinityNet | BoundaryNet:
     if cfg.method == "irn":
         return BoundaryNet(cfg.irn.backbone, cfg.irn.freeze_backbone)
     net = cfg.affinity
-    return AffinityNet(net.backbone, net.feature_stride, net.embedding_channels, net.head)
+    return AffinityNet(net.backbone, net.feature_stride, net.embedding_channels, net.head, net.freeze_batchnorm,
+                       net.frozen_levels)
 
 
 def relation_net(cfg: Config, run_dir: Path, refine_inputs: dict,

@@ -117,13 +117,18 @@ def test_exponent_notation_without_a_dot_is_a_number():
 def test_training_keys_at_their_off_value_leave_the_cache_key_as_before_they_existed():
     plain = section_for_cache(config_from_dict({}), "cam")["cam"]["train"]
     assert "steps" not in plain and "color_jitter" not in plain
+    trained_all = config_from_dict({"refine": {"affinity": {"freeze_batchnorm": False, "frozen_levels": []}}})
+    affinity = section_for_cache(trained_all, "refine")["refine"]["affinity"]
+    assert "freeze_batchnorm" not in affinity and "frozen_levels" not in affinity
+    assert section_for_cache(config_from_dict({}), "refine")["refine"]["affinity"]["frozen_levels"] == ["stem", "layer1"]
     tuned = config_from_dict({"cam": {"train": {"steps": 100, "color_jitter": [0.3, 0.3, 0.3, 0.1]}}})
     assert section_for_cache(tuned, "cam")["cam"]["train"]["steps"] == 100
     assert section_for_cache(tuned, "cam")["cam"]["train"]["color_jitter"] == [0.3, 0.3, 0.3, 0.1]
 
 
 @pytest.mark.parametrize("key, value", [("refine.affinity.radius", 1), ("refine.random_walk.radius", 1),
-                                        ("refine.irn.radius", 1), ("cam.train.color_jitter", [0.3, 0.3])])
+                                        ("refine.irn.radius", 1), ("cam.train.color_jitter", [0.3, 0.3]),
+                                        ("refine.affinity.frozen_levels", ["stem", "layer9"])])
 def test_settings_that_cannot_work_are_config_errors(key, value):
     tree = value
     for part in reversed(key.split(".")):
