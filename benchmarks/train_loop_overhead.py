@@ -8,10 +8,13 @@ and loader workers), batch and threads:
 * **ours**: ``pipeline.train.train`` with the cam stage's loss, its end-of-epoch checkpoint
   written to a scratch folder, as the stage runs it;
 * **bare**: the loop of torchvision's ``references/segmentation/train.py``: forward, loss,
-  ``zero_grad``, ``backward``, ``step``, a poly ``LambdaLR``, nothing else.
+  ``zero_grad``, ``backward``, ``step``, a poly ``LambdaLR``, nothing else (on CUDA with the
+  same autocast and channels-last memory format as ours).
 
-The two alternate for ``--rounds`` rounds (so that load from elsewhere hits both alike);
-images/s per round and the ratio ours/bare of the medians are printed.
+The baseline loss only (``cam.sr.enabled`` is refused: the bare loop has no SR). The two
+alternate for ``--rounds`` rounds, each round starting with the loop the last one ended
+with (so that warm-up and load from elsewhere hit both alike); images/s per round and the
+ratio ours/bare of the medians are printed.
 
     .venv/bin/python benchmarks/train_loop_overhead.py [--config configs/demo.yaml] [--rounds 3] [--set KEY=VALUE ...]
 """
@@ -34,7 +37,7 @@ from pipeline.data import TrainingSet, open_dataset, prepare_data  # noqa: E402
 from pipeline.losses import multilabel_loss  # noqa: E402
 from pipeline.models import CAMNet  # noqa: E402
 from pipeline.runtime import configure_threads, seed_everything, select_device  # noqa: E402
-from pipeline.train import make_optimizer, make_train_loader, train  # noqa: E402
+from pipeline.train import amp_dtype, make_optimizer, make_train_loader, train  # noqa: E402
 from stages.cam import training_loss  # noqa: E402
 
 
@@ -46,10 +49,14 @@ def bare(model, loader, cfg, device, scratch: Path) -> None:
     optimizer = make_optimizer(model, cfg.cam.train)  # the same parameter groups and learning rates
     total = len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - step / total) ** 0.9)
+    precision = amp_dtype(cfg.cam.train.amp, device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
     model.train()
     for batch in loader:
         image, labels = batch["image"].to(device), batch["labels"].to(device)
-        loss = multilabel_loss(model(image), labels)
+        with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
+            loss = multilabel_loss(model(image), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -63,6 +70,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides + ["cam.train.epochs=1", "cam.train.steps=0"])
+    if cfg.cam.sr.enabled:
+        print("error: config key 'cam.sr.enabled' is true: the bare loop has no Self-Regulation loss to compare with",
+              file=sys.stderr)
+        sys.exit(2)
     prepare_data(cfg)
     configure_threads(cfg.num_threads)
     device = select_device(cfg.device)
@@ -70,11 +81,12 @@ def main() -> None:
     train_set = TrainingSet(dataset, dataset.split_ids(cfg.data.train_split), cfg.cam.train.crop_size,
                             cfg.cam.train.scale_range, color_jitter=cfg.cam.train.color_jitter)
     print(f"{len(train_set)} images, batch {cfg.cam.train.batch_size}, crop {cfg.cam.train.crop_size}, "
-          f"{cfg.cam.backbone.name}, SR {'on' if cfg.cam.sr.enabled else 'off'}, {device}, "
+          f"{cfg.cam.backbone.name}, {device}, "
           f"torch threads {torch.get_num_threads()}, loader workers {cfg.data.loader_workers}; one epoch per run")
     rates = {"ours": [], "bare": []}
+    loops = [("ours", ours), ("bare", bare)]
     for round_index in range(args.rounds):
-        for name, loop in (("ours", ours), ("bare", bare)):
+        for name, loop in loops if round_index % 2 == 0 else loops[::-1]:
             generator = seed_everything(cfg.seed)
             model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1, cfg.cam.sr).to(device)
             loader = make_train_loader(train_set, cfg.cam.train, cfg.data.loader_workers, generator)

@@ -231,7 +231,7 @@ def random_walk(maps: torch.Tensor, weights: torch.Tensor, offsets: list[tuple[i
     :func:`transition_weights` (weights and offsets), as one sparse matrix product a step."""
     batch, channels, height, width = maps.shape
     transitions = transition_matrix(weights, offsets)
-    walked = maps.permute(0, 2, 3, 1).reshape(batch * height * width, channels)
+    walked = maps.to(weights.dtype).permute(0, 2, 3, 1).reshape(batch * height * width, channels)
     for _ in range(iterations):
         walked = transitions @ walked
     return walked.view(batch, height, width, channels).permute(0, 3, 1, 2)
@@ -256,7 +256,8 @@ def transition_matrix(weights: torch.Tensor, offsets: list[tuple[int, int]]) -> 
     per_row = inside.view(height * width, len(order)).sum(dim=1).repeat(batch)
     row_starts = F.pad(per_row.cumsum(0), (1, 0))
     size = batch * height * width
+    index = torch.int32 if size * len(order) < 2 ** 31 else torch.int64
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        return torch.sparse_csr_tensor(row_starts.int(), targets[:, inside].reshape(-1).int(),
+        return torch.sparse_csr_tensor(row_starts.to(index), targets[:, inside].reshape(-1).to(index),
                                        values[:, inside].reshape(-1), size=(size, size), check_invariants=False)

@@ -391,6 +391,16 @@ def config_from_dict(raw: dict) -> Config:
         if jitter and (len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5):
             raise ConfigError(f"config key '{section}.train.color_jitter' must be [] or [brightness, contrast, "
                               "saturation, hue], each >= 0, hue <= 0.5")
+    # Fixed layers of a randomly initialised backbone would stay random: a config error, not a silent waste.
+    affinity, irn = cfg.refine.affinity, cfg.refine.irn
+    if (cfg.refine.method == "affinity" and affinity.backbone.weights is None
+            and (affinity.freeze_batchnorm or affinity.frozen_levels)):
+        raise ConfigError("config keys 'refine.affinity.freeze_batchnorm' and 'frozen_levels' fix layers of a backbone "
+                          "without pretrained weights ('refine.affinity.backbone.weights' is null): give weights, or "
+                          "set freeze_batchnorm: false and frozen_levels: []")
+    if cfg.refine.method == "irn" and irn.backbone.weights is None and irn.freeze_backbone:
+        raise ConfigError("config key 'refine.irn.freeze_backbone' fixes a backbone without pretrained weights "
+                          "('refine.irn.backbone.weights' is null): give weights, or set freeze_backbone: false")
     frozen = [level for level in cfg.refine.affinity.frozen_levels if level not in BACKBONE_LEVELS]
     if frozen:
         raise ConfigError(f"config key 'refine.affinity.frozen_levels' lists {frozen[0]!r}; "

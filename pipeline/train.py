@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from timm.layers import convert_sync_batchnorm
 from tqdm import tqdm
 
 from pipeline.config import TrainConfig
@@ -128,7 +129,9 @@ def train(model: nn.Module, loader, compute_loss: LossFn, cfg: TrainConfig, devi
     state is written there at the end of every epoch, and a training that finds one continues
     after its epoch (see :func:`training_state`)."""
     if distributed() and cfg.sync_batchnorm:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place for the layers' parameters
+        # timm's conversion also keeps the activation inside EfficientNet's BatchNormAct2d layers,
+        # which torch's drops; the layers' parameters are shared with the model.
+        model = convert_sync_batchnorm(model)
     optimizer = make_optimizer(model, cfg)
     precision = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == torch.float16)  # fp16 gradients underflow unscaled

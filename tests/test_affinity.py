@@ -175,10 +175,12 @@ def test_affinitynet_gives_embeddings_at_its_feature_stride(stride, size):
     assert model(torch.randn(2, 3, 96, 100)).shape == (2, 32) + size
 
 
-def test_affinitynet_trains_neither_its_fixed_batchnorm_nor_its_frozen_levels():
+@pytest.mark.parametrize("backbone, deep_conv", [("resnet18", "backbone.body.layer2.0.conv1.weight"),
+                                                  ("efficientnet_lite0", "backbone.body.layer2.0.conv_pw.weight")])
+def test_affinitynet_trains_neither_its_fixed_batchnorm_nor_its_frozen_levels(backbone, deep_conv):
     """PSA's backbone: BatchNorm in eval mode with fixed parameters, the first blocks fixed."""
     torch.manual_seed(0)
-    model = AffinityNet(BackboneConfig(name="resnet18", output_stride=16), 8, 16,
+    model = AffinityNet(BackboneConfig(name=backbone, output_stride=16), 8, 16,
                         freeze_batchnorm=True, frozen_levels=("stem", "layer1"))
     before = {name: value.clone() for name, value in model.state_dict().items()}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
@@ -189,10 +191,11 @@ def test_affinitynet_trains_neither_its_fixed_batchnorm_nor_its_frozen_levels():
     after = model.state_dict()
     unchanged = {name for name in before if torch.equal(before[name], after[name])}
     assert {name for name in before if name.startswith(("backbone.body.stem.", "backbone.body.layer1."))} <= unchanged
-    assert {name for name in before if ".bn" in name or "running_" in name} <= unchanged  # weights and statistics
-    assert "backbone.body.layer2.0.conv1.weight" not in unchanged and "embed.0.weight" not in unchanged
+    norms = {name for name, module in model.named_modules() if isinstance(module, torch.nn.BatchNorm2d)}
+    assert norms and {name for name in before if name.rsplit(".", 1)[0] in norms} <= unchanged  # weights, statistics
+    assert deep_conv not in unchanged and "embed.0.weight" not in unchanged
 
-    plain = AffinityNet(BackboneConfig(name="resnet18", output_stride=16), 8, 16).train()
+    plain = AffinityNet(BackboneConfig(name=backbone, output_stride=16), 8, 16).train()
     assert all(m.training for m in plain.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert all(p.requires_grad for p in plain.parameters())
 

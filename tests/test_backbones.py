@@ -13,7 +13,7 @@ from pipeline.config import BACKBONES, BackboneConfig, TrainConfig
 from pipeline.data import normalize
 from pipeline.errors import ConfigError
 from pipeline.models import CAMNet, DeepLab
-from pipeline.train import make_optimizer
+from pipeline.train import convert_sync_batchnorm, make_optimizer
 from conftest import ROOT
 
 MSRC = ROOT.parent / "shared" / "data" / "msrc-dev"
@@ -35,6 +35,19 @@ def test_cam_and_segmentation_networks_take_efficientnet_lite0():
     x = torch.randn(2, 3, 64, 64)
     assert CAMNet(cfg, 5)(x).shape == (2, 5)
     assert DeepLab(cfg, 6, [6, 12, 18])(x).shape == (2, 6, 64, 64)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
+def test_synchronised_batchnorm_computes_what_the_network_computed(name):
+    """train.sync_batchnorm's conversion keeps EfficientNet's activations inside timm's
+    BatchNormAct2d layers (torch's own conversion drops them); in eval mode no process group is needed."""
+    torch.manual_seed(0)
+    model = CAMNet(BackboneConfig(name=name), 3).eval()
+    x = torch.randn(1, 3, 64, 64)
+    expected = model(x)
+    converted = convert_sync_batchnorm(model).eval()
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.modules())
+    assert torch.allclose(converted(x), expected)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])

@@ -137,6 +137,18 @@ def test_settings_that_cannot_work_are_config_errors(key, value):
         config_from_dict(tree)
 
 
+def test_fixing_layers_of_a_backbone_without_pretrained_weights_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"'refine\.affinity\.backbone\.weights' is null"):
+        config_from_dict({"refine": {"method": "affinity"}})
+    with pytest.raises(ConfigError, match=r"'refine\.irn\.backbone\.weights' is null"):
+        config_from_dict({"refine": {"method": "irn"}})
+    config_from_dict({"refine": {"method": "crf"}})  # the sections of another method are not checked
+    config_from_dict({"refine": {"method": "affinity", "affinity": {"freeze_batchnorm": False, "frozen_levels": []}}})
+    config_from_dict({"refine": {"method": "irn", "irn": {"freeze_backbone": False}}})
+    load_config(DEMO_CONFIG, ["refine.method=irn"])
+    load_config(DEMO_CONFIG, ["refine.method=affinity"])
+
+
 def test_mixed_precision_is_off_on_the_cpu_and_fp16_needs_cuda():
     import torch
     from pipeline.train import amp_dtype

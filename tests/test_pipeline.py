@@ -447,6 +447,9 @@ def test_train_loop_benchmark_trains_ours_and_the_bare_loop_alike(weak_run):
                "--rounds", "1"] + [arg for item in settings for arg in ("--set", item)]
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("24 images, batch 8, crop 48, resnet18, SR off, cpu")
+    assert done.stdout.startswith("24 images, batch 8, crop 48, resnet18, cpu")
     assert re.search(r"round 1, ours: [0-9.]+ images/s", done.stdout) and "round 1, bare:" in done.stdout
     assert re.search(r"ratio ours/bare [0-9.]+$", done.stdout.strip()), done.stdout
+    refused = subprocess.run(command + ["--set", "cam.sr.enabled=true"], capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        "error: config key 'cam.sr.enabled' is true: the bare loop has no Self-Regulation loss to compare with")
