@@ -127,6 +127,8 @@ def main(argv=None) -> int:
     for result in results:
         miou = "-" if result.miou is None or math.isnan(result.miou) else f"{100 * result.miou:.1f}"
         status = ("ran" if result.ran else "cached") + (f", not scored ({result.not_scored})" if result.not_scored else "")
+        if result.teacher_miou is not None:  # mixed mode: the mIoU column is the student's
+            status += f"; teacher branch {100 * result.teacher_miou:.1f}"
         print(f"{result.name:<8}{miou:>8}{result.wall_time_s:>11.1f}  {status}")
     return 0
 

@@ -81,6 +81,7 @@ class StageResult:
     wall_time_s: float
     ran: bool
     not_scored: str | None = None
+    teacher_miou: float | None = None  # seg in mixed mode: the teacher branch's score beside the student's
 
 
 def execute(cfg: Config, run_dir: Path, planned: list[PlannedStage]) -> list[StageResult]:
@@ -91,5 +92,6 @@ def execute(cfg: Config, run_dir: Path, planned: list[PlannedStage]) -> list[Sta
         else:
             metrics = read_json(run_dir / stage.name / METRICS) or {}
         results.append(StageResult(stage.name, metrics.get("miou", float("nan")),
-                                   metrics.get("wall_time_s", float("nan")), stage.will_run, metrics.get("not_scored")))
+                                   metrics.get("wall_time_s", float("nan")), stage.will_run, metrics.get("not_scored"),
+                                   (metrics.get("teacher") or {}).get("miou")))
     return results

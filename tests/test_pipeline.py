@@ -107,6 +107,8 @@ def test_mixed_mode_scores_student_and_teacher_and_caches_on_the_full_subset(wea
     assert stage_folders(mixed_dir) == ["seg"]
     seg_dir = mixed_dir / "seg"
     metrics = json.loads((seg_dir / "metrics.json").read_text())
+    summary = f"{100 * metrics['miou']:.1f}" + r"\s+[0-9.]+  ran; teacher branch " + f"{100 * metrics['teacher']['miou']:.1f}"
+    assert re.search(r"seg\s+" + summary, capsys.readouterr().out)  # the mIoU column is the student's
     assert metrics["mode"] == "mixed" and metrics["full_images"] == 6
     assert len((seg_dir / "full_ids.txt").read_text().split()) == 6
     for scores in (metrics, metrics["teacher"]):
