@@ -113,3 +113,27 @@ def test_segmentation_scores_add_per_volume_scores_keyed_by_the_volume_of_each_i
     assert result["per_volume"]["volumes"] == 2 and result["per_volume"]["mean_dice"] == 1.0
     assert result["per_volume"]["hd95_unit"] == "pixels"
     assert "per_volume" not in SegmentationScores(["bg", "fg"]).result()
+
+
+def test_stray_pixels_benchmark_counts_predictions_far_from_the_true_class(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, write_voc_folder
+    from pipeline.io import save_mask
+
+    truth = np.zeros((40, 40), np.uint8)
+    truth[5:10, 5:10] = 1  # a cat in a corner
+    write_voc_folder(tmp_path / "data", {"a": truth})
+    predicted = truth.copy()
+    predicted[35:37, 35:38] = 1  # 6 pixels far from it
+    predicted[10, 5:10] = 1  # 5 pixels next to it
+    (tmp_path / "pred").mkdir()
+    save_mask(tmp_path / "pred" / "a.png", predicted)
+    command = [sys.executable, str(ROOT / "benchmarks" / "stray_pixels.py"), "--data-root", str(tmp_path / "data"),
+               "--predictions", str(tmp_path / "pred")]
+    done = subprocess.run(command + ["--class", "cat"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "6 of 36 predicted cat pixels (16.67%) lie more than 20 px from the true cat, in 1 images" in done.stdout
+    unknown = subprocess.run(command + ["--class", "heart"], capture_output=True, text=True)
+    assert unknown.returncode == 2 and unknown.stderr.startswith("error: class 'heart' is not in")
