@@ -401,16 +401,10 @@ def config_from_dict(raw: dict) -> Config:
     if cfg.refine.method == "irn" and irn.backbone.weights is None and irn.freeze_backbone:
         raise ConfigError("config key 'refine.irn.freeze_backbone' fixes a backbone without pretrained weights "
                           "('refine.irn.backbone.weights' is null): give weights, or set freeze_backbone: false")
-    frozen = [level for level in cfg.refine.affinity.frozen_levels if level not in BACKBONE_LEVELS]
-    if frozen:
-        raise ConfigError(f"config key 'refine.affinity.frozen_levels' lists {frozen[0]!r}; "
-                          f"levels are {', '.join(BACKBONE_LEVELS)}")
+    _check_levels("refine.affinity.frozen_levels", cfg.refine.affinity.frozen_levels)
     for section in ("cam", "seg"):
         exits = getattr(cfg, section).sr.exits
-        unknown = [level for level in exits if level not in BACKBONE_LEVELS]
-        if unknown:
-            raise ConfigError(f"config key '{section}.sr.exits' lists {unknown[0]!r}; "
-                              f"levels are {', '.join(BACKBONE_LEVELS)}")
+        _check_levels(f"{section}.sr.exits", exits)
         if len(set(exits)) != len(exits):
             raise ConfigError(f"config key '{section}.sr.exits' lists a level twice: {exits}")
         if getattr(cfg, section).sr.enabled and not exits:
@@ -505,6 +499,12 @@ def _check(metadata, value, key):
         raise ConfigError(f"config key '{key}' must be < {metadata['below']}, got {value!r}")
     if "high" in metadata and value > metadata["high"]:
         raise ConfigError(f"config key '{key}' must be <= {metadata['high']}, got {value!r}")
+
+
+def _check_levels(key: str, levels: list[str]) -> None:
+    unknown = [level for level in levels if level not in BACKBONE_LEVELS]
+    if unknown:
+        raise ConfigError(f"config key '{key}' lists {unknown[0]!r}; levels are {', '.join(BACKBONE_LEVELS)}")
 
 
 def section_for_cache(cfg: Config, *keys: str, omit: tuple[str, ...] = ()) -> dict:
