@@ -119,6 +119,11 @@ class SRConfig:
     # costs more than a small backbone itself, so the shipped configs set their own (README).
     head_channels: int = _opt(256, low=1)
     w_cls: float = _opt(0.2, low=0.0)  # Operation I, image-level BCE over exits
+    # Operation I's image-level BCE of the main exit alone; null: w_cls like every other exit, as
+    # the authors' (Lambda1 on every classifier, trainval.py:21,161,169). The authors' main path also
+    # learns from its pixel loss (w_seg); a CAM network has none, so at 0.2 its own loss, the one
+    # the CAMs come from, trains at a fifth of the baseline's rate. 1 keeps it at the baseline's.
+    w_main_cls: Optional[float] = _opt(None, low=0.0)
     w_seg: float = _opt(0.8, low=0.0)  # Operation I, pixel cross-entropy over exits (seg stage only)
     w_sf: float = _opt(1.0, low=0.0)  # Operation II, shallow teacher -> deep students (details)
     w_sl: float = _opt(1.0, low=0.0)  # Operation III, deep teacher -> shallow students (context)
@@ -142,7 +147,6 @@ class CamConfig:
     scales: list[float] = _opt([1.0, 0.5, 1.5, 2.0])  # multi-scale CAM inference
     flip: bool = True  # add the horizontally flipped image at every scale
     bg_threshold: float = _opt(0.15, low=0.0, high=1.0)  # CAM score below which a pixel is background
-    # Without pixel labels the image-level loss is the main supervision, so it keeps the baseline's weight 1.
     sr: SRConfig = field(default_factory=SRConfig)
 
 
@@ -489,6 +493,8 @@ def _coerce(hint, value, key, default=None):
 
 
 def _check(metadata, value, key):
+    if value is None:  # an optional key left unset
+        return
     if "choices" in metadata and value not in metadata["choices"]:
         raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, metadata['choices']))}; got {value!r}")
     if "low" in metadata and value < metadata["low"]:
@@ -527,7 +533,7 @@ def section_for_cache(cfg: Config, *keys: str, omit: tuple[str, ...] = ()) -> di
 # the cache key, so those runs stay cached.
 # amp: auto follows the device, which is not part of the cache key either.
 UNSET_KEYS = {"steps": 0, "color_jitter": [], "sync_batchnorm": False, "amp": "auto",
-              "freeze_batchnorm": False, "frozen_levels": []}
+              "freeze_batchnorm": False, "frozen_levels": [], "w_main_cls": None}
 
 
 def _collapse_disabled(tree):

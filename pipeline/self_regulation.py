@@ -28,8 +28,8 @@ each is a ``(maps, logits)`` pair with maps at the level's own resolution.
 Total: ``w_cls * sum_exits L_cls + w_seg * sum_exits L_seg + w_sf * L_II + w_sl * L_III``
 where L_II and L_III are sums over their students (``reduction: sum``, the authors'
 trainval.py:143-169 with losses.py:100-134) or means (``mean``: their weights then do not
-depend on how many exits are configured). During the first ``warmup_epochs`` only
-Operation I is on.
+depend on how many exits are configured); ``w_main_cls``, when set, replaces ``w_cls`` for
+the main exit's own image-level loss. During the first ``warmup_epochs`` only Operation I is on.
 
 The heads live in the model's ``sr_heads`` submodule, which the inference path never
 calls and :func:`pipeline.train.save_checkpoint` leaves out of ``model.pt``.
@@ -153,9 +153,13 @@ def self_regulation_loss(exits: list[Exit], labels: torch.Tensor, cfg: SRConfig,
     mask's), where ``detail_resolution: input`` compares the maps.
     """
     maps, logits = [m for m, _ in exits], [z for _, z in exits]
-    cls = torch.stack([multilabel_loss(z, labels) for z in logits]).sum()
+    per_exit = [multilabel_loss(z, labels) for z in logits]
+    cls = torch.stack(per_exit).sum()
     terms = {"cls": cls}
-    total = cfg.w_cls * cls
+    if cfg.w_main_cls is None:
+        total = cfg.w_cls * cls
+    else:
+        total = cfg.w_cls * (cls - per_exit[-1]) + cfg.w_main_cls * per_exit[-1]
     if mask is not None:
         seg = torch.stack([pixel_cross_entropy(resize(m, mask.shape[-2:]), mask) for m in maps]).sum()
         terms["seg"] = seg

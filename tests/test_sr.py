@@ -57,6 +57,7 @@ def test_sr_config_defaults_and_keys():
     for sr in (cfg.cam.sr, cfg.seg.sr):
         assert (sr.w_cls, sr.w_seg, sr.w_sf, sr.w_sl) == (0.2, 0.8, 1.0, 1.0)
         assert (sr.head_channels, sr.reduction, sr.detail_resolution) == (256, "sum", "input")
+        assert sr.w_main_cls is None  # the main exit weighted like the others
 
 
 @pytest.mark.parametrize("raw, match", [
@@ -66,6 +67,7 @@ def test_sr_config_defaults_and_keys():
     ({"cam": {"sr": {"form": "medium"}}}, "'cam.sr.form' must be one of hard, soft"),
     ({"cam": {"sr": {"temperature": 0}}}, "'cam.sr.temperature' must be >="),
     ({"seg": {"sr": {"w_sf": -1}}}, "'seg.sr.w_sf' must be >="),
+    ({"cam": {"sr": {"w_main_cls": -0.5}}}, "'cam.sr.w_main_cls' must be >="),
 ])
 def test_sr_config_errors_name_the_key(raw, match):
     with pytest.raises(ConfigError, match=match):
@@ -178,6 +180,18 @@ def test_exits_at_different_resolutions_align_and_every_term_is_summed_as_docume
     cam_exits = hand_made_exits(channels=3, sizes=(16, 8, 4, 2))  # CAMs: one map per foreground class
     assert set(self_regulation_loss(cam_exits, labels, cfg, epoch=0, input_size=(32, 32))) == {
         "loss", "cls", "detail", "context"}
+
+
+def test_main_classifier_weight_replaces_w_cls_for_the_main_exit_only():
+    exits = hand_made_exits(channels=3, sizes=(16, 8, 4, 2))
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    logits = [z for _, z in exits]
+    main, auxiliary = multilabel_loss(logits[-1], labels), sum(multilabel_loss(z, labels) for z in logits[:-1])
+    for w_main_cls, expected in [(None, 0.2 * (main + auxiliary)), (1.0, main + 0.2 * auxiliary), (0.0, 0.2 * auxiliary)]:
+        cfg = SRConfig(enabled=True, w_sf=0.0, w_sl=0.0, w_main_cls=w_main_cls)
+        terms = self_regulation_loss(exits, labels, cfg, epoch=0, input_size=(32, 32))
+        assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6), w_main_cls
+        assert terms["cls"].item() == pytest.approx((main + auxiliary).item(), rel=1e-6)
 
 
 def test_warmup_switches_operations_two_and_three_off():
