@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from pipeline.backbones import Backbone
-from pipeline.config import BackboneConfig, Config, SRConfig
+from pipeline.config import BACKBONE_LEVELS, BackboneConfig, Config, SRConfig
 from pipeline.layers import conv_bn_relu
 from pipeline.self_regulation import Exit, SRHeads
 
@@ -197,19 +197,13 @@ class BoundaryNet(nn.Module):
         self.backbone = Backbone(backbone_cfg, "refine.irn.backbone")
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
-            self.backbone.requires_grad_(False)
+            self.backbone.freeze(list(BACKBONE_LEVELS), batchnorm=True)
         self.branches = nn.ModuleList(nn.Sequential(nn.Conv2d(channels, 32, 1, bias=False), nn.GroupNorm(4, 32))
                                       for channels in self.backbone.channels)
         self.boundary = nn.Conv2d(32 * len(self.backbone.channels), 1, 1)
 
     def new_parameters(self) -> list[nn.Parameter]:
         return [p for head in (self.branches, self.boundary) for p in head.parameters()]
-
-    def train(self, mode: bool = True) -> "BoundaryNet":
-        super().train(mode)
-        if self.freeze_backbone:
-            self.backbone.eval()
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """B x 1 x h x w boundary logits, h x w the size of the stride-4 level (layer1)."""
