@@ -20,6 +20,8 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.data import read_classes  # noqa: E402
+from pipeline.errors import DataError  # noqa: E402
 from pipeline.io import load_mask  # noqa: E402
 
 
@@ -30,7 +32,11 @@ def main() -> None:
     parser.add_argument("--class", dest="name", required=True)
     parser.add_argument("--distance", type=float, default=20.0)
     args = parser.parse_args()
-    classes = [line.strip() for line in (args.data_root / "classes.txt").read_text().splitlines() if line.strip()]
+    try:
+        classes = read_classes(args.data_root)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     if args.name not in classes:
         print(f"error: class {args.name!r} is not in {args.data_root / 'classes.txt'}", file=sys.stderr)
         sys.exit(2)

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_config  # noqa: E402
+from pipeline.data import read_classes  # noqa: E402
 from pipeline.io import load_arrays, load_mask  # noqa: E402
 
 FOLDERS = {"cam/cams": "*.npz", "refine/pseudo": "*.png", "seg/predictions": "*.png"}
@@ -37,7 +38,7 @@ def tags_only_copy(root: Path, train_split: str, dest: Path) -> int:
     """Copies ``root`` to ``dest`` without the train ids' masks, plus ``tags.csv`` naming the
     classes those masks held; returns how many masks were removed."""
     shutil.copytree(root, dest)
-    classes = [line.strip() for line in (root / "classes.txt").read_text().splitlines() if line.strip()]
+    classes = read_classes(root)
     rows = []
     ids = (root / "ImageSets" / "Segmentation" / f"{train_split}.txt").read_text().split()
     for image_id in ids:

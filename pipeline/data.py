@@ -112,13 +112,7 @@ class VOCDataset:
             raise DataError(f"data folder {self.root} does not exist (config key data.root)")
         if not (self.root / "JPEGImages").is_dir():
             raise DataError(f"data folder {self.root} has no JPEGImages/ (expected the VOC layout, see README)")
-        classes_file = self.root / "classes.txt"
-        if not classes_file.is_file():
-            raise DataError(f"{classes_file} is missing: one class name per line, background first")
-        self.classes = [line.strip() for line in read_text(classes_file, 'one class name per line').splitlines()
-                        if line.strip()]
-        if len(self.classes) < 2:
-            raise DataError(f"{classes_file} must name the background and at least one class")
+        self.classes = read_classes(self.root)
         self.train_split = train_split
         self.train_masks = train_masks
         self.has_split_files = (self.root / SPLITS).is_dir()
@@ -264,6 +258,18 @@ class VOCDataset:
                 mask = file_digest(self.mask_path(image_id, folder)) if self.has_mask(image_id, folder) else "-"
                 digest.update(f"{image.name}:{file_digest(image)}:{mask}".encode())
         return digest.hexdigest()[:16]
+
+
+def read_classes(root: Path) -> list[str]:
+    """The class names of ``root/classes.txt``, one per line, background first."""
+    classes_file = root / "classes.txt"
+    if not classes_file.is_file():
+        raise DataError(f"{classes_file} is missing: one class name per line, background first")
+    classes = [line.strip() for line in read_text(classes_file, 'one class name per line').splitlines()
+               if line.strip()]
+    if len(classes) < 2:
+        raise DataError(f"{classes_file} must name the background and at least one class")
+    return classes
 
 
 def _foreground(present: np.ndarray) -> np.ndarray:

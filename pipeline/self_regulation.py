@@ -159,7 +159,7 @@ def self_regulation_loss(exits: list[Exit], labels: torch.Tensor, cfg: SRConfig,
     if cfg.w_main_cls is None:
         total = cfg.w_cls * cls
     else:
-        total = cfg.w_cls * (cls - per_exit[-1]) + cfg.w_main_cls * per_exit[-1]
+        total = cfg.w_cls * torch.stack(per_exit[:-1]).sum() + cfg.w_main_cls * per_exit[-1]
     if mask is not None:
         seg = torch.stack([pixel_cross_entropy(resize(m, mask.shape[-2:]), mask) for m in maps]).sum()
         terms["seg"] = seg

@@ -137,3 +137,6 @@ def test_stray_pixels_benchmark_counts_predictions_far_from_the_true_class(tmp_p
     assert "6 of 36 predicted cat pixels (16.67%) lie more than 20 px from the true cat, in 1 images" in done.stdout
     unknown = subprocess.run(command + ["--class", "heart"], capture_output=True, text=True)
     assert unknown.returncode == 2 and unknown.stderr.startswith("error: class 'heart' is not in")
+    (tmp_path / "data" / "classes.txt").unlink()
+    missing = subprocess.run(command + ["--class", "cat"], capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "classes.txt is missing" in missing.stderr
