@@ -159,7 +159,9 @@ def self_regulation_loss(exits: list[Exit], labels: torch.Tensor, cfg: SRConfig,
     if cfg.w_main_cls is None:
         total = cfg.w_cls * cls
     else:
-        total = cfg.w_cls * torch.stack(per_exit[:-1]).sum() + cfg.w_main_cls * per_exit[-1]
+        # As the docs' SR runs were made (commit 8b79a31): summing the auxiliary terms instead is
+        # equal only up to float rounding, and those seeded runs would no longer repeat bit for bit.
+        total = cfg.w_cls * (cls - per_exit[-1]) + cfg.w_main_cls * per_exit[-1]
     if mask is not None:
         seg = torch.stack([pixel_cross_entropy(resize(m, mask.shape[-2:]), mask) for m in maps]).sum()
         terms["seg"] = seg
