@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pathlib import Path
 
@@ -250,12 +251,19 @@ def test_psa_pairs_start_nowhere_near_the_left_right_and_bottom_borders():
 
 def test_pooled_labels_keep_a_region_that_fills_most_of_a_block_where_nearest_loses_it():
     mask = torch.zeros(1, 8, 8, dtype=torch.long)
-    mask[0, 1:4, 1:4] = 3   # 9 of the 16 pixels of the top-left 4x4 block; (0, 0) is background
+    mask[0, :4, :2] = 3     # 9 of the 16 pixels of the top-left 4x4 block, not its centre (2, 2)
+    mask[0, 0, 2] = 3
     mask[0, 4:, 4:] = 255   # the bottom-right block is unsure
     pooled = downsample_mask(mask, (2, 2), "pool")
     assert pooled[0].tolist() == [[3, 0], [0, 255]]
     nearest = downsample_mask(mask, (2, 2), "nearest")
     assert nearest[0, 0, 0] == 0
+
+
+def test_nearest_labels_are_the_block_centres_as_pil_resizes_irnet_labels():
+    mask = torch.from_numpy(np.random.default_rng(0).integers(0, 5, (1, 12, 16)))
+    expected = np.asarray(Image.fromarray(mask[0].numpy().astype(np.uint8)).resize((4, 3), Image.NEAREST))
+    assert np.array_equal(downsample_mask(mask, (3, 4), "nearest")[0].numpy(), expected)
 
 
 def test_affinity_loss_reports_the_mean_affinity_of_negative_pairs():
