@@ -398,13 +398,14 @@ def test_an_interrupted_run_resumes_every_stage_and_ends_bit_identical(tmp_path,
     import stages.seg
     from pipeline.io import load_arrays
 
-    two_epochs = ["--set", "cam.train.epochs=2", "--set", "seg.train.epochs=2", "--set", "refine.workers=1"]
+    two_epochs = ["--set", "cam.train.epochs=2", "--set", "seg.train.epochs=2", "--set", "refine.workers=1",
+                  "--set", "seg.sr.enabled=true"]  # as the demo ships it
     assert run(tmp_path, *two_epochs, "--run-dir", str(tmp_path / "reference")) == 0
     interruptions = [  # (module, function, calls that succeed first): 3 training steps per epoch
         (stages.cam, "classification_loss", 4),  # cam training, epoch 2
         (stages.cam, "multiscale_cams", 5),  # CAM inference
         (stages.refine, "pseudo_mask", 5),  # CRF masks
-        (stages.seg, "segmentation_loss", 4),  # seg training, epoch 2
+        (stages.seg, "sr_segmentation_loss", 4),  # seg training, epoch 2
         (stages.seg, "predict_batch", 3),  # seg prediction
     ]
     for module, name, after in interruptions:

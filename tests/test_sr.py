@@ -48,16 +48,20 @@ def hand_made_exits(channels=4, sizes=(16, 8, 4, 4), requires_grad=True):
 # --- config ---------------------------------------------------------------------------------
 
 def test_sr_config_defaults_and_keys():
-    cfg = load_config(DEMO_CONFIG, ["cam.sr.enabled=true", "seg.sr.form=soft", "seg.sr.exits=[layer1, stem]"])
-    assert cfg.cam.sr.enabled and not cfg.seg.sr.enabled
     # The authors' (SR-SS deeplab.py, trainval.py): exits on stem..layer3, the main head the
     # deepest; 256-wide heads; 0.2 / 0.8 / 1 / 1; II and III summed over the students, II at the input size.
-    assert cfg.cam.sr.exits == list(BACKBONE_LEVELS[:-1]) and cfg.seg.sr.form == "soft"
-    assert cfg.seg.sr.exits == ["layer1", "stem"]
-    for sr in (cfg.cam.sr, cfg.seg.sr):
-        assert (sr.w_cls, sr.w_seg, sr.w_sf, sr.w_sl) == (0.2, 0.8, 1.0, 1.0)
-        assert (sr.head_channels, sr.reduction, sr.detail_resolution) == (256, "sum", "input")
-        assert sr.w_main_cls is None  # the main exit weighted like the others
+    sr = SRConfig()
+    assert not sr.enabled and sr.exits == list(BACKBONE_LEVELS[:-1])
+    assert (sr.w_cls, sr.w_seg, sr.w_sf, sr.w_sl) == (0.2, 0.8, 1.0, 1.0)
+    assert (sr.head_channels, sr.reduction, sr.detail_resolution) == (256, "sum", "input")
+    assert sr.w_main_cls is None  # the main exit weighted like the others
+    cfg = load_config(DEMO_CONFIG, ["cam.sr.enabled=true", "seg.sr.form=soft", "seg.sr.exits=[layer1, stem]"])
+    assert cfg.cam.sr.enabled and cfg.cam.sr.exits == list(BACKBONE_LEVELS[:-1]) and cfg.cam.sr.head_channels == 256
+    assert cfg.seg.sr.form == "soft" and cfg.seg.sr.exits == ["layer1", "stem"]
+    # The demo ships SR in seg alone, at the width and reduction chosen on train (docs/results.md).
+    shipped = load_config(DEMO_CONFIG, [])
+    assert not shipped.cam.sr.enabled and shipped.seg.sr.enabled
+    assert (shipped.seg.sr.head_channels, shipped.seg.sr.reduction) == (32, "mean")
 
 
 @pytest.mark.parametrize("raw, match", [
