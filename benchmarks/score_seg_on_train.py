@@ -7,6 +7,8 @@ refine stages score (``data.score_split``, default the train split). Give the sa
 --config, --mode and --set as the run; a model that does not match them fails to load.
 
     .venv/bin/python benchmarks/score_seg_on_train.py --mode mixed --run-dir runs/demo-mixed-seed0
+
+``--json FILE`` also writes the scores ({branch: {"miou", "per_class_iou"}}) to FILE.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.config import MODES, load_config  # noqa: E402
 from pipeline.data import open_dataset, score_ids  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.io import atomic_write_json  # noqa: E402
 from pipeline.runtime import configure_threads, select_device  # noqa: E402
 from pipeline.train import load_checkpoint  # noqa: E402
 from pipeline.models import segmentation_network  # noqa: E402
@@ -32,6 +35,7 @@ def main() -> int:
     parser.add_argument("--mode", choices=MODES)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--json", help="write the scores to this file too")
     args = parser.parse_args()
     try:
         cfg = load_config(args.config, args.overrides, args.mode)
@@ -51,8 +55,11 @@ def main() -> int:
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    for branch, score in scores.items():
-        result = score.result()
+    results = {branch: score.result() for branch, score in scores.items()}
+    if args.json:
+        atomic_write_json(args.json, {branch: {"miou": result["miou"], "per_class_iou": result["per_class_iou"]}
+                                      for branch, result in results.items()})
+    for branch, result in results.items():
         per_class = "  ".join(f"{name} {100 * iou:.1f}" for name, iou in result["per_class_iou"].items())
         print(f"{branch:<20} train mIoU {100 * result['miou']:.1f}   {per_class}")
     return 0

@@ -4,8 +4,10 @@
 Runs the pipeline's own CLI once per (variant, seed), sharing upstream work through the
 stage cache: the variants that differ only in seg copy the finished cam and refine
 folders of the variant they share them with, so each cam and each refine runs once per
-seed. Prints CAM / pseudo-mask / val mIoU as mean ± spread (half the max-min range)
-over the seeds, and the per-class IoU of the named classes.
+seed. Each finished seg network is also scored on the train split's masks
+(benchmarks/score_seg_on_train.py, into ``<run>/seg_train_score.json``): the score to choose
+by, val being only reported. Prints CAM / pseudo-mask / seg train / seg val mIoU as mean ±
+spread (half the max-min range) over the seeds, and the per-class val IoU of the named classes.
 
     .venv/bin/python benchmarks/sr_ablation.py --seeds 0 1 2 [--config configs/demo.yaml] [--set KEY=VALUE ...]
 """
@@ -45,21 +47,30 @@ def run_variant(args, name: str, seed: int) -> Path:
                 shutil.copytree(source, partial)
                 shutil.rmtree(target, ignore_errors=True)
                 partial.rename(target)
-    command = [sys.executable, str(ROOT / "run_pipeline.py"), "--config", args.config, "--mode", mode,
-               "--run-dir", str(run_dir), "--set", f"seed={seed}",
-               "--set", f"cam.sr.enabled={str(cam_sr).lower()}", "--set", f"seg.sr.enabled={str(seg_sr).lower()}"]
+    settings = ["--config", args.config, "--mode", mode, "--run-dir", str(run_dir), "--set", f"seed={seed}",
+                "--set", f"cam.sr.enabled={str(cam_sr).lower()}", "--set", f"seg.sr.enabled={str(seg_sr).lower()}"]
     for item in args.overrides:
-        command += ["--set", item]
+        settings += ["--set", item]
+    command = [sys.executable, str(ROOT / "run_pipeline.py")] + settings
     print(" ".join(command), flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir.with_suffix(".log"), "w") as log:  # progress bars and errors, per run
         subprocess.run(command, check=True, cwd=ROOT, stderr=log)
+        train_score = [sys.executable, str(ROOT / "benchmarks" / "score_seg_on_train.py"), *settings,
+                       "--json", str(run_dir / TRAIN_SCORE)]
+        subprocess.run(train_score, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
     return run_dir
 
 
+TRAIN_SCORE = "seg_train_score.json"
+
+
 def read_metrics(run_dir: Path, stage: str) -> dict | None:
-    path = run_dir / stage / "metrics.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    path = run_dir / TRAIN_SCORE if stage == "seg train" else run_dir / stage / "metrics.json"
+    if not path.exists():
+        return None
+    metrics = json.loads(path.read_text())
+    return metrics["predictions"] if stage == "seg train" else metrics
 
 
 def mean_spread(values: list[float]) -> str:
@@ -88,11 +99,11 @@ def main() -> None:
             run_variant(args, name, seed)
 
     print(f"\nseeds {args.seeds}; mIoU % mean ± spread")
-    print(f"{'variant':<10}{'CAM':>14}{'pseudo':>14}{'seg val':>14}  " + "  ".join(f"{c:>11}" for c in args.classes))
+    print(f"{'variant':<10}{'CAM':>14}{'pseudo':>14}{'seg train':>14}{'seg val':>14}  " + "  ".join(f"{c:>11}" for c in args.classes))
     for name in args.variants:
         runs = [args.out / f"{name}-seed{seed}" for seed in args.seeds]
         row = []
-        for stage in ("cam", "refine", "seg"):
+        for stage in ("cam", "refine", "seg train", "seg"):
             row.append(mean_spread([m["miou"] for r in runs if (m := read_metrics(r, stage))]))
         per_class = [mean_spread([m["per_class_iou"][c] or 0.0 for r in runs if (m := read_metrics(r, "seg"))])
                      for c in args.classes]

@@ -317,9 +317,11 @@ def test_train_split_scoring_reloads_the_seg_model_and_rejects_a_mismatched_conf
 
     command = [sys.executable, str(ROOT / "benchmarks" / "score_seg_on_train.py"), "--config", DEMO_CONFIG,
                "--run-dir", str(weak_run / "run")] + [arg for item in overrides for arg in ("--set", item)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command + ["--json", str(weak_run / "train_score.json")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("predictions ") and "train mIoU" in done.stdout
+    written = json.loads((weak_run / "train_score.json").read_text())["predictions"]
+    assert f"train mIoU {100 * written['miou']:.1f} " in done.stdout and set(written["per_class_iou"]) == set(dataset.classes)
     mismatched = subprocess.run(command + ["--mode", "mixed"], capture_output=True, text=True)
     assert mismatched.returncode == 2
     assert mismatched.stderr.strip().count("\n") == 0 and "does not match the config's network" in mismatched.stderr
