@@ -30,6 +30,7 @@ VARIANTS = {
     "full": ("full", False, False, None),
     "full-sr": ("full", False, True, None),
 }
+TRAIN_SCORE = "seg_train_score.json"  # in each run folder: its seg network scored on the train split
 
 
 def run_variant(args, name: str, seed: int) -> Path:
@@ -60,9 +61,6 @@ def run_variant(args, name: str, seed: int) -> Path:
                        "--json", str(run_dir / TRAIN_SCORE)]
         subprocess.run(train_score, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
     return run_dir
-
-
-TRAIN_SCORE = "seg_train_score.json"
 
 
 def read_metrics(run_dir: Path, stage: str) -> dict | None:

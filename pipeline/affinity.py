@@ -102,10 +102,11 @@ def downsample_mask(mask: torch.Tensor, size: tuple[int, int], how: str) -> torc
     """A B x H x W long mask (classes, 255 unsure) brought to ``size``: ``nearest``, the pixel
     at the centre of each block (torch's ``nearest-exact``, which is PIL's NEAREST, the resize
     IRNet's labels get: irn@a2ece00 voc12/dataloader.py:269; torch's ``nearest`` takes the
-    block's top-left pixel, half a block off the map it supervises), or ``pool``: each label's share of the block (adaptive average pooling of its one-hot map),
-    the largest share winning; ties go to the lower label, background first and unsure last.
-    PSA pools the CRF's score maps (voc12/data.py:222-229); the cached pseudo masks hold hard
-    labels, whose one-hot maps stand in for the scores."""
+    block's top-left pixel, half a block off the map it supervises), or ``pool``: each label's
+    share of the block (adaptive average pooling of its one-hot map), the largest share winning;
+    ties go to the lower label, background first and unsure last. PSA pools the CRF's score
+    maps (voc12/data.py:222-229); the cached pseudo masks hold hard labels, whose one-hot maps
+    stand in for the scores."""
     if how == "nearest":
         return F.interpolate(mask[:, None].float(), size=size, mode="nearest-exact")[:, 0].long()
     sure = mask != IGNORE
