@@ -23,7 +23,7 @@ from pipeline.cache import RunLock
 from pipeline.data import FileChecks, prepare_data
 from pipeline.errors import CacheError, PipelineError
 from pipeline.runtime import (configure_threads, destroy_process_group, distributed, from_main_process,
-                              init_distributed, is_main_process, select_device)
+                              init_distributed, is_main_process, keep_freed_memory, select_device)
 from stages import STAGES, execute, expected_inputs, parse_stages, plan, refine
 from stages.seg import check_training_masks
 
@@ -111,6 +111,7 @@ def main(argv=None) -> int:
                 checks.save()
                 print(checks.summary())
             configure_threads(cfg.num_threads)
+            keep_freed_memory()
             results = execute(cfg, run_dir, planned)
             page = write_report(run_dir) if is_main_process() else None
     except PipelineError as error:

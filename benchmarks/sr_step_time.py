@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.cam import multiscale_cams  # noqa: E402
 from pipeline.config import SRConfig, apply_override, config_from_dict  # noqa: E402
 from pipeline.models import CAMNet, DeepLab, predict_batch  # noqa: E402
+from pipeline.runtime import keep_freed_memory  # noqa: E402
 from pipeline.train import load_checkpoint, make_optimizer, save_checkpoint  # noqa: E402
 from stages import cam as cam_stage, seg as seg_stage  # noqa: E402
 
@@ -100,6 +101,7 @@ def count(model) -> int:
 def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as run_pipeline.py does
     raw = {"cam": dict(DEMO, sr={"enabled": True}), "seg": dict(DEMO, sr={"enabled": True})}
     for item in args.overrides:
         apply_override(raw, item)

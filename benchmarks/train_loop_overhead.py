@@ -36,7 +36,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.data import TrainingSet, open_dataset, prepare_data  # noqa: E402
 from pipeline.losses import multilabel_loss  # noqa: E402
 from pipeline.models import CAMNet  # noqa: E402
-from pipeline.runtime import configure_threads, seed_everything, select_device  # noqa: E402
+from pipeline.runtime import configure_threads, keep_freed_memory, seed_everything, select_device  # noqa: E402
 from pipeline.train import amp_dtype, make_optimizer, make_train_loader, train  # noqa: E402
 from stages.cam import training_loss  # noqa: E402
 
@@ -76,6 +76,7 @@ def main() -> None:
         sys.exit(2)
     prepare_data(cfg)
     configure_threads(cfg.num_threads)
+    keep_freed_memory()  # as run_pipeline.py does
     device = select_device(cfg.device)
     dataset = open_dataset(cfg.data)
     train_set = TrainingSet(dataset, dataset.split_ids(cfg.data.train_split), cfg.cam.train.crop_size,
