@@ -2,10 +2,11 @@
 """kill -9 in the middle of each phase of a stage, rerun the same command, and measure what
 was lost and whether the outputs equal an uninterrupted run's.
 
-For each phase the stage runs alone (its upstream stages copied from an uninterrupted
-reference run): once uninterrupted (timed), once killed with SIGKILL when the phase is
-half done (judged from the stage's partial folder: a training checkpoint, or half the
-per-image outputs), then rerun with the same command (timed). Lost seconds = killed run +
+First every stage runs once, alone and uninterrupted (timed): the reference. Then for each
+phase the stage runs alone again (its upstream stages copied from the reference), killed
+with SIGKILL when the phase is half done (judged from the stage's partial folder: the
+end-of-epoch checkpoint written for half the reference's epochs, or half the per-image
+outputs), then rerun with the same command (timed). Lost seconds = killed run +
 rerun - uninterrupted run: the work done twice plus the restart. Every output file of the
 rerun is compared byte for byte with the reference run's (``metrics.json`` and the
 manifest excepted: they hold wall times).
@@ -57,10 +58,21 @@ def partial_folder(run_dir: Path, stage: str, extra: list[str]) -> Path:
     return run_dir / PARTIAL[stage]
 
 
-def half_done(folder: Path, marker: str, share: float | None, total: int) -> bool:
+def half_done(folder: Path, marker: str, share: float | None, total: int, checkpoints: set) -> bool:
+    """Training (``share`` None): ``checkpoints`` collects the versions of the end-of-epoch
+    checkpoint seen (rewritten atomically once per epoch), ``total`` is the epoch count."""
     if share is None:
-        return (folder / marker).is_file()
+        if (folder / marker).is_file():
+            checkpoints.add((folder / marker).stat().st_mtime_ns)
+        return len(checkpoints) >= max(1, total // 2)
     return len(list(folder.glob(marker))) >= share * total
+
+
+def epochs_run(run: Path, stage: str, extra: list[str]) -> int:
+    """How many epochs the stage's network (the AffinityNet's, for ``extra``) trained in ``run``."""
+    if extra == AFFINITY and stage == "refine":
+        return len(json.loads((run / "affinitynet" / "metrics.json").read_text())["train_loss_by_epoch"])
+    return len(json.loads((run / stage / "metrics.json").read_text())["train_loss_by_epoch"])
 
 
 def prepared(reference: Path, run_dir: Path, stage: str) -> Path:
@@ -95,22 +107,30 @@ def main() -> int:
     parser.add_argument("--phases", nargs="*", default=list(PHASES))
     args = parser.parse_args()
     work = args.work.resolve()
-    reference = work / "reference"  # every stage once, uninterrupted: the upstream outputs the phases start from
+    # Every stage once, uninterrupted and timed, stage by stage: the upstream outputs the phases
+    # start from, and the run each phase is compared with (phases of one stage share it).
+    reference = work / "reference"
     shutil.rmtree(reference, ignore_errors=True)
-    subprocess.run(command(args, reference, "cam,refine,seg", []), cwd=ROOT, check=True, capture_output=True)
+    reference.mkdir(parents=True)
+    uninterrupted_runs = {(stage, ()): (reference, timed(command(args, reference, stage, [])))
+                          for stage in ("cam", "refine", "seg")}
     rows = {}
     for phase in args.phases:
         stage, extra, marker, share = PHASES[phase]
         name = phase.replace(" ", "-")
-        # The same command three times: uninterrupted, killed at half, rerun after the kill.
-        ref = prepared(reference, work / f"{name}-uninterrupted", stage)
-        uninterrupted = timed(command(args, ref, stage, extra))
-        total = len(list((ref / stage).glob(marker)))
+        if (stage, tuple(extra)) not in uninterrupted_runs:  # the AffinityNet's refine
+            ref = prepared(reference, work / f"{name}-uninterrupted", stage)
+            uninterrupted_runs[(stage, tuple(extra))] = (ref, timed(command(args, ref, stage, extra)))
+        ref, uninterrupted = uninterrupted_runs[(stage, tuple(extra))]
+        # The same command twice more: killed at half, then rerun after the kill.
+        total = epochs_run(ref, stage, extra) if share is None else len(list((ref / stage).glob(marker)))
+        checkpoints = set()
         killed = prepared(reference, work / name, stage)
         started = time.perf_counter()
         process = subprocess.Popen(command(args, killed, stage, extra), cwd=ROOT,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while process.poll() is None and not half_done(partial_folder(killed, stage, extra), marker, share, total):
+        while process.poll() is None and not half_done(partial_folder(killed, stage, extra), marker, share, total,
+                                                             checkpoints):
             time.sleep(0.1)
         if process.poll() is not None:
             print(f"{phase}: the stage finished before it was half done; no kill", file=sys.stderr)
