@@ -70,9 +70,8 @@ def half_done(folder: Path, marker: str, share: float | None, total: int, checkp
 
 def epochs_run(run: Path, stage: str, extra: list[str]) -> int:
     """How many epochs the stage's network (the AffinityNet's, for ``extra``) trained in ``run``."""
-    if extra == AFFINITY and stage == "refine":
-        return len(json.loads((run / "affinitynet" / "metrics.json").read_text())["train_loss_by_epoch"])
-    return len(json.loads((run / stage / "metrics.json").read_text())["train_loss_by_epoch"])
+    folder = "affinitynet" if extra == AFFINITY and stage == "refine" else stage
+    return len(json.loads((run / folder / "metrics.json").read_text())["train_loss_by_epoch"])
 
 
 def prepared(reference: Path, run_dir: Path, stage: str) -> Path:

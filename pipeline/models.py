@@ -226,8 +226,8 @@ def predict_batch(forward, images: list[torch.Tensor], flip: bool) -> list[np.nd
     probs = forward(batch).softmax(dim=1)
     if flip:
         probs = probs[:len(images)] + probs[len(images):].flip(-1)
-    return list(probs.max(dim=1).indices.to(  # argmax's indices, faster on the CPU (self_regulation.py)
-        torch.uint8).cpu().numpy())
+    classes = probs.max(dim=1).indices  # argmax's indices, faster on the CPU (self_regulation.py)
+    return list(classes.to(torch.uint8).cpu().numpy())
 
 
 def segmentation_network(cfg: Config, num_classes: int, training: bool) -> DeepLab:

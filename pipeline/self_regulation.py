@@ -100,7 +100,7 @@ def class_detail_loss(teacher: torch.Tensor, students: list[torch.Tensor], form:
     distribution over classes. Summed or averaged over the students (``reduction``)."""
     if form == "hard":
         # max's indices equal argmax's (the first maximum on ties); argmax over dim 1 of
-        # B x C x H x W is ~10x slower on the CPU (27 ms against 2 ms at the demo's batch).
+        # B x C x H x W is about 15x slower on the CPU (docs/results.md, "Where a CPU training step's time goes").
         target = teacher.max(dim=1).indices
         return over_students([F.cross_entropy(student, target) for student in students], reduction)
     return softened_kl(teacher, students, temperature, reduction)
