@@ -37,30 +37,41 @@ def run_variant(args, name: str, seed: int) -> Path:
     mode, cam_sr, seg_sr, shares = VARIANTS[name]
     run_dir = args.out / f"{name}-seed{seed}"
     if shares is not None:
-        for stage in ("cam", "refine"):
-            source, target = args.out / f"{shares}-seed{seed}" / stage, run_dir / stage
-            if not (source / "manifest.json").exists():
-                sys.exit(f"error: variant {name} reuses {source}, which does not exist: run variant {shares} too")
-            if not (target / "manifest.json").exists():
-                # Copy under a temporary name, then rename: a killed copy is never taken as cached.
-                partial = run_dir / f".{stage}.copy"
-                shutil.rmtree(partial, ignore_errors=True)
-                shutil.copytree(source, partial)
-                shutil.rmtree(target, ignore_errors=True)
-                partial.rename(target)
+        copy_stages(args.out / f"{shares}-seed{seed}", run_dir, ("cam", "refine"))
     settings = ["--config", args.config, "--mode", mode, "--run-dir", str(run_dir), "--set", f"seed={seed}",
                 "--set", f"cam.sr.enabled={str(cam_sr).lower()}", "--set", f"seg.sr.enabled={str(seg_sr).lower()}"]
-    for item in args.overrides:
-        settings += ["--set", item]
-    command = [sys.executable, str(ROOT / "run_pipeline.py")] + settings
+    run_and_score(settings + [arg for item in args.overrides for arg in ("--set", item)], run_dir)
+    return run_dir
+
+
+def copy_stages(source_run: Path, run_dir: Path, stages: tuple[str, ...]) -> None:
+    """Copies finished stage folders of ``source_run`` into ``run_dir`` (those not already there)."""
+    for stage in stages:
+        source, target = source_run / stage, run_dir / stage
+        if not (source / "manifest.json").exists():
+            sys.exit(f"error: {run_dir} reuses {source}, which does not exist: run that first")
+        if not (target / "manifest.json").exists():
+            # Copy under a temporary name, then rename: a killed copy is never taken as cached.
+            partial = run_dir / f".{stage}.copy"
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(source, partial)
+            shutil.rmtree(target, ignore_errors=True)
+            partial.rename(target)
+
+
+def run_and_score(settings: list[str], run_dir: Path, stages: str | None = None, score: bool = True) -> None:
+    """Runs ``stages`` (default: all of the mode) with the pipeline CLI's ``settings``
+    (``--run-dir run_dir`` among them), progress and errors appended to ``<run_dir>.log``;
+    with ``score``, then scores the run's seg network on the train split."""
+    command = [sys.executable, str(ROOT / "run_pipeline.py")] + (["--stages", stages] if stages else []) + settings
     print(" ".join(command), flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir.with_suffix(".log"), "w") as log:  # progress bars and errors, per run
+    with open(run_dir.with_suffix(".log"), "a") as log:
         subprocess.run(command, check=True, cwd=ROOT, stderr=log)
-        train_score = [sys.executable, str(ROOT / "benchmarks" / "score_seg_on_train.py"), *settings,
-                       "--json", str(run_dir / TRAIN_SCORE)]
-        subprocess.run(train_score, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
-    return run_dir
+        if score:
+            train_score = [sys.executable, str(ROOT / "benchmarks" / "score_seg_on_train.py"), *settings,
+                           "--json", str(run_dir / TRAIN_SCORE)]
+            subprocess.run(train_score, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
 
 
 def read_metrics(run_dir: Path, stage: str) -> dict | None:
