@@ -180,6 +180,15 @@ class AffinityNetConfig:
     # (resnet38_aff.py:13-22,38-41): the untrained affinities spread over 0-0.5, not all near 1;
     # bn_relu: 1x1 conv, BN, ReLU per level and a linear 1x1 output with default initialisation.
     head: str = _opt("psa", choices=("psa", "bn_relu"))
+    # Where the pair labels come from. psa (psa@9493e59 infer_cls.py:88-107, voc12/data.py:
+    # VOC12AffDataset): a CRF on the score maps [(1 - max CAM)^alpha, CAMs] for each of
+    # label_powers (PSA's low_alpha 4 and high_alpha 32), with PSA's kernels (label_crf); a
+    # class where the low-alpha CRF's argmax says so, background where the high-alpha one says
+    # so (that wins), unsure elsewhere. thresholds: the CRF masks of refine's fg_threshold and
+    # bg_threshold (refine.crf), as the crf method and IRNet make them.
+    labels: str = _opt("psa", choices=("psa", "thresholds"))
+    label_powers: list[float] = _opt([4.0, 32.0])
+    label_crf: CrfConfig = field(default_factory=lambda: CrfConfig(bilateral_sxy=80.0, bilateral_srgb=13.0))
     # How the pseudo mask reaches the embedding map for the pair labels: pool (PSA: average
     # pooling, then the most frequent label) or nearest (one pixel per block).
     label_downsample: str = _opt("pool", choices=("pool", "nearest"))
@@ -406,6 +415,10 @@ def config_from_dict(raw: dict) -> Config:
         raise ConfigError("config key 'refine.irn.freeze_backbone' fixes a backbone without pretrained weights "
                           "('refine.irn.backbone.weights' is null): give weights, or set freeze_backbone: false")
     _check_levels("refine.affinity.frozen_levels", cfg.refine.affinity.frozen_levels)
+    powers = affinity.label_powers
+    if len(powers) != 2 or not 0 < powers[0] < powers[1]:
+        raise ConfigError("config key 'refine.affinity.label_powers' must be [low, high] with 0 < low < high "
+                          "(the background (1 - max CAM)^power: strong at low, weak at high; PSA: [4, 32])")
     for section in ("cam", "seg"):
         exits = getattr(cfg, section).sr.exits
         _check_levels(f"{section}.sr.exits", exits)

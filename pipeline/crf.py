@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
-from pydensecrf.utils import unary_from_labels
+from pydensecrf.utils import unary_from_labels, unary_from_softmax
 
 from pipeline.config import CrfConfig
 
@@ -18,8 +18,24 @@ def crf_refine_labels(image: np.ndarray, labels: np.ndarray, num_labels: int, cf
     height, width = labels.shape
     if image.shape[:2] != (height, width):
         raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in size")
+    return _crf_argmax(image, unary_from_labels(labels, num_labels, gt_prob=cfg.gt_prob, zero_unsure=False),
+                       num_labels, cfg)
+
+
+def crf_refine_scores(image: np.ndarray, scores: np.ndarray, cfg: CrfConfig) -> np.ndarray:
+    """The HxW argmax of the CRF's marginals for K x H x W score maps taken as probabilities
+    (unary -log(score), clipped at 1e-5; not normalised first), as PSA's crf_inference does
+    (psa@9493e59 tool/imutils.py; ``gt_prob`` is unused)."""
+    if image.shape[:2] != scores.shape[-2:]:
+        raise ValueError(f"image {image.shape[:2]} and scores {scores.shape[-2:]} differ in size")
+    scores = np.ascontiguousarray(scores, dtype=np.float32)
+    return _crf_argmax(image, np.ascontiguousarray(unary_from_softmax(scores)), len(scores), cfg)
+
+
+def _crf_argmax(image: np.ndarray, unary: np.ndarray, num_labels: int, cfg: CrfConfig) -> np.ndarray:
+    height, width = image.shape[:2]
     crf = dcrf.DenseCRF2D(width, height, num_labels)
-    crf.setUnaryEnergy(unary_from_labels(labels, num_labels, gt_prob=cfg.gt_prob, zero_unsure=False))
+    crf.setUnaryEnergy(unary)
     crf.addPairwiseGaussian(sxy=cfg.gaussian_sxy, compat=cfg.gaussian_compat)
     crf.addPairwiseBilateral(sxy=cfg.bilateral_sxy, srgb=cfg.bilateral_srgb,
                              rgbim=np.ascontiguousarray(image), compat=cfg.bilateral_compat)

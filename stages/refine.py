@@ -7,7 +7,8 @@ background); a dense CRF snaps both label maps to image edges. Pixels that neith
 confirms are unsure.
 
 ``refine.method: affinity`` (AffinityNet, Ahn & Kwak, CVPR 2018) goes on from there:
-the CRF masks' confident pixels teach an AffinityNet which neighbouring pixels belong
+the confident pixels of CRF masks (PSA's, from the CRF on score maps at two background
+powers, or refine's two thresholds) teach an AffinityNet which neighbouring pixels belong
 together; a random walk along those affinities spreads each CAM, and two background maps,
 over the rest of its object; each pixel takes the class whose propagated (max-normalised)
 score wins over a strong and over a weak background map (``random_walk.fg_bg_power``,
@@ -40,9 +41,9 @@ from pipeline.affinity import (affinity_loss, boundary_loss, normalized_transiti
 from pipeline.backbones import weights_fingerprint
 from pipeline.cache import CHECKPOINT, METRICS, StageOutput, StageStatus, read_json, stage_status, upstream_keys
 from pipeline.cam import cam_argmax
-from pipeline.config import (VOLUME_SCORING_KEYS, Config, DataConfig, IrnWalkConfig, RandomWalkConfig, RefineConfig,
-                             section_for_cache)
-from pipeline.crf import crf_refine_labels
+from pipeline.config import (VOLUME_SCORING_KEYS, AffinityNetConfig, Config, DataConfig, IrnWalkConfig,
+                             RandomWalkConfig, RefineConfig, section_for_cache)
+from pipeline.crf import crf_refine_labels, crf_refine_scores
 from pipeline.data import IGNORE, MaskFolder, TrainingSet, normalize, open_dataset, score_ids, score_split
 from pipeline.io import load_mask, save_mask
 from pipeline.metrics import confident_confusion_matrix, confusion_matrix, iou_scores, not_scored
@@ -75,6 +76,14 @@ def own_inputs(cfg: Config) -> dict:
     # Another method's settings do not touch this one's masks.
     unused = {name for section in SECTIONS.values() for name in section} - set(SECTIONS[method])
     config["refine"] = {k: v for k, v in config["refine"].items() if k not in unused}
+    if method == "affinity":
+        # The pair labels read either the label_* keys or refine's two thresholds, not both.
+        if cfg.refine.affinity.labels == "thresholds":
+            for key in ("labels", "label_powers", "label_crf"):  # runs cached before these keys stay cached
+                config["refine"]["affinity"].pop(key)
+        else:
+            config["refine"].pop("fg_threshold")
+            config["refine"].pop("bg_threshold")
     extra = {}
     if method != "crf":
         section = SECTIONS[method][0]
@@ -115,6 +124,22 @@ def pseudo_mask(image: np.ndarray, cams: np.ndarray, classes: np.ndarray, cfg: R
     return combine_confident(confident_fg, confident_bg, classes)
 
 
+def psa_label_mask(image: np.ndarray, cams: np.ndarray, classes: np.ndarray, cfg: AffinityNetConfig) -> np.ndarray:
+    """PSA's pair-label mask (psa@9493e59 infer_cls.py:88-107, voc12/data.py VOC12AffDataset):
+    the CRF on [(1 - max CAM)^alpha, CAMs] at the low and at the high ``label_powers``; a
+    class where the low-alpha (strong background) CRF's argmax says so, background where the
+    high-alpha (weak background) one says so, which wins, and unsure (255) elsewhere."""
+    if len(classes) == 0:
+        return np.zeros(image.shape[:2], dtype=np.uint8)
+    evidence = 1 - cams.max(axis=0, keepdims=True)
+    low, high = (crf_refine_scores(image, np.concatenate([evidence ** power, cams]), cfg.label_crf)
+                 for power in cfg.label_powers)
+    mask = np.concatenate([[0], classes]).astype(np.uint8)[low]
+    mask[low == 0] = IGNORE
+    mask[high == 0] = 0
+    return mask
+
+
 def combine_confident(confident_fg: np.ndarray, confident_bg: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """The pseudo mask from two label maps (0 background, k for the k-th class of ``classes``),
     one made against a strong background and one against a weak one: a class where the
@@ -147,12 +172,12 @@ def _written(out_dir: Path, image_id: str, resume: bool) -> np.ndarray | None:
 
 
 def _crf_mask_one(image_id: str, data: DataConfig, scored: set[str], cam_dir: Path, out_dir: Path,
-                  cfg: RefineConfig, resume: bool):
-    """Worker task: the CRF pseudo mask of one image, written and scored."""
+                  make_mask: functools.partial, resume: bool):
+    """Worker task: the CRF mask of one image (``make_mask(image, cams, classes)``), written and scored."""
     mask = _written(out_dir, image_id, resume)
     if mask is None:
         cams, classes = load_cams(cam_dir, image_id)
-        mask = pseudo_mask(open_dataset(data).load_image(image_id), cams, classes, cfg)
+        mask = make_mask(open_dataset(data).load_image(image_id), cams, classes)
     return _save_and_score(image_id, mask, data, scored, out_dir)
 
 
@@ -182,16 +207,21 @@ def _collect_scores(results: Iterable, total: int, class_names: list[str], desc:
     }
 
 
-def write_crf_masks(cfg: Config, run_dir: Path, ids: list[str], out_dir: Path, resume: bool) -> dict:
-    """The CRF masks of ``ids`` in ``out_dir``, scored; ``resume`` keeps the masks already there."""
+def write_crf_masks(cfg: Config, run_dir: Path, ids: list[str], out_dir: Path, resume: bool,
+                    psa_labels: bool = False) -> dict:
+    """The CRF masks of ``ids`` in ``out_dir``, scored: refine's two thresholds, or with
+    ``psa_labels`` PSA's pair-label masks; ``resume`` keeps the masks already there."""
     dataset = open_dataset(cfg.data)
     out_dir.mkdir(exist_ok=True)  # a new partial folder is empty; under torchrun every process makes it
+    make_mask = (functools.partial(psa_label_mask, cfg=cfg.refine.affinity) if psa_labels
+                 else functools.partial(pseudo_mask, cfg=cfg.refine))
     task = functools.partial(_crf_mask_one, data=cfg.data, scored=score_ids(cfg.data, dataset),
-                             cam_dir=run_dir / "cam" / "cams", out_dir=out_dir, cfg=cfg.refine, resume=resume)
+                             cam_dir=run_dir / "cam" / "cams", out_dir=out_dir, make_mask=make_mask, resume=resume)
     with parallel_map(task, ids, cfg.refine.workers) as results:
         scores = _collect_scores(results, len(ids), dataset.classes, "refine (CRF)")
-    return scores | {"fg_threshold": cfg.refine.fg_threshold, "bg_threshold": cfg.refine.bg_threshold,
-                     "workers": cfg.refine.workers}
+    rule = ({"label_powers": cfg.refine.affinity.label_powers} if psa_labels
+            else {"fg_threshold": cfg.refine.fg_threshold, "bg_threshold": cfg.refine.bg_threshold})
+    return scores | rule | {"workers": cfg.refine.workers}
 
 
 # --- The relation network: AffinityNet or IRNet's boundary map ----------------------------
@@ -231,7 +261,8 @@ def relation_net(cfg: Config, run_dir: Path, refine_inputs: dict,
         return model.to(device).eval(), run_dir / folder
     with StageOutput(run_dir, folder, inputs) as out:
         train_ids = dataset.split_ids(cfg.data.train_split)
-        crf_scores = write_crf_masks(cfg, run_dir, shard(train_ids), out.dir / "crf", out.resumed)
+        psa_labels = cfg.refine.method == "affinity" and cfg.refine.affinity.labels == "psa"
+        crf_scores = write_crf_masks(cfg, run_dir, shard(train_ids), out.dir / "crf", out.resumed, psa_labels)
         barrier()  # the network trains on every process's CRF masks
         started = time.perf_counter()
         train_set = TrainingSet(dataset, train_ids, net_cfg.train.crop_size, net_cfg.train.scale_range,

@@ -10,9 +10,9 @@ from pipeline.affinity import (BACKGROUND_POSITIVE, FOREGROUND_POSITIVE, NEGATIV
                                boundary_loss, downsample_mask, neighbour_offsets, normalized_transitions,
                                pair_affinities, path_affinities, path_points, random_walk, transition_weights,
                                walk_offsets)
-from pipeline.config import BackboneConfig, RandomWalkConfig, RefineConfig
+from pipeline.config import AffinityNetConfig, BackboneConfig, CrfConfig, RandomWalkConfig, RefineConfig
 from pipeline.models import AffinityNet, BoundaryNet
-from stages.refine import walk_mask
+from stages.refine import psa_label_mask, walk_mask
 
 IGNORED = 255
 
@@ -347,3 +347,16 @@ def test_boundary_net_trains_only_its_branch_with_a_frozen_backbone():
     assert logits.shape == (2, 1, 16, 18)
     logits.mean().backward()
     assert all(p.grad is not None for p in model.new_parameters())
+
+
+def test_psa_label_mask_takes_classes_from_the_strong_background_and_background_from_the_weak_one():
+    # Without pairwise terms the CRF keeps each pixel's highest score, so PSA's rule is exact:
+    # max CAM 0.9 beats (1 - 0.9)^4 and ^32: the class; 0.2 loses to 0.8^4 = 0.41 but beats
+    # 0.8^32: unsure; 0.01 loses to both: background. An image without classes is background.
+    cams = np.zeros((2, 2, 3), np.float32)
+    cams[0] = [[0.9, 0.2, 0.01], [0.0, 0.1, 0.0]]
+    cams[1] = [[0.1, 0.0, 0.0], [0.95, 0.15, 0.005]]
+    cfg = AffinityNetConfig(label_crf=CrfConfig(gaussian_compat=0, bilateral_compat=0))
+    image = np.zeros((2, 3, 3), np.uint8)
+    assert psa_label_mask(image, cams, np.array([3, 5]), cfg).tolist() == [[3, IGNORED, 0], [5, IGNORED, 0]]
+    assert psa_label_mask(image, cams[:0], np.array([], dtype=int), cfg).tolist() == [[0] * 3] * 2

@@ -128,7 +128,9 @@ def test_training_keys_at_their_off_value_leave_the_cache_key_as_before_they_exi
 
 @pytest.mark.parametrize("key, value", [("refine.affinity.radius", 1), ("refine.random_walk.radius", 1),
                                         ("refine.irn.radius", 1), ("cam.train.color_jitter", [0.3, 0.3]),
-                                        ("refine.affinity.frozen_levels", ["stem", "layer9"])])
+                                        ("refine.affinity.frozen_levels", ["stem", "layer9"]),
+                                        ("refine.affinity.label_powers", [32, 4]),
+                                        ("refine.affinity.label_powers", [4])])
 def test_settings_that_cannot_work_are_config_errors(key, value):
     tree = value
     for part in reversed(key.split(".")):

@@ -1,7 +1,7 @@
 import numpy as np
 
 from pipeline.config import CrfConfig
-from pipeline.crf import crf_refine_labels
+from pipeline.crf import crf_refine_labels, crf_refine_scores
 
 
 def test_crf_moves_a_shifted_label_boundary_onto_the_colour_edge():
@@ -29,3 +29,23 @@ def test_crf_keeps_a_small_region_that_has_its_own_colour_but_smooths_one_that_h
     refined = crf_refine_labels(image, labels, 3, CrfConfig(bilateral_sxy=10))
     assert (refined[5:15, 5:15] == 2).mean() > 0.95
     assert (refined[20:23, 20:23] == 1).sum() == 0
+
+
+def test_crf_on_scores_without_pairwise_terms_is_the_argmax_of_the_clipped_scores():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (12, 15, 3), dtype=np.uint8)
+    scores = rng.random((3, 12, 15)).astype(np.float32) * 2  # not normalised, as PSA passes them
+    scores[1, :4] = 0  # clipped at 1e-5, not log(0)
+    unary_only = CrfConfig(gaussian_compat=0, bilateral_compat=0)
+    assert (crf_refine_scores(image, scores, unary_only) == np.clip(scores, 1e-5, 1).argmax(axis=0)).all()
+
+
+def test_crf_on_scores_moves_a_shifted_score_boundary_onto_the_colour_edge():
+    image = np.zeros((40, 60, 3), np.uint8)
+    image[:, :30] = (200, 40, 40)
+    image[:, 30:] = (40, 40, 200)
+    scores = np.full((2, 40, 60), 0.3, np.float32)
+    scores[0, :, :36] = 0.6  # class 0 reaches 6 px past the edge
+    scores[1, :, 36:] = 0.6
+    refined = crf_refine_scores(image, scores, CrfConfig(bilateral_sxy=20))
+    assert (refined[:, :30] == 0).mean() > 0.97 and (refined[:, 30:] == 1).mean() > 0.97

@@ -222,6 +222,13 @@ def test_affinity_refine_keeps_crf_and_final_masks_and_caches_the_net_under_its_
     assert "reusing the network in" in capsys.readouterr().err
     assert manifest_time(weak_run, "affinitynet", run_dir) == net_before
 
+    # PSA's pair labels (the default) do not read refine's two thresholds; IRNet's way does.
+    assert run(weak_run, *settings, "--set", "refine.random_walk.beta=4", "--set", "refine.fg_threshold=0.6",
+               "--dry-run") == 0
+    assert "refine  cached" in capsys.readouterr().out
+    assert run(weak_run, *settings, "--set", "refine.affinity.labels=thresholds", "--dry-run") == 0
+    assert "  affinitynet  stale" in capsys.readouterr().out
+
     # An AffinityNet parameter retrains it.
     assert run(weak_run, *settings, "--set", "refine.affinity.radius=3", "--stages", "refine") == 0
     assert "reusing" not in capsys.readouterr().err
