@@ -10,8 +10,8 @@ comparison resumes where it stopped.
 
 Prints per method, mean ± spread (half the max-min range) over the seeds: the CAMs' mIoU,
 the pseudo masks' mIoU (unsure counted as background: the PSA/IRNet argmax protocol) and
-their gain over the CAMs, the confident pixels' mIoU and the unsure share, the relation
-network's training steps and seconds, the refine pass's seconds per image, seg train and val
+their gain over the CAMs, the confident pixels' mIoU and the unsure share, the same two for
+the labels the relation network learnt from, its training steps and seconds, the refine pass's seconds per image, seg train and val
 mIoU, and weak/full (val) when ``--full`` ran.
 
     .venv/bin/python benchmarks/refine_comparison.py --seeds 0 1 2 [--config configs/demo.yaml] \\
@@ -56,8 +56,8 @@ def report(args) -> None:
 
     full = [m["miou"] for seed in args.seeds if (m := read_metrics(args.out / f"full-seed{seed}", "seg"))]
     print(f"\nseeds {args.seeds}; mIoU % mean ± spread" + (f"; full (val) {mean_spread(full)}" if full else ""))
-    header = ("method", "CAM", "pseudo", "gain", "confident", "unsure %", "net steps", "net s", "s/image",
-              "seg train", "seg val", "weak/full")
+    header = ("method", "CAM", "pseudo", "gain", "confident", "unsure %", "labels: confident", "labels: unsure %",
+              "net steps", "net s", "s/image", "seg train", "seg val", "weak/full")
     print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
     for method in args.methods:
         runs = [args.out / f"{method}-seed{seed}" for seed in args.seeds]
@@ -66,6 +66,9 @@ def report(args) -> None:
         row = [method, mean_spread(column(runs, "refine", "cam_miou")), mean_spread(column(runs, "refine", "miou")),
                mean_spread(column(runs, "refine", "gain_over_cam")), mean_spread(column(runs, "refine", "confident_miou")),
                plain(column(runs, "refine", "unsure_fraction"), 1, factor=100.0),
+               mean_spread([m["crf"]["confident_miou"] for r in runs if (m := read_metrics(r, "refine")) and "crf" in m]),
+               plain([m["crf"]["unsure_fraction"] for r in runs if (m := read_metrics(r, "refine")) and "crf" in m], 1,
+                     factor=100.0),
                plain(column(runs, "refine", "net_train_steps"), 0),
                plain(column(runs, "refine", "net_train_seconds"), 0),
                plain(column(runs, "refine", "seconds_per_image"), 3),
