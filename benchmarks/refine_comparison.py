@@ -11,8 +11,8 @@ comparison resumes where it stopped.
 Prints per method, mean ± spread (half the max-min range) over the seeds: the CAMs' mIoU,
 the pseudo masks' mIoU (unsure counted as background: the PSA/IRNet argmax protocol) and
 their gain over the CAMs, the confident pixels' mIoU and the unsure share, the same two for
-the labels the relation network learnt from, its training steps and seconds, the refine pass's seconds per image, seg train and val
-mIoU, and weak/full (val) when ``--full`` ran.
+the labels the relation network learnt from, its training steps and seconds, the refine
+pass's seconds per image, seg train and val mIoU, and weak/full (val) when ``--full`` ran.
 
     .venv/bin/python benchmarks/refine_comparison.py --seeds 0 1 2 [--config configs/demo.yaml] \\
         [--methods crf affinity irn] [--full] [--set KEY=VALUE ...] [--report-only]
@@ -45,8 +45,15 @@ def run_seed(args, seed: int) -> None:
 
 
 def report(args) -> None:
-    def column(runs: list[Path], stage: str, key: str) -> list[float]:
-        return [m[key] for r in runs if (m := read_metrics(r, stage)) and m.get(key) is not None]
+    def column(runs: list[Path], stage: str, *keys: str) -> list[float]:
+        """The value at ``keys`` (nested) of each run's metrics, where it has one."""
+        values = []
+        for metrics in filter(None, (read_metrics(r, stage) for r in runs)):
+            for key in keys:
+                metrics = metrics.get(key) if isinstance(metrics, dict) else None
+            if metrics is not None:
+                values.append(metrics)
+        return values
 
     def plain(values: list[float], digits: int, factor: float = 1.0) -> str:
         if not values:
@@ -66,9 +73,8 @@ def report(args) -> None:
         row = [method, mean_spread(column(runs, "refine", "cam_miou")), mean_spread(column(runs, "refine", "miou")),
                mean_spread(column(runs, "refine", "gain_over_cam")), mean_spread(column(runs, "refine", "confident_miou")),
                plain(column(runs, "refine", "unsure_fraction"), 1, factor=100.0),
-               mean_spread([m["crf"]["confident_miou"] for r in runs if (m := read_metrics(r, "refine")) and "crf" in m]),
-               plain([m["crf"]["unsure_fraction"] for r in runs if (m := read_metrics(r, "refine")) and "crf" in m], 1,
-                     factor=100.0),
+               mean_spread(column(runs, "refine", "crf", "confident_miou")),
+               plain(column(runs, "refine", "crf", "unsure_fraction"), 1, factor=100.0),
                plain(column(runs, "refine", "net_train_steps"), 0),
                plain(column(runs, "refine", "net_train_seconds"), 0),
                plain(column(runs, "refine", "seconds_per_image"), 3),
