@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Score every Self-Regulation exit's CAMs of a cam-stage training state, and Operation II's target.
+
+Why SR in the CAM classifier helps on one data set and ruins another is a question about its
+teacher: what the shallowest exit's maps mark. This loads a training state (``checkpoint.pt``
+of a cam stage's partial folder, which holds the training-only exits that ``model.pt`` leaves
+out) into the network the config describes and, on the train images that have masks:
+
+- every exit's CAMs (ReLU of its maps of the image's classes, image and mirror at scale 1,
+  each map divided by its maximum) scored as the cam stage scores its own: mIoU at the best
+  background threshold of a sweep, and the mean share of an image's pixels each class map
+  marks at 0.5;
+- Operation II's hard target, the teacher's pixels at or above its map's spatial mean
+  (``sr.form: hard``): how much of that support lies on the class (precision), how much of the
+  class it covers (recall), and its share of the image.
+
+    .venv/bin/python benchmarks/exit_cams.py --config configs/msrc.yaml --set data.root=... \
+        --set cam.sr.enabled=true ... --state runs/sr17m/c-stem.train-state.pt
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.cam import cam_to_label  # noqa: E402
+from pipeline.config import BACKBONE_LEVELS, load_config  # noqa: E402
+from pipeline.data import normalize, open_dataset, score_ids  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.metrics import confusion_matrix, iou_scores  # noqa: E402
+from pipeline.models import CAMNet  # noqa: E402
+from pipeline.runtime import configure_threads  # noqa: E402
+from stages.cam import THRESHOLD_SWEEP  # noqa: E402
+
+
+def exit_maps(model: CAMNet, image: torch.Tensor, channels: torch.Tensor) -> list[torch.Tensor]:
+    """Every exit's raw maps of the given classes at the image's size, shallow -> main:
+    (image, its mirror flipped back) pairs, each 2 x K x H x W."""
+    batch = torch.stack([image, image.flip(-1)])
+    out = []
+    for maps, _ in model.forward_exits(batch):
+        maps = F.interpolate(maps[:, channels], size=image.shape[-2:], mode="bilinear", align_corners=False)
+        out.append(torch.stack([maps[0], maps[1].flip(-1)]))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--state", required=True, help="a cam stage's training state (checkpoint.pt)")
+    parser.add_argument("--images", type=int, default=0, help="score the first N images only (0: all)")
+    args = parser.parse_args()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if not cfg.cam.sr.enabled:
+            raise PipelineError("cam.sr.enabled is false: the exits exist only with SR on")
+        configure_threads(cfg.num_threads)
+        dataset = open_dataset(cfg.data)
+        model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1, cfg.cam.sr)
+        try:
+            model.load_state_dict(torch.load(args.state, map_location="cpu", weights_only=True)["model"])
+        except (RuntimeError, KeyError, OSError) as error:
+            detail = " ".join(str(error).split())
+            raise PipelineError(f"{args.state} does not match the config's network: {detail[:300]}")
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    model.eval()
+    names = [level for level in BACKBONE_LEVELS if level in cfg.cam.sr.exits] + ["main"]
+    n = dataset.num_classes
+    confusions = {name: {t: np.zeros((n, n), dtype=np.int64) for t in THRESHOLD_SWEEP} for name in names}
+    marked = {name: [] for name in names}
+    support = {"precision": [], "recall": [], "share": []}
+    ids = sorted(score_ids(cfg.data, dataset))
+    ids = ids[:args.images] if args.images else ids
+    with torch.no_grad():
+        for image_id in ids:
+            classes = dataset.image_labels(image_id)
+            if len(classes) == 0:
+                continue
+            gt = dataset.load_mask(image_id)
+            channels = torch.as_tensor(classes, dtype=torch.long) - 1
+            per_exit = exit_maps(model, normalize(dataset.load_image(image_id)), channels)
+            for name, maps in zip(names, per_exit):
+                cams = F.relu(maps).sum(0)
+                cams = (cams / cams.flatten(1).max(dim=1).values.clamp_min(1e-5)[:, None, None]).numpy()
+                marked[name] += list((cams >= 0.5).mean(axis=(1, 2)))
+                for t in THRESHOLD_SWEEP:
+                    confusions[name][t] += confusion_matrix(gt, cam_to_label(cams, classes, t), n)
+            teacher = per_exit[0][0]  # the image itself, raw maps, as Operation II sees them in training
+            for k, cls in enumerate(classes):
+                on = (teacher[k] >= teacher[k].mean()).numpy()
+                truth = gt == cls
+                support["precision"].append((on & truth).sum() / max(on.sum(), 1))
+                support["recall"].append((on & truth).sum() / max(truth.sum(), 1))
+                support["share"].append(on.mean())
+    print(f"{len(ids)} train images with masks; {args.state}")
+    print(f"{'exit':<8} {'best mIoU':>9} {'at bg':>6} {'mIoU at 0.5':>11} {'marked at 0.5':>13}")
+    for name in names:
+        sweep = {t: iou_scores(confusions[name][t], dataset.classes)["miou"] for t in THRESHOLD_SWEEP}
+        best = max(sweep, key=sweep.get)
+        print(f"{name:<8} {100 * sweep[best]:9.1f} {best:6.2f} {100 * sweep[0.5]:11.1f} "
+              f"{100 * np.mean(marked[name]):12.1f}%")
+    print(f"Operation II's hard target ({names[0]} pixels at or above the map's mean), per (image, class): "
+          f"precision {100 * np.mean(support['precision']):.1f}%, recall {100 * np.mean(support['recall']):.1f}%, "
+          f"share of the image {100 * np.mean(support['share']):.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
