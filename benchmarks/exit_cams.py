@@ -78,7 +78,7 @@ def main() -> int:
     n = dataset.num_classes
     confusions = {name: {t: np.zeros((n, n), dtype=np.int64) for t in THRESHOLD_SWEEP} for name in names}
     marked = {name: [] for name in names}
-    support = {"precision": [], "recall": [], "share": []}
+    support = {"precision": [], "recall": [], "share": [], "class_share": []}
     ids = sorted(score_ids(cfg.data, dataset))
     ids = ids[:args.images] if args.images else ids
     with torch.no_grad():
@@ -102,6 +102,7 @@ def main() -> int:
                 support["precision"].append((on & truth).sum() / max(on.sum(), 1))
                 support["recall"].append((on & truth).sum() / max(truth.sum(), 1))
                 support["share"].append(on.mean())
+                support["class_share"].append(truth.mean())
     print(f"{len(ids)} train images with masks; {args.state}")
     print(f"{'exit':<8} {'best mIoU':>9} {'at bg':>6} {'mIoU at 0.5':>11} {'marked at 0.5':>13}")
     for name in names:
@@ -111,7 +112,8 @@ def main() -> int:
               f"{100 * np.mean(marked[name]):12.1f}%")
     print(f"Operation II's hard target ({names[0]} pixels at or above the map's mean), per (image, class): "
           f"precision {100 * np.mean(support['precision']):.1f}%, recall {100 * np.mean(support['recall']):.1f}%, "
-          f"share of the image {100 * np.mean(support['share']):.1f}%")
+          f"share of the image {100 * np.mean(support['share']):.1f}% (a support drawn at random: precision = the "
+          f"class's share of the image, {100 * np.mean(support['class_share']):.1f}%; recall = its own share)")
     return 0
 
 
