@@ -7,7 +7,8 @@ of a cam stage's partial folder, which holds the training-only exits that ``mode
 out) into the network the config describes and, on the train images that have masks:
 
 - every exit's CAMs (ReLU of its maps of the image's classes, image and mirror at scale 1,
-  each map divided by its maximum) scored as the cam stage scores its own: mIoU at the best
+  each map divided by its maximum: the main exit's are the stage's CAMs at ``cam.scales: [1.0]``)
+  scored as the cam stage scores its own: mIoU at the best
   background threshold of a sweep, and the mean share of an image's pixels each class map
   marks at 0.5;
 - Operation II's hard target, the teacher's pixels at or above its map's spatial mean
@@ -41,14 +42,14 @@ from stages.cam import THRESHOLD_SWEEP  # noqa: E402
 
 
 def exit_maps(model: CAMNet, image: torch.Tensor, channels: torch.Tensor) -> list[torch.Tensor]:
-    """Every exit's raw maps of the given classes at the image's size, shallow -> main:
-    (image, its mirror flipped back) pairs, each 2 x K x H x W."""
-    batch = torch.stack([image, image.flip(-1)])
-    out = []
-    for maps, _ in model.forward_exits(batch):
-        maps = F.interpolate(maps[:, channels], size=image.shape[-2:], mode="bilinear", align_corners=False)
-        out.append(torch.stack([maps[0], maps[1].flip(-1)]))
-    return out
+    """Every exit's raw maps of the given classes at its own resolution, shallow -> main: the
+    image's and its mirror's (flipped back), 2 x K x h x w."""
+    maps = [m[:, channels] for m, _ in model.forward_exits(torch.stack([image, image.flip(-1)]))]
+    return [torch.stack([m[0], m[1].flip(-1)]) for m in maps]
+
+
+def upsample(maps: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def main() -> int:
@@ -84,18 +85,25 @@ def main() -> int:
     with torch.no_grad():
         for image_id in ids:
             classes = dataset.image_labels(image_id)
-            if len(classes) == 0:
-                continue
             gt = dataset.load_mask(image_id)
+            if len(classes) == 0:  # all background, as the stage scores such an image
+                for name in names:
+                    for t in THRESHOLD_SWEEP:
+                        confusions[name][t] += confusion_matrix(gt, np.zeros_like(gt), n)
+                continue
             channels = torch.as_tensor(classes, dtype=torch.long) - 1
-            per_exit = exit_maps(model, normalize(dataset.load_image(image_id)), channels)
+            image = normalize(dataset.load_image(image_id))
+            image_size = image.shape[-2:]
+            per_exit = exit_maps(model, image, channels)
             for name, maps in zip(names, per_exit):
-                cams = F.relu(maps).sum(0)
+                # As multiscale_cams makes the stage's CAMs at scale 1: ReLU, then to the image's size.
+                cams = upsample(F.relu(maps), image_size).sum(0)
                 cams = (cams / cams.flatten(1).max(dim=1).values.clamp_min(1e-5)[:, None, None]).numpy()
                 marked[name] += list((cams >= 0.5).mean(axis=(1, 2)))
                 for t in THRESHOLD_SWEEP:
                     confusions[name][t] += confusion_matrix(gt, cam_to_label(cams, classes, t), n)
-            teacher = per_exit[0][0]  # the image itself, raw maps, as Operation II sees them in training
+            # The image itself, raw maps at the input size, as Operation II sees them in training.
+            teacher = upsample(per_exit[0][:1], image_size)[0]
             for k, cls in enumerate(classes):
                 on = (teacher[k] >= teacher[k].mean()).numpy()
                 truth = gt == cls

@@ -465,3 +465,49 @@ def test_train_loop_benchmark_trains_ours_and_the_bare_loop_alike(weak_run):
     refused = subprocess.run(command + ["--set", "cam.sr.enabled=true"], capture_output=True, text=True)
     assert refused.returncode == 2 and refused.stderr.strip() == (
         "error: config key 'cam.sr.enabled' is true: the bare loop has no Self-Regulation loss to compare with")
+
+
+def test_exit_cams_scores_the_main_exit_as_the_cam_stage_scores_its_cams(weak_run, tmp_path):
+    """benchmarks/exit_cams.py: its main-exit row is the stage's scoring of CAMs at scale 1 with
+    the mirror; a state without the exits is a one-line error."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from conftest import ROOT
+    from pipeline.cam import cam_to_label, multiscale_cams
+    from pipeline.data import normalize, open_dataset, score_ids
+    from pipeline.metrics import confusion_matrix, iou_scores
+    from pipeline.models import CAMNet
+
+    overrides = TINY + [f"data.root={weak_run / 'demo'}", "cam.sr.enabled=true", "cam.sr.head_channels=8",
+                        "cam.sr.exit_classifier=pooled"]
+    cfg = load_config(DEMO_CONFIG, overrides)
+    dataset = open_dataset(cfg.data)
+    torch.manual_seed(0)
+    model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1, cfg.cam.sr).eval()
+    torch.save({"model": model.state_dict()}, tmp_path / "state.pt")
+    confusion = 0
+    with torch.no_grad():
+        for image_id in sorted(score_ids(cfg.data, dataset)):
+            classes = dataset.image_labels(image_id)
+            cams = multiscale_cams(model, normalize(dataset.load_image(image_id)), classes, [1.0], True)
+            confusion = confusion + confusion_matrix(dataset.load_mask(image_id), cam_to_label(cams, classes, 0.5),
+                                                     dataset.num_classes)
+    expected = iou_scores(confusion, dataset.classes)["miou"]
+
+    command = [sys.executable, str(ROOT / "benchmarks" / "exit_cams.py"), "--config", DEMO_CONFIG,
+               "--state", str(tmp_path / "state.pt")] + [arg for item in overrides for arg in ("--set", item)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()}
+    assert list(rows)[2:7] == ["stem", "layer1", "layer2", "layer3", "main"]
+    assert rows["main"][3] == f"{100 * expected:.1f}"  # the mIoU at background threshold 0.5
+    assert "Operation II's hard target (stem pixels" in done.stdout
+
+    torch.save({"model": CAMNet(cfg.cam.backbone, dataset.num_classes - 1).state_dict()}, tmp_path / "plain.pt")
+    command[command.index(str(tmp_path / "state.pt"))] = str(tmp_path / "plain.pt")
+    mismatched = subprocess.run(command, capture_output=True, text=True)
+    assert mismatched.returncode == 2
+    assert mismatched.stderr.strip().count("\n") == 0 and "does not match the config's network" in mismatched.stderr
