@@ -38,6 +38,7 @@ from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.metrics import confusion_matrix, iou_scores  # noqa: E402
 from pipeline.models import CAMNet  # noqa: E402
 from pipeline.runtime import configure_threads  # noqa: E402
+from pipeline.self_regulation import resize  # noqa: E402
 from stages.cam import THRESHOLD_SWEEP  # noqa: E402
 
 
@@ -46,10 +47,6 @@ def exit_maps(model: CAMNet, image: torch.Tensor, channels: torch.Tensor) -> lis
     image's and its mirror's (flipped back), 2 x K x h x w."""
     maps = [m[:, channels] for m, _ in model.forward_exits(torch.stack([image, image.flip(-1)]))]
     return [torch.stack([m[0], m[1].flip(-1)]) for m in maps]
-
-
-def upsample(maps: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def main() -> int:
@@ -87,9 +84,10 @@ def main() -> int:
             classes = dataset.image_labels(image_id)
             gt = dataset.load_mask(image_id)
             if len(classes) == 0:  # all background, as the stage scores such an image
+                background = confusion_matrix(gt, np.zeros_like(gt), n)
                 for name in names:
                     for t in THRESHOLD_SWEEP:
-                        confusions[name][t] += confusion_matrix(gt, np.zeros_like(gt), n)
+                        confusions[name][t] += background
                 continue
             channels = torch.as_tensor(classes, dtype=torch.long) - 1
             image = normalize(dataset.load_image(image_id))
@@ -97,13 +95,13 @@ def main() -> int:
             per_exit = exit_maps(model, image, channels)
             for name, maps in zip(names, per_exit):
                 # As multiscale_cams makes the stage's CAMs at scale 1: ReLU, then to the image's size.
-                cams = upsample(F.relu(maps), image_size).sum(0)
+                cams = resize(F.relu(maps), image_size).sum(0)
                 cams = (cams / cams.flatten(1).max(dim=1).values.clamp_min(1e-5)[:, None, None]).numpy()
                 marked[name] += list((cams >= 0.5).mean(axis=(1, 2)))
                 for t in THRESHOLD_SWEEP:
                     confusions[name][t] += confusion_matrix(gt, cam_to_label(cams, classes, t), n)
             # The image itself, raw maps at the input size, as Operation II sees them in training.
-            teacher = upsample(per_exit[0][:1], image_size)[0]
+            teacher = resize(per_exit[0][:1], image_size)[0]
             for k, cls in enumerate(classes):
                 on = (teacher[k] >= teacher[k].mean()).numpy()
                 truth = gt == cls
