@@ -511,3 +511,28 @@ def test_exit_cams_scores_the_main_exit_as_the_cam_stage_scores_its_cams(weak_ru
     mismatched = subprocess.run(command, capture_output=True, text=True)
     assert mismatched.returncode == 2
     assert mismatched.stderr.strip().count("\n") == 0 and "does not match the config's network" in mismatched.stderr
+
+
+def test_bf16_autocast_trains_every_network_on_the_cpu(weak_run):
+    """train.amp: bf16 runs the autocast path a GPU run takes (CPU bf16 autocast): the cam
+    classifier, both SR losses, the AffinityNet, IRNet's boundary network and the mixed-mode
+    segmenter train to finite losses and write their outputs. The cam network trained in bf16
+    differs from the weak run's float32 one, which shares every other setting: autocast was on."""
+    bf16 = ["cam.train.amp=bf16", "seg.train.amp=bf16", "refine.affinity.train.amp=bf16", "refine.irn.train.amp=bf16"]
+    cam_only = weak_run / "bf16-cam"
+    assert run(weak_run, "--run-dir", str(cam_only), "--stages", "cam", *sum((["--set", s] for s in bf16), [])) == 0
+    assert (cam_only / "cam" / "model.pt").read_bytes() != (weak_run / "run" / "cam" / "model.pt").read_bytes()
+
+    run_dir = weak_run / "bf16-mixed"
+    settings = sum((["--set", s] for s in bf16 + AFFINITY + ["cam.sr.enabled=true", "seg.sr.enabled=true"]),
+                   ["--run-dir", str(run_dir), "--mode", "mixed", "--set", "mixed.full_fraction=0.25"])
+    assert run(weak_run, *settings) == 0
+    losses = [json.loads((run_dir / stage / "metrics.json").read_text())["train_loss_by_epoch"]
+              for stage in ("cam", "seg")]
+    losses.append(json.loads((run_dir / "affinitynet" / "metrics.json").read_text())["train_loss_by_epoch"])
+    assert all(curve and all(value is not None for value in curve) for curve in losses), losses
+    assert len(list((run_dir / "seg" / "predictions").glob("*.png"))) == 8
+
+    irn = sum((["--set", s] for s in bf16 + IRN + ["cam.sr.enabled=true"]), ["--run-dir", str(run_dir), "--stages", "refine"])
+    assert run(weak_run, *irn) == 0
+    assert json.loads((run_dir / "irn" / "metrics.json").read_text())["train_loss_by_epoch"][0] is not None
