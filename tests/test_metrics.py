@@ -140,3 +140,39 @@ def test_stray_pixels_benchmark_counts_predictions_far_from_the_true_class(tmp_p
     (tmp_path / "data" / "classes.txt").unlink()
     missing = subprocess.run(command + ["--class", "cat"], capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "classes.txt is missing" in missing.stderr
+
+
+def test_mask_errors_benchmark_splits_the_pixels_by_kind_of_error(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, write_voc_folder
+    from pipeline.io import save_mask
+
+    truth = np.zeros((10, 10), np.uint8)
+    truth[:, :4] = 1  # 40 cat pixels, 60 background
+    truth[9, 9] = 255  # not scored
+    write_voc_folder(tmp_path / "data", {"a": truth})
+    mask = truth.copy()
+    mask[:, 4] = 2  # 10 background pixels marked dog
+    mask[0, :2] = 0  # 2 cat pixels marked background
+    mask[1, :3] = 2  # 3 cat pixels marked dog
+    mask[2:4, 6:8] = 255  # 4 unsure background pixels
+    mask[5, 0] = 255  # 1 unsure cat pixel: background under the argmax protocol
+    (tmp_path / "masks").mkdir()
+    save_mask(tmp_path / "masks" / "a.png", mask)
+    command = [sys.executable, str(ROOT / "benchmarks" / "mask_errors.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+               "--set", f"data.root={tmp_path / 'data'}", "--masks", str(tmp_path / "masks")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "1 images, 99 scored pixels",
+        "background marked as a class: 10.1%",  # 10 of 99
+        "class marked as background: 3.0%",  # 2 + 1 unsure
+        "class marked as another class: 3.0%",
+        "right: 83.8%",  # 99 - 16
+        "unsure: 5.1% of the pixels, of which background in the ground truth: 80.0%",
+    ]
+    (tmp_path / "masks" / "a.png").unlink()
+    empty = subprocess.run(command, capture_output=True, text=True)
+    assert empty.returncode == 2 and empty.stderr.startswith("error: no mask in")

@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Where a folder of pseudo masks goes wrong, against the ground truth of the train split:
+the shares of the scored pixels that are background marked as a class, a class marked as
+background, one class marked as another, and right; and what the ground truth holds under
+the unsure pixels (255). Unsure counts as background in the first four shares, as in the
+argmax protocol of refine's ``miou``.
+
+    .venv/bin/python benchmarks/mask_errors.py --masks runs/m16/refine/pseudo --config configs/msrc.yaml \\
+        --set data.root=../shared/data/msrc-dev
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data import IGNORE, open_dataset  # noqa: E402
+from pipeline.io import load_mask  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--masks", type=Path, required=True, help="a folder of <id>.png pseudo masks")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    dataset = open_dataset(cfg.data)
+    counts = dict.fromkeys(["background marked as a class", "class marked as background",
+                            "class marked as another class", "right"], 0)
+    unsure_background = unsure_class = images = 0
+    for image_id in dataset.split_ids(cfg.data.train_split):
+        path = args.masks / f"{image_id}.png"
+        if not (dataset.has_mask(image_id) and path.is_file()):
+            continue
+        images += 1
+        gt, mask = dataset.load_mask(image_id), load_mask(path)
+        scored = gt != IGNORE
+        unsure_background += int((scored & (mask == IGNORE) & (gt == 0)).sum())
+        unsure_class += int((scored & (mask == IGNORE) & (gt > 0)).sum())
+        pred = np.where(mask == IGNORE, 0, mask)
+        counts["background marked as a class"] += int((scored & (gt == 0) & (pred > 0)).sum())
+        counts["class marked as background"] += int((scored & (gt > 0) & (pred == 0)).sum())
+        counts["class marked as another class"] += int((scored & (gt > 0) & (pred > 0) & (pred != gt)).sum())
+        counts["right"] += int((scored & (pred == gt)).sum())
+    if not images:
+        print(f"error: no mask in {args.masks} belongs to a train image with ground truth", file=sys.stderr)
+        sys.exit(2)
+    total = sum(counts.values())
+    print(f"{images} images, {total} scored pixels")
+    for name, count in counts.items():
+        print(f"{name}: {100 * count / total:.1f}%")
+    unsure = unsure_background + unsure_class
+    if unsure:
+        print(f"unsure: {100 * unsure / total:.1f}% of the pixels, of which background in the ground truth: "
+              f"{100 * unsure_background / unsure:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
