@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import IGNORE, open_dataset  # noqa: E402
 from pipeline.io import load_mask  # noqa: E402
+from pipeline.metrics import confident_confusion_matrix, confusion_matrix  # noqa: E402
 
 
 def main() -> None:
@@ -32,35 +33,35 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     dataset = open_dataset(cfg.data)
-    counts = dict.fromkeys(["background marked as a class", "class marked as background",
-                            "class marked as another class", "right"], 0)
-    unsure_background = unsure_class = images = 0
+    # The two matrices refine scores its masks with: unsure as background, and sure pixels only.
+    confusion = np.zeros((dataset.num_classes,) * 2, dtype=np.int64)
+    sure = confusion.copy()
+    images = 0
     for image_id in dataset.split_ids(cfg.data.train_split):
         path = args.masks / f"{image_id}.png"
         if not (dataset.has_mask(image_id) and path.is_file()):
             continue
         images += 1
         gt, mask = dataset.load_mask(image_id), load_mask(path)
-        scored = gt != IGNORE
-        unsure_background += int((scored & (mask == IGNORE) & (gt == 0)).sum())
-        unsure_class += int((scored & (mask == IGNORE) & (gt > 0)).sum())
-        pred = np.where(mask == IGNORE, 0, mask)
-        counts["background marked as a class"] += int((scored & (gt == 0) & (pred > 0)).sum())
-        counts["class marked as background"] += int((scored & (gt > 0) & (pred == 0)).sum())
-        counts["class marked as another class"] += int((scored & (gt > 0) & (pred > 0) & (pred != gt)).sum())
-        counts["right"] += int((scored & (pred == gt)).sum())
+        confusion += confusion_matrix(gt, np.where(mask == IGNORE, 0, mask), dataset.num_classes)
+        sure += confident_confusion_matrix(gt, mask, dataset.num_classes)
     if not images:
         print(f"error: no mask in {args.masks} belongs to a train image with ground truth", file=sys.stderr)
         sys.exit(2)
-    total = sum(counts.values())
+    total = int(confusion.sum())
+    right = int(np.trace(confusion))
+    counts = {"background marked as a class": int(confusion[0, 1:].sum()),
+              "class marked as background": int(confusion[1:, 0].sum()),
+              "class marked as another class": int(confusion[1:, 1:].sum()) - (right - int(confusion[0, 0])),
+              "right": right}
     print(f"{images} images, {total} scored pixels")
     for name, count in counts.items():
         print(f"{name}: {100 * count / total:.1f}%")
-    unsure = unsure_background + unsure_class
+    unsure_by_truth = confusion.sum(axis=1) - sure.sum(axis=1)
+    unsure = int(unsure_by_truth.sum())
     if unsure:
         print(f"unsure: {100 * unsure / total:.1f}% of the pixels, of which background in the ground truth: "
-              f"{100 * unsure_background / unsure:.1f}%")
-
+              f"{100 * unsure_by_truth[0] / unsure:.1f}%")
 
 if __name__ == "__main__":
     main()
