@@ -17,13 +17,23 @@ import math
 import sys
 from pathlib import Path
 
-from pipeline import predict, report
-from pipeline.config import MODES, load_config
-from pipeline.cache import RunLock
-from pipeline.data import FileChecks, prepare_data
-from pipeline.errors import CacheError, PipelineError
-from pipeline.runtime import (configure_threads, destroy_process_group, distributed, from_main_process,
-                              init_distributed, is_main_process, keep_freed_memory, select_device)
+from pipeline.commands import predict, report
+from pipeline.core.cache import RunLock
+from pipeline.core.config import MODES
+from pipeline.core.config_file import load_config
+from pipeline.core.errors import CacheError, PipelineError
+from pipeline.core.runtime import (
+    configure_threads,
+    destroy_process_group,
+    distributed,
+    from_main_process,
+    init_distributed,
+    is_main_process,
+    keep_freed_memory,
+    select_device,
+)
+from pipeline.data.checks import FileChecks
+from pipeline.data.prepare import prepare_data
 from stages import STAGES, execute, expected_inputs, parse_stages, plan, refine
 from stages.seg import check_training_masks
 

@@ -31,14 +31,16 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.cam import cam_to_label  # noqa: E402
-from pipeline.config import BACKBONE_LEVELS, load_config  # noqa: E402
-from pipeline.data import normalize, open_dataset, score_ids  # noqa: E402
-from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.metrics import confusion_matrix, iou_scores  # noqa: E402
-from pipeline.models import CAMNet  # noqa: E402
-from pipeline.runtime import configure_threads  # noqa: E402
-from pipeline.self_regulation import resize  # noqa: E402
+from pipeline.methods.cams import cam_to_label
+from pipeline.core.config import BACKBONE_LEVELS
+from pipeline.core.config_file import load_config
+from pipeline.data.training_set import normalize
+from pipeline.data.dataset import open_dataset, score_ids
+from pipeline.core.errors import PipelineError
+from pipeline.core.metrics import confusion_matrix, iou_scores
+from pipeline.models.networks import CAMNet
+from pipeline.core.runtime import configure_threads
+from pipeline.methods.self_regulation import resize
 from stages.cam import THRESHOLD_SWEEP  # noqa: E402
 
 

@@ -19,10 +19,10 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data import IGNORE, open_dataset  # noqa: E402
-from pipeline.io import load_mask  # noqa: E402
-from pipeline.metrics import confident_confusion_matrix, confusion_matrix  # noqa: E402
+from pipeline.core.config_file import load_config
+from pipeline.data.dataset import IGNORE, open_dataset
+from pipeline.core.io import load_mask
+from pipeline.core.metrics import confident_confusion_matrix, confusion_matrix
 
 
 def main() -> None:

@@ -22,11 +22,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.cam import cam_to_label  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data import normalize, open_dataset  # noqa: E402
-from pipeline.io import load_mask, voc_palette  # noqa: E402
-from pipeline.train import load_checkpoint  # noqa: E402
+from pipeline.methods.cams import cam_to_label
+from pipeline.core.config_file import load_config
+from pipeline.data.training_set import normalize
+from pipeline.data.dataset import open_dataset
+from pipeline.core.io import load_mask, voc_palette
+from pipeline.core.training import load_checkpoint
 from stages.cam import load_cams  # noqa: E402
 from stages.refine import NETWORKS, build_relation_net  # noqa: E402
 

@@ -25,11 +25,13 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data import normalize, open_dataset, prepare_data  # noqa: E402
-from pipeline.io import save_mask  # noqa: E402
-from pipeline.runtime import configure_threads, select_device  # noqa: E402
-from pipeline.train import load_checkpoint  # noqa: E402
+from pipeline.core.config_file import load_config
+from pipeline.data.training_set import normalize
+from pipeline.data.dataset import open_dataset
+from pipeline.data.prepare import prepare_data
+from pipeline.core.io import save_mask
+from pipeline.core.runtime import configure_threads, select_device
+from pipeline.core.training import load_checkpoint
 from stages.cam import load_cams  # noqa: E402
 from stages.refine import (NETWORKS, boundary_scores, build_relation_net, propagated_scores, walk_mask,  # noqa: E402
                            write_crf_masks)

@@ -70,7 +70,7 @@ def main() -> int:
     parser.add_argument("--record", action="store_true", help="write docs/demo_reference.json from this run")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from pipeline.config import load_config
+    from pipeline.core.config_file import load_config
 
     num_threads = load_config(ROOT / "configs" / "demo.yaml").num_threads
     base = Path(args.run_dir)

@@ -19,13 +19,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import MODES, load_config  # noqa: E402
-from pipeline.data import open_dataset, score_ids  # noqa: E402
-from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.io import atomic_write_json  # noqa: E402
-from pipeline.runtime import configure_threads, select_device  # noqa: E402
-from pipeline.train import load_checkpoint  # noqa: E402
-from pipeline.models import segmentation_network  # noqa: E402
+from pipeline.core.config import MODES
+from pipeline.core.config_file import load_config
+from pipeline.data.dataset import open_dataset, score_ids
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import atomic_write_json
+from pipeline.core.runtime import configure_threads, select_device
+from pipeline.core.training import load_checkpoint
+from pipeline.models.networks import segmentation_network
 from stages.seg import predict_and_score  # noqa: E402
 
 

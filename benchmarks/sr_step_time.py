@@ -24,11 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.cam import multiscale_cams  # noqa: E402
-from pipeline.config import SRConfig, apply_override, config_from_dict  # noqa: E402
-from pipeline.models import CAMNet, DeepLab, predict_batch  # noqa: E402
-from pipeline.runtime import keep_freed_memory  # noqa: E402
-from pipeline.train import load_checkpoint, make_optimizer, save_checkpoint  # noqa: E402
+from pipeline.methods.cams import multiscale_cams
+from pipeline.core.config import SRConfig
+from pipeline.core.config_file import apply_override, config_from_dict
+from pipeline.models.networks import CAMNet, DeepLab, predict_batch
+from pipeline.core.runtime import keep_freed_memory
+from pipeline.core.training import load_checkpoint, make_optimizer, save_checkpoint
 from stages import cam as cam_stage, seg as seg_stage  # noqa: E402
 
 BATCH, CROP, NUM_CLASSES, WARMUP = 16, 96, 8, 2

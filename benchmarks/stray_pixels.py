@@ -20,9 +20,9 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data import read_classes  # noqa: E402
-from pipeline.errors import DataError  # noqa: E402
-from pipeline.io import load_mask  # noqa: E402
+from pipeline.data.dataset import read_classes
+from pipeline.core.errors import DataError
+from pipeline.core.io import load_mask
 
 
 def main() -> None:

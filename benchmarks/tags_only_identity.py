@@ -27,9 +27,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data import read_classes  # noqa: E402
-from pipeline.io import load_arrays, load_mask  # noqa: E402
+from pipeline.core.config_file import load_config
+from pipeline.data.dataset import read_classes
+from pipeline.core.io import load_arrays, load_mask
 
 FOLDERS = {"cam/cams": "*.npz", "refine/pseudo": "*.png", "seg/predictions": "*.png"}
 

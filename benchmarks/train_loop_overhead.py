@@ -32,12 +32,14 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data import TrainingSet, open_dataset, prepare_data  # noqa: E402
-from pipeline.losses import multilabel_loss  # noqa: E402
-from pipeline.models import CAMNet  # noqa: E402
-from pipeline.runtime import configure_threads, keep_freed_memory, seed_everything, select_device  # noqa: E402
-from pipeline.train import amp_dtype, make_optimizer, make_train_loader, train  # noqa: E402
+from pipeline.core.config_file import load_config
+from pipeline.data.training_set import TrainingSet
+from pipeline.data.dataset import open_dataset
+from pipeline.data.prepare import prepare_data
+from pipeline.methods.losses import multilabel_loss
+from pipeline.models.networks import CAMNet
+from pipeline.core.runtime import configure_threads, keep_freed_memory, seed_everything, select_device
+from pipeline.core.training import amp_dtype, make_optimizer, make_train_loader, train
 from stages.cam import training_loss  # noqa: E402
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.cache import METRICS, cache_key, read_json, stage_status
-from pipeline.config import Config
-from pipeline.errors import CacheError, ConfigError
+from pipeline.core.cache import METRICS, cache_key, read_json, stage_status
+from pipeline.core.config import Config
+from pipeline.core.errors import CacheError, ConfigError
 from stages import cam, refine, seg
 
 STAGES = {"cam": cam, "refine": refine, "seg": seg}

@@ -16,19 +16,20 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.backbones import weights_fingerprint
-from pipeline.cache import CHECKPOINT, StageOutput
-from pipeline.cam import cam_to_label, multiscale_cams
-from pipeline.config import VOLUME_SCORING_KEYS, Config, SRConfig, section_for_cache
-from pipeline.data import TrainingSet, normalize, open_dataset, score_ids, score_split
-from pipeline.errors import CacheError
-from pipeline.io import load_arrays, save_arrays
-from pipeline.losses import multilabel_loss
-from pipeline.metrics import confusion_matrix, iou_scores, not_scored
-from pipeline.models import CAMNet
-from pipeline.runtime import barrier, is_main_process, seed_everything, select_device, shard, sum_across_ranks
-from pipeline.self_regulation import self_regulation_loss
-from pipeline.train import LossFn, loss_curve, make_train_loader, save_checkpoint, train
+from pipeline.core.cache import CHECKPOINT, VOLUME_SCORING_KEYS, StageOutput, section_for_cache
+from pipeline.core.config import Config, SRConfig
+from pipeline.core.errors import CacheError
+from pipeline.core.io import load_arrays, save_arrays
+from pipeline.core.metrics import confusion_matrix, iou_scores, not_scored
+from pipeline.core.runtime import barrier, is_main_process, seed_everything, select_device, shard, sum_across_ranks
+from pipeline.core.training import LossFn, loss_curve, make_train_loader, save_checkpoint, train
+from pipeline.data.dataset import open_dataset, score_ids, score_split
+from pipeline.data.training_set import TrainingSet, normalize
+from pipeline.methods.cams import cam_to_label, multiscale_cams
+from pipeline.methods.losses import multilabel_loss
+from pipeline.methods.self_regulation import self_regulation_loss
+from pipeline.models.backbones import weights_fingerprint
+from pipeline.models.networks import CAMNet
 
 NAME = "cam"
 # Background thresholds scored on the train images, to report the best one beside the configured one.

@@ -36,21 +36,45 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.affinity import (affinity_loss, boundary_loss, normalized_transitions, path_affinities, random_walk,
-                               transition_weights, walk_offsets)
-from pipeline.backbones import weights_fingerprint
-from pipeline.cache import CHECKPOINT, METRICS, StageOutput, StageStatus, read_json, stage_status, upstream_keys
-from pipeline.cam import cam_argmax
-from pipeline.config import (VOLUME_SCORING_KEYS, AffinityNetConfig, Config, DataConfig, IrnWalkConfig,
-                             RandomWalkConfig, RefineConfig, section_for_cache)
-from pipeline.crf import crf_refine_labels, crf_refine_scores
-from pipeline.data import IGNORE, MaskFolder, TrainingSet, normalize, open_dataset, score_ids, score_split
-from pipeline.io import load_mask, save_mask
-from pipeline.metrics import confident_confusion_matrix, confusion_matrix, iou_scores, not_scored
-from pipeline.models import AffinityNet, BoundaryNet
-from pipeline.runtime import (barrier, is_main_process, parallel_map, seed_everything, select_device, shard,
-                              sum_across_ranks)
-from pipeline.train import load_checkpoint, loss_curve, make_train_loader, save_checkpoint, train
+from pipeline.core.cache import (
+    CHECKPOINT,
+    METRICS,
+    VOLUME_SCORING_KEYS,
+    StageOutput,
+    StageStatus,
+    read_json,
+    section_for_cache,
+    stage_status,
+    upstream_keys,
+)
+from pipeline.core.config import AffinityNetConfig, Config, DataConfig, IrnWalkConfig, RandomWalkConfig, RefineConfig
+from pipeline.core.io import load_mask, save_mask
+from pipeline.core.metrics import confident_confusion_matrix, confusion_matrix, iou_scores, not_scored
+from pipeline.core.runtime import (
+    barrier,
+    is_main_process,
+    parallel_map,
+    seed_everything,
+    select_device,
+    shard,
+    sum_across_ranks,
+)
+from pipeline.core.training import load_checkpoint, loss_curve, make_train_loader, save_checkpoint, train
+from pipeline.data.dataset import IGNORE, open_dataset, score_ids, score_split
+from pipeline.data.training_set import MaskFolder, TrainingSet, normalize
+from pipeline.methods.affinity import (
+    affinity_loss,
+    boundary_loss,
+    normalized_transitions,
+    path_affinities,
+    random_walk,
+    transition_weights,
+    walk_offsets,
+)
+from pipeline.methods.cams import cam_argmax
+from pipeline.methods.crf import crf_refine_labels, crf_refine_scores
+from pipeline.models.backbones import weights_fingerprint
+from pipeline.models.relation_nets import AffinityNet, BoundaryNet
 from stages.cam import load_cams
 
 NAME = "refine"

@@ -15,24 +15,31 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.backbones import weights_fingerprint
-from pipeline.cache import CHECKPOINT, StageOutput, upstream_keys
-from pipeline.config import Config, SRConfig, section_for_cache
-from pipeline.data import MaskFolder, TrainingSet, VOCDataset, Volumes, normalize, open_dataset
-from pipeline.errors import DataError
-from pipeline.io import atomic_write_bytes, file_digest, load_mask, save_mask
-from pipeline.losses import pixel_cross_entropy
-from pipeline.metrics import SegmentationScores, not_scored
-from pipeline.mixed import (MixedBatchSampler, MixedTrainingSet, full_subset, mixed_fingerprint,
-                            mixed_supervision_loss, weak_labels)
-from pipeline.models import DeepLab, predict_batch, segmentation_network
-from pipeline.runtime import barrier, is_main_process, seed_everything, select_device, shard, world_size
-from pipeline.self_regulation import self_regulation_loss
-from pipeline.train import LossFn, loss_curve, make_train_loader, save_checkpoint, train
+from pipeline.core.cache import CHECKPOINT, StageOutput, section_for_cache, upstream_keys
+from pipeline.core.config import Config, SRConfig
+from pipeline.core.errors import DataError
+from pipeline.core.io import atomic_write_bytes, file_digest, load_mask, save_mask
+from pipeline.core.metrics import SegmentationScores, not_scored
+from pipeline.core.runtime import barrier, is_main_process, seed_everything, select_device, shard, world_size
+from pipeline.core.training import LossFn, loss_curve, make_train_loader, save_checkpoint, train
+from pipeline.data.dataset import VOCDataset, open_dataset
+from pipeline.data.training_set import MaskFolder, TrainingSet, normalize
+from pipeline.data.volumes import Volumes
+from pipeline.methods.losses import pixel_cross_entropy
+from pipeline.methods.mixed import (
+    MixedBatchSampler,
+    MixedTrainingSet,
+    full_subset,
+    mixed_fingerprint,
+    mixed_supervision_loss,
+    weak_labels,
+)
+from pipeline.methods.self_regulation import self_regulation_loss
+from pipeline.models.backbones import weights_fingerprint
+from pipeline.models.networks import DeepLab, predict_batch, segmentation_network
 
 NAME = "seg"
 CLASSES = "classes.txt"  # the class names, beside model.pt: `run_pipeline.py predict` needs no data folder

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.io import save_mask
+from pipeline.core.io import save_mask
 from run_pipeline import main
-
 
 
 def write_voc_folder(root: Path, masks: dict, classes=("background", "cat", "dog"), splits=None, gray=False):

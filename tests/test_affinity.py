@@ -1,17 +1,30 @@
 """AffinityNet labels and loss, and the random walk, on hand-made tensors."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from pathlib import Path
-
-from pipeline.affinity import (BACKGROUND_POSITIVE, FOREGROUND_POSITIVE, NEGATIVE, affinity_labels, affinity_loss,
-                               boundary_loss, downsample_mask, neighbour_offsets, normalized_transitions,
-                               pair_affinities, path_affinities, path_points, random_walk, transition_weights,
-                               walk_offsets)
-from pipeline.config import AffinityNetConfig, BackboneConfig, CrfConfig, RandomWalkConfig, RefineConfig
-from pipeline.models import AffinityNet, BoundaryNet
+from pipeline.core.config import AffinityNetConfig, BackboneConfig, CrfConfig, RandomWalkConfig, RefineConfig
+from pipeline.methods.affinity import (
+    BACKGROUND_POSITIVE,
+    FOREGROUND_POSITIVE,
+    NEGATIVE,
+    affinity_labels,
+    affinity_loss,
+    boundary_loss,
+    downsample_mask,
+    neighbour_offsets,
+    normalized_transitions,
+    pair_affinities,
+    path_affinities,
+    path_points,
+    random_walk,
+    transition_weights,
+    walk_offsets,
+)
+from pipeline.models.relation_nets import AffinityNet, BoundaryNet
 from stages.refine import psa_label_mask, walk_mask
 
 IGNORED = 255

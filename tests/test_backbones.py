@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import ROOT
 from PIL import Image
 
-from pipeline.backbones import Backbone, efficientnet_lite0_state_dict, resolve_weights, weights_fingerprint
-from pipeline.config import BACKBONES, BackboneConfig, TrainConfig
-from pipeline.data import normalize
-from pipeline.errors import ConfigError
-from pipeline.models import CAMNet, DeepLab
-from pipeline.train import convert_sync_batchnorm, make_optimizer
-from conftest import ROOT
+from pipeline.core.config import BACKBONES, BackboneConfig, TrainConfig
+from pipeline.core.errors import ConfigError
+from pipeline.core.training import convert_sync_batchnorm, make_optimizer
+from pipeline.data.training_set import normalize
+from pipeline.models.backbones import Backbone, efficientnet_lite0_state_dict, resolve_weights, weights_fingerprint
+from pipeline.models.networks import CAMNet, DeepLab
 
 MSRC = ROOT.parent / "shared" / "data" / "msrc-dev"
 

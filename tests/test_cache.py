@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from pipeline.cache import StageOutput, cache_key, describe_changes, stage_status, upstream_keys
-from pipeline.errors import CacheError
+from pipeline.core.cache import StageOutput, cache_key, describe_changes, stage_status, upstream_keys
+from pipeline.core.errors import CacheError
 
 INPUTS = {"config": {"seed": 0, "cam": {"lr": 0.1}}, "data_fingerprint": "abc", "upstream": {}}
 

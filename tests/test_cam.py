@@ -1,9 +1,9 @@
 import numpy as np
 import torch
 
-from pipeline.cam import cam_to_label, multiscale_cams
-from pipeline.config import BackboneConfig
-from pipeline.models import CAMNet
+from pipeline.core.config import BackboneConfig
+from pipeline.methods.cams import cam_to_label, multiscale_cams
+from pipeline.models.networks import CAMNet
 
 
 def tiny_camnet(num_fg=3):

@@ -1,8 +1,9 @@
 import pytest
-
-from pipeline.config import apply_override, config_from_dict, load_config, section_for_cache
-from pipeline.errors import ConfigError
 from conftest import DEMO_CONFIG
+
+from pipeline.core.cache import section_for_cache
+from pipeline.core.config_file import apply_override, config_from_dict, load_config
+from pipeline.core.errors import ConfigError
 
 
 def test_demo_config_loads_and_overrides_apply(tmp_path):
@@ -102,7 +103,7 @@ def test_parameters_of_a_disabled_feature_stay_out_of_cache_sections():
 
 @pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
 def test_nan_and_infinity_are_rejected_in_every_numeric_key(value):
-    with pytest.raises(ConfigError, match=f"config key 'cam.train.lr' must be a finite number"):
+    with pytest.raises(ConfigError, match="config key 'cam.train.lr' must be a finite number"):
         load_config(DEMO_CONFIG, [f"cam.train.lr={value}"])
     with pytest.raises(ConfigError, match="config key 'cam.scales' must be a finite number"):
         load_config(DEMO_CONFIG, [f"cam.scales=[1.0, {value}]"])
@@ -153,7 +154,7 @@ def test_fixing_layers_of_a_backbone_without_pretrained_weights_is_a_config_erro
 
 def test_mixed_precision_is_off_on_the_cpu_and_fp16_needs_cuda():
     import torch
-    from pipeline.train import amp_dtype
+    from pipeline.core.training import amp_dtype
     cpu = torch.device("cpu")
     assert amp_dtype("auto", cpu) is None and amp_dtype("off", cpu) is None
     assert amp_dtype("bf16", cpu) == torch.bfloat16

@@ -1,7 +1,7 @@
 import numpy as np
 
-from pipeline.config import CrfConfig
-from pipeline.crf import crf_refine_labels, crf_refine_scores
+from pipeline.core.config import CrfConfig
+from pipeline.methods.crf import crf_refine_labels, crf_refine_scores
 
 
 def test_crf_moves_a_shifted_label_boundary_onto_the_colour_edge():

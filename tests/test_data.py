@@ -4,13 +4,16 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, two_object_mask, write_voc_folder
 from PIL import Image
 
-from conftest import ROOT, two_object_mask, write_voc_folder
-from pipeline.config import load_config
-from pipeline.data import IGNORE, TrainingSet, VOCDataset, Volumes, multi_hot, prepare_data, score_ids
-from pipeline.errors import DataError
-from pipeline.io import save_mask
+from pipeline.core.config_file import load_config
+from pipeline.core.errors import DataError
+from pipeline.core.io import save_mask
+from pipeline.data.dataset import IGNORE, VOCDataset, score_ids
+from pipeline.data.prepare import prepare_data
+from pipeline.data.training_set import TrainingSet, multi_hot
+from pipeline.data.volumes import Volumes
 
 
 def test_reader_derives_image_labels_from_masks(voc_folder):
@@ -255,8 +258,9 @@ def test_volume_problems_stop_before_any_work(tmp_path, sizes, overrides, messag
 
 
 def test_volume_scoring_keys_leave_cam_and_refine_cached(tmp_path):
+    from pipeline.core.cache import cache_key
+
     from stages import expected_inputs
-    from pipeline.cache import cache_key
 
     root = _slices_folder(tmp_path, [(8, 8)] * 2)
     before, after = (_slice_config(root, *extra) for extra in ([], ["data.volume_pattern=null"]))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.demo_data import DEMO_CLASSES, generate_demo_dataset
+from pipeline.data.demo import DEMO_CLASSES, generate_demo_dataset
 
 NUM_CLASSES = len(DEMO_CLASSES)
 SMALL = dict(num_train=20, num_val=8, min_size=64, max_size=80, seed=3)

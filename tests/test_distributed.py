@@ -8,9 +8,9 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import DEMO_CONFIG, ROOT, TINY, run
-from pipeline.io import load_mask
+
+from pipeline.core.io import load_mask
 
 
 def torchrun(tmp_path, run_dir, *args):

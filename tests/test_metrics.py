@@ -1,8 +1,14 @@
 import numpy as np
 import pytest
 
-from pipeline.metrics import (SegmentationScores, VolumeScores, confident_confusion_matrix, confusion_matrix, hd95,
-                              iou_scores)
+from pipeline.core.metrics import (
+    SegmentationScores,
+    VolumeScores,
+    confident_confusion_matrix,
+    confusion_matrix,
+    hd95,
+    iou_scores,
+)
 
 
 def test_confusion_matrix_matches_hand_count_and_ignores_255():
@@ -120,7 +126,7 @@ def test_stray_pixels_benchmark_counts_predictions_far_from_the_true_class(tmp_p
     import sys
 
     from conftest import ROOT, write_voc_folder
-    from pipeline.io import save_mask
+    from pipeline.core.io import save_mask
 
     truth = np.zeros((40, 40), np.uint8)
     truth[5:10, 5:10] = 1  # a cat in a corner
@@ -147,7 +153,7 @@ def test_mask_errors_benchmark_splits_the_pixels_by_kind_of_error(tmp_path):
     import sys
 
     from conftest import ROOT, write_voc_folder
-    from pipeline.io import save_mask
+    from pipeline.core.io import save_mask
 
     truth = np.zeros((10, 10), np.uint8)
     truth[:, :4] = 1  # 40 cat pixels, 60 background

@@ -5,16 +5,27 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import two_object_mask
 from PIL import Image
 
-from conftest import two_object_mask
-from pipeline.config import BackboneConfig, Config, MixedConfig, SRConfig
-from pipeline.data import IGNORE, TrainingSet, VOCDataset
-from pipeline.errors import DataError
-from pipeline.metrics import SegmentationScores, hd95
-from pipeline.mixed import (SCRIBBLES, MixedBatchSampler, MixedTrainingSet, eroded_core, full_subset, mean_entropy,
-                            mixed_fingerprint, mixed_supervision_loss, teacher_student_kl, weak_labels)
-from pipeline.models import DeepLab
+from pipeline.core.config import BackboneConfig, Config, MixedConfig, SRConfig
+from pipeline.core.errors import DataError
+from pipeline.core.metrics import SegmentationScores, hd95
+from pipeline.data.dataset import IGNORE, VOCDataset
+from pipeline.data.training_set import TrainingSet
+from pipeline.methods.mixed import (
+    SCRIBBLES,
+    MixedBatchSampler,
+    MixedTrainingSet,
+    eroded_core,
+    full_subset,
+    mean_entropy,
+    mixed_fingerprint,
+    mixed_supervision_loss,
+    teacher_student_kl,
+    weak_labels,
+)
+from pipeline.models.networks import DeepLab
 
 
 def test_eroded_core_keeps_a_small_centred_core_of_every_foreground_region():
@@ -155,7 +166,7 @@ def test_mixed_loss_trains_the_teacher_on_full_images_only(voc_folder):
 def test_partial_ce_and_entropy_follow_the_authors_code_or_the_pooled_weak_only_choice(voc_folder):
     """Defaults: the full and the weak images' partial cross-entropies each averaged on its own,
     then added; the entropy over every student output with each full image counted three times."""
-    from pipeline.losses import pixel_cross_entropy
+    from pipeline.methods.losses import pixel_cross_entropy
 
     torch.manual_seed(0)
     dataset = VOCDataset(voc_folder)

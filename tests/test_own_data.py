@@ -6,14 +6,16 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import DEMO_CONFIG, TINY, run, two_object_mask, write_voc_folder
 from PIL import Image
 
-from conftest import DEMO_CONFIG, TINY, run, two_object_mask, write_voc_folder
-from pipeline.data import FileChecks, VOCDataset, prepare_data
-from pipeline.config import load_config
-from pipeline.errors import DataError
-from pipeline.io import load_arrays, load_mask, read_rgb
-from pipeline.labels import read_tags
+from pipeline.core.config_file import load_config
+from pipeline.core.errors import DataError
+from pipeline.core.io import load_arrays, load_mask, read_rgb
+from pipeline.data.checks import FileChecks
+from pipeline.data.dataset import VOCDataset
+from pipeline.data.labels import read_tags
+from pipeline.data.prepare import prepare_data
 from run_pipeline import main
 
 CLASSES = ["background", "cat", "dog", "potted plant"]

@@ -4,9 +4,9 @@ import re
 import shutil
 
 import pytest
-
-from pipeline.config import load_config
 from conftest import DEMO_CONFIG, TINY, run
+
+from pipeline.core.config_file import load_config
 from run_pipeline import main
 
 
@@ -174,8 +174,9 @@ def test_pretrained_efficientnet_lite0_runs_through_every_stage(weak_run):
 
 
 def test_imagenet_weights_that_cannot_be_fetched_stop_before_any_stage(tmp_path, capsys, monkeypatch):
-    import torch
     from urllib.error import URLError
+
+    import torch
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
 
@@ -275,9 +276,8 @@ def test_refine_speed_benchmark_times_the_crf_and_the_walk_and_saves_the_stages_
     import sys
 
     import numpy as np
-
     from conftest import ROOT
-    from pipeline.io import load_mask
+    from pipeline.core.io import load_mask
 
     run_dir = irn_run
     settings = TINY + IRN + [f"data.root={weak_run / 'demo'}"]
@@ -306,10 +306,10 @@ def test_train_split_scoring_reloads_the_seg_model_and_rejects_a_mismatched_conf
     import sys
 
     import torch
-
     from conftest import ROOT
-    from pipeline.data import open_dataset
-    from pipeline.train import load_checkpoint
+    from pipeline.core.training import load_checkpoint
+
+    from pipeline.data.dataset import open_dataset
     from stages.seg import predict_and_score, segmentation_network
 
     overrides = TINY + [f"data.root={weak_run / 'demo'}"]
@@ -351,7 +351,7 @@ def test_a_second_run_on_a_folder_in_use_stops_and_a_dead_runs_lock_is_taken_ove
     run_dir = tmp_path / "busy"
     shutil.copytree(weak_run / "run", run_dir)
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, sys.argv[1]); from pipeline.cache import RunLock\n"
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from pipeline.core.cache import RunLock\n"
         "with RunLock(sys.argv[2]):\n    print('locked', flush=True); time.sleep(60)"), str(ROOT), str(run_dir)],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -401,11 +401,11 @@ def _interrupt(monkeypatch, module, name, after):
 
 def test_an_interrupted_run_resumes_every_stage_and_ends_bit_identical(tmp_path, monkeypatch, capsys):
     import numpy as np
+    from pipeline.core.io import load_arrays
 
     import stages.cam
     import stages.refine
     import stages.seg
-    from pipeline.io import load_arrays
 
     two_epochs = ["--set", "cam.train.epochs=2", "--set", "seg.train.epochs=2", "--set", "refine.workers=1",
                   "--set", "seg.sr.enabled=true"]  # as the demo ships it
@@ -474,12 +474,14 @@ def test_exit_cams_scores_the_main_exit_as_the_cam_stage_scores_its_cams(weak_ru
     import sys
 
     import torch
-
     from conftest import ROOT
-    from pipeline.cam import cam_to_label, multiscale_cams
-    from pipeline.data import normalize, open_dataset, score_ids
-    from pipeline.metrics import confusion_matrix, iou_scores
-    from pipeline.models import CAMNet
+    from pipeline.methods.cams import cam_to_label, multiscale_cams
+    from pipeline.core.metrics import confusion_matrix, iou_scores
+
+    from pipeline.data.training_set import normalize
+
+    from pipeline.data.dataset import open_dataset, score_ids
+    from pipeline.models.networks import CAMNet
 
     overrides = TINY + [f"data.root={weak_run / 'demo'}", "cam.sr.enabled=true", "cam.sr.head_channels=8",
                         "cam.sr.exit_classifier=pooled"]

@@ -6,16 +6,23 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
-from pipeline.config import BACKBONE_LEVELS, BackboneConfig, SRConfig, config_from_dict, load_config
-from pipeline.errors import ConfigError
-from pipeline.losses import multilabel_loss, pixel_cross_entropy
-from pipeline.models import CAMNet, DeepLab
-from pipeline.self_regulation import (class_detail_loss, context_loss, self_regulation_loss, softened_kl,
-                                      spatial_detail_loss)
-from pipeline.train import load_checkpoint, save_checkpoint, train
-from stages import cam as cam_stage, seg as seg_stage
 from conftest import DEMO_CONFIG
+
+from pipeline.core.config import BACKBONE_LEVELS, BackboneConfig, SRConfig
+from pipeline.core.config_file import config_from_dict, load_config
+from pipeline.core.errors import ConfigError
+from pipeline.core.training import load_checkpoint, save_checkpoint, train
+from pipeline.methods.losses import multilabel_loss, pixel_cross_entropy
+from pipeline.methods.self_regulation import (
+    class_detail_loss,
+    context_loss,
+    self_regulation_loss,
+    softened_kl,
+    spatial_detail_loss,
+)
+from pipeline.models.networks import CAMNet, DeepLab
+from stages import cam as cam_stage
+from stages import seg as seg_stage
 
 BACKBONE = BackboneConfig(name="resnet18", output_stride=16)
 SR = SRConfig(enabled=True)
@@ -324,7 +331,7 @@ def test_tiny_pipeline_with_sr_in_both_networks(tmp_path):
 
 
 def test_pooled_exit_classifier_makes_each_exit_map_the_cam_of_its_class():
-    from pipeline.self_regulation import ExitHead
+    from pipeline.methods.self_regulation import ExitHead
     head = ExitHead(in_channels=8, hidden=4, num_maps=3, num_foreground=3, pooled=True)
     maps, logits = head(torch.randn(2, 8, 6, 6))
     assert torch.allclose(logits, maps.mean(dim=(2, 3)))

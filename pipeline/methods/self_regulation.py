@@ -40,9 +40,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.config import BACKBONE_LEVELS, SRConfig
-from pipeline.layers import conv_bn_relu
-from pipeline.losses import multilabel_loss, pixel_cross_entropy
+from pipeline.core.config import BACKBONE_LEVELS, SRConfig
+from pipeline.methods.losses import multilabel_loss, pixel_cross_entropy
+from pipeline.models.layers import conv_bn_relu
 
 Exit = tuple[torch.Tensor, torch.Tensor]  # (maps B x C x h x w, image-level logits B x (C-1 foreground))
 

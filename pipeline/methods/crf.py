@@ -5,7 +5,7 @@ import numpy as np
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_labels, unary_from_softmax
 
-from pipeline.config import CrfConfig
+from pipeline.core.config import CrfConfig
 
 
 def crf_refine_labels(image: np.ndarray, labels: np.ndarray, num_labels: int, cfg: CrfConfig) -> np.ndarray:

@@ -28,8 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import DataError
-
+from pipeline.core.errors import DataError
 
 MAX_ID_BYTES = 200  # an id becomes <id>.npz and a temporary .<id>.npz.XXXXXXXX.tmp: file names stop at 255 bytes
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.data import IGNORE
+from pipeline.data.dataset import IGNORE
 
 
 def multilabel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

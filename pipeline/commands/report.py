@@ -22,23 +22,37 @@ from urllib.parse import quote
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no screen
+
+
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.cache import MANIFEST, METRICS, STAGE_FOLDERS, RunLock, read_json  # noqa: E402
-from pipeline.config import config_from_dict  # noqa: E402
-from pipeline.data import IGNORE, VOCDataset, open_dataset  # noqa: E402
-from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.io import atomic_write_bytes, load_arrays, load_mask, voc_palette  # noqa: E402
-from pipeline.metrics import confusion_matrix, iou_scores  # noqa: E402
+from pipeline.core.cache import MANIFEST, METRICS, STAGE_FOLDERS, RunLock, read_json
+from pipeline.core.config_file import config_from_dict
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import atomic_write_bytes, load_arrays, load_mask, voc_palette
+from pipeline.core.metrics import confusion_matrix, iou_scores
+from pipeline.data.dataset import IGNORE, VOCDataset, open_dataset
 
 REPORT = "report.html"
+
+
 FIGURES = "report"  # the page's figures, beside it
+
+
 SAMPLE = 4  # seeded random images per split in the gallery
+
+
 WORST = 2  # worst-scored images per split, where masks exist
+
+
 WORST_POOL = 300  # ids scored to find the worst ones (a seeded sample on large data sets)
+
+
 THUMB = 160  # gallery cell height in pixels
+
+
 SCORED_ON = {"cam": "train", "affinitynet": "train", "irn": "train", "refine": "train", "seg": "val"}  # the split a stage scores
 
 

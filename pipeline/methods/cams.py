@@ -5,7 +5,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.models import CAMNet
+from pipeline.models.networks import CAMNet
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -50,6 +50,8 @@ def known_digests() -> list:
 
 
 _UMASK = os.umask(0)
+
+
 os.umask(_UMASK)
 
 

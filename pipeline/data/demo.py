@@ -38,223 +38,56 @@ drawn from its own generator seeded by (seed, split, index): the same
 arguments give byte-identical files, and the train images do not depend on the
 number of val images (or vice versa).
 """
-
 from __future__ import annotations
 
-import colorsys
+import dataclasses
 import io
+import json
+import os
 import pathlib
+import shutil
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image
-from scipy.ndimage import gaussian_filter
 
-from pipeline.io import atomic_write_bytes, save_mask
+from pipeline.core.errors import DataError
+from pipeline.core.io import atomic_write_bytes, atomic_write_json, save_mask
+from pipeline.data.demo_drawing import (
+    convex_polygon,
+    cool_colour,
+    disk,
+    ellipse,
+    grid,
+    hsv,
+    luminance,
+    muted_colour,
+    rotated_grid,
+    rotated_rectangle,
+    segment,
+    shaded,
+    smooth_noise,
+    stripes,
+    texture_bus_house,
+    texture_plate_tile,
+    vivid_colour,
+    warm_colour,
+    wood,
+    wood_colour,
+)
 
 DEMO_CLASSES: list[str] = ["background", "bus", "house", "plate", "tile", "table", "lamp", "ball"]
-
 _SPLIT_CODES = {"train": 0, "val": 1}
 _NO_OBJECT_PROBABILITY = 0.08
 _MAX_OBJECTS = 3
+
+
 # Minimum distance (RGB) between an object part's mean colour and the mean of
 # what it is painted over; below it the part is lightened or darkened.
 _MIN_CONTRAST = 60.0
 _JPEG_QUALITY = 95
 
-
-# ---------------------------------------------------------------------------
-# Palette and colours
-# ---------------------------------------------------------------------------
-
-def _hsv(rng: np.random.Generator, hue: tuple[float, float], sat: tuple[float, float],
-         val: tuple[float, float]) -> np.ndarray:
-    """A random RGB colour (0..255 floats) from HSV ranges, with per-channel jitter."""
-    h = rng.uniform(*hue) % 1.0
-    rgb = np.array(colorsys.hsv_to_rgb(h, rng.uniform(*sat), rng.uniform(*val))) * 255.0
-    return np.clip(rgb * rng.uniform(0.92, 1.08, size=3), 0.0, 255.0)
-
-
-def _warm_colour(rng: np.random.Generator) -> np.ndarray:
-    """Colour distribution shared by bus and house (reds, oranges, yellows)."""
-    return _hsv(rng, (-0.04, 0.14), (0.55, 0.95), (0.55, 0.95))
-
-
-def _cool_colour(rng: np.random.Generator) -> np.ndarray:
-    """Colour distribution shared by plate and tile (cyans, blues, violets)."""
-    return _hsv(rng, (0.47, 0.75), (0.5, 0.95), (0.5, 0.95))
-
-
-def _wood_colour(rng: np.random.Generator) -> np.ndarray:
-    # Overlaps the warm range on purpose: table vs bus/house is not a colour question.
-    return _hsv(rng, (0.04, 0.11), (0.45, 0.8), (0.35, 0.7))
-
-
-def _vivid_colour(rng: np.random.Generator) -> np.ndarray:
-    return _hsv(rng, (0.0, 1.0), (0.7, 1.0), (0.7, 1.0))
-
-
-def _muted_colour(rng: np.random.Generator) -> np.ndarray:
-    """Background colour distribution: any hue, low saturation."""
-    return _hsv(rng, (0.0, 1.0), (0.0, 0.35), (0.25, 0.85))
-
-
-def _luminance(rgb: np.ndarray) -> float:
-    return float(rgb @ np.array([0.299, 0.587, 0.114]))
-
-
-# ---------------------------------------------------------------------------
-# Coordinate grids and textures (all operate on a local h x w canvas)
-# ---------------------------------------------------------------------------
-
-def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates (y, x)."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    return yy + 0.5, xx + 0.5
-
-
-def _rotated_grid(h: int, w: int, angle: float) -> tuple[np.ndarray, np.ndarray]:
-    """Coordinates (u along, v across) rotated by `angle` radians."""
-    yy, xx = _grid(h, w)
-    c, s = np.cos(angle), np.sin(angle)
-    return xx * c + yy * s, -xx * s + yy * c
-
-
-def _smooth_noise(rng: np.random.Generator, h: int, w: int, sigma: float) -> np.ndarray:
-    """Low-frequency noise with unit standard deviation."""
-    noise = gaussian_filter(rng.standard_normal((h, w)), sigma, mode="wrap")
-    return noise / (noise.std() + 1e-8)
-
-
-def _two_colour(pattern: np.ndarray, c1: np.ndarray, c2: np.ndarray) -> np.ndarray:
-    """Blend two colours by a pattern in [0, 1] (1 = c2)."""
-    p = pattern[..., None].astype(np.float64)
-    return c1 * (1.0 - p) + c2 * p
-
-
-def _stripes(h: int, w: int, c1: np.ndarray, c2: np.ndarray, period: float,
-             angle: float) -> np.ndarray:
-    _, v = _rotated_grid(h, w, angle)
-    return _two_colour((v / period) % 1.0 < 0.5, c1, c2)
-
-
-def _bricks(h: int, w: int, brick: np.ndarray, mortar: np.ndarray, row_height: int) -> np.ndarray:
-    yy, xx = _grid(h, w)
-    brick_width = 2 * row_height + 1
-    row = np.floor(yy / row_height)
-    shifted_x = xx + (row % 2) * (brick_width / 2)  # every other row offset by half a brick
-    is_mortar = (yy % row_height < 1.0) | (shifted_x % brick_width < 1.0)
-    return _two_colour(is_mortar, brick, mortar)
-
-
-def _checker(h: int, w: int, c1: np.ndarray, c2: np.ndarray, cell: float,
-             angle: float) -> np.ndarray:
-    u, v = _rotated_grid(h, w, angle)
-    return _two_colour((np.floor(u / cell) + np.floor(v / cell)) % 2 == 1, c1, c2)
-
-
-def _dots(h: int, w: int, base: np.ndarray, dot: np.ndarray, spacing: float,
-          angle: float) -> np.ndarray:
-    u, v = _rotated_grid(h, w, angle)
-    du = u % spacing - spacing / 2
-    dv = v % spacing - spacing / 2
-    return _two_colour(du ** 2 + dv ** 2 <= (0.3 * spacing) ** 2, base, dot)
-
-
-def _wood(rng: np.random.Generator, h: int, w: int, colour: np.ndarray) -> np.ndarray:
-    """Horizontal wood grain: sinusoidal rings warped by smooth noise."""
-    yy, _ = _grid(h, w)
-    warp = _smooth_noise(rng, h, w, sigma=3.0)
-    grain = 0.5 + 0.5 * np.sin(2 * np.pi * (yy / rng.uniform(2.0, 4.0) + 0.4 * warp))
-    return _two_colour(grain, colour, colour * rng.uniform(0.55, 0.75))
-
-
-def _texture_bus_house(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Shared texture of the bus/house pair: bricks or stripes in warm colours."""
-    colour = _warm_colour(rng)
-    dark = colour * rng.uniform(0.45, 0.7)
-    if rng.random() < 0.5:
-        return _bricks(h, w, colour, dark, row_height=int(rng.integers(3, 6)))
-    return _stripes(h, w, colour, dark, period=rng.uniform(3.0, 7.0),
-                    angle=rng.uniform(0.0, np.pi))
-
-
-def _texture_plate_tile(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Shared texture of the plate/tile pair: checker or dots in cool colours.
-
-    The pattern angle is random for both classes, so a pattern aligned with
-    the object's edges is no cue for "tile".
-    """
-    colour = _cool_colour(rng)
-    other = colour * 0.35 + 0.65 * rng.uniform(200.0, 250.0)  # a pale tint of the same hue
-    angle = rng.uniform(0.0, np.pi / 2)
-    if rng.random() < 0.5:
-        return _checker(h, w, colour, other, cell=rng.uniform(3.0, 7.0), angle=angle)
-    return _dots(h, w, other, colour, spacing=rng.uniform(4.0, 8.0), angle=angle)
-
-
-def _shaded(rng: np.random.Generator, rgb: np.ndarray, strength: float) -> np.ndarray:
-    """Multiply by a random linear illumination gradient of +-`strength`."""
-    h, w = rgb.shape[:2]
-    u, _ = _rotated_grid(h, w, rng.uniform(0.0, 2 * np.pi))
-    span = max(np.ptp(u), 1.0)
-    gain = 1.0 + strength * ((u - u.min()) / span * 2.0 - 1.0)
-    return rgb * gain[..., None]
-
-
-# ---------------------------------------------------------------------------
-# Masks
-# ---------------------------------------------------------------------------
-
-def _disk(h: int, w: int, cy: float, cx: float, radius: float) -> np.ndarray:
-    yy, xx = _grid(h, w)
-    return (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
-
-
-def _convex_polygon(h: int, w: int, vertices: list[tuple[float, float]]) -> np.ndarray:
-    """Mask of a convex polygon given as (y, x) vertices in either winding order."""
-    yy, xx = _grid(h, w)
-    sides = []
-    for (y0, x0), (y1, x1) in zip(vertices, vertices[1:] + vertices[:1]):
-        sides.append((x1 - x0) * (yy - y0) - (y1 - y0) * (xx - x0))
-    sides = np.stack(sides)
-    return np.all(sides >= 0, axis=0) | np.all(sides <= 0, axis=0)
-
-
-def _segment(h: int, w: int, p0: np.ndarray, p1: np.ndarray, thickness: float) -> np.ndarray:
-    """Mask of a thick line segment between (y, x) points p0 and p1."""
-    yy, xx = _grid(h, w)
-    d = p1 - p0
-    t = np.clip(((yy - p0[0]) * d[0] + (xx - p0[1]) * d[1]) / max(d @ d, 1e-8), 0.0, 1.0)
-    dist2 = (yy - p0[0] - t * d[0]) ** 2 + (xx - p0[1] - t * d[1]) ** 2
-    return dist2 <= (thickness / 2) ** 2
-
-
-def _centred_coords(h: int, w: int, cy: float, cx: float,
-                    angle: float) -> tuple[np.ndarray, np.ndarray]:
-    """Coordinates (u, v) relative to (cy, cx), rotated by `angle` radians."""
-    yy, xx = _grid(h, w)
-    c, s = np.cos(angle), np.sin(angle)
-    return (xx - cx) * c + (yy - cy) * s, -(xx - cx) * s + (yy - cy) * c
-
-
-def _rotated_rectangle(h: int, w: int, cy: float, cx: float, half_h: float, half_w: float,
-                       angle: float) -> np.ndarray:
-    u, v = _centred_coords(h, w, cy, cx, angle)
-    return (np.abs(u) <= half_w) & (np.abs(v) <= half_h)
-
-
-def _ellipse(h: int, w: int, cy: float, cx: float, radius_y: float, radius_x: float,
-             angle: float) -> np.ndarray:
-    u, v = _centred_coords(h, w, cy, cx, angle)
-    return (u / radius_x) ** 2 + (v / radius_y) ** 2 <= 1.0
-
-
-# ---------------------------------------------------------------------------
-# Objects. Each returns a _Shape on its own canvas (the object's bounding box);
-# the parts are disjoint masks whose union is the object. Contrast with the
-# background is enforced per part, so thin parts (poles, legs) stay visible.
-# ---------------------------------------------------------------------------
 
 class _Shape(NamedTuple):
     parts: list[np.ndarray]
@@ -271,13 +104,13 @@ def _bus(rng: np.random.Generator, img_h: int, img_w: int) -> _Shape:
     wheel_r = max(2.0, rng.uniform(0.13, 0.2) * body_h)
     h, w = body_h + int(np.ceil(wheel_r)), body_w
     # Wheel centres sit on the bottom edge of the body: half under it, half over it.
-    wheels = (_disk(h, w, body_h, rng.uniform(0.14, 0.26) * w, wheel_r)
-              | _disk(h, w, body_h, rng.uniform(0.74, 0.86) * w, wheel_r))
+    wheels = (disk(h, w, body_h, rng.uniform(0.14, 0.26) * w, wheel_r)
+              | disk(h, w, body_h, rng.uniform(0.74, 0.86) * w, wheel_r))
     body = np.zeros((h, w), dtype=bool)
     body[:body_h] = True
     body &= ~wheels
-    tyre = _hsv(rng, (0.0, 1.0), (0.0, 0.2), (0.05, 0.2))
-    rgb = np.where(wheels[..., None], tyre, _shaded(rng, _texture_bus_house(rng, h, w), 0.15))
+    tyre = hsv(rng, (0.0, 1.0), (0.0, 0.2), (0.05, 0.2))
+    rgb = np.where(wheels[..., None], tyre, shaded(rng, texture_bus_house(rng, h, w), 0.15))
     return _Shape([body, wheels], rgb)
 
 
@@ -288,27 +121,27 @@ def _house(rng: np.random.Generator, img_h: int, img_w: int) -> _Shape:
     body_w = int(min(body_h * rng.uniform(0.9, 1.6), 0.6 * img_w))
     overhang = int(rng.uniform(0.0, 0.12) * body_w)
     h, w = roof_h + body_h, body_w + 2 * overhang
-    roof = _convex_polygon(h, w, [(roof_h + 0.5, 0.0), (0.0, w / 2), (roof_h + 0.5, float(w))])
+    roof = convex_polygon(h, w, [(roof_h + 0.5, 0.0), (0.0, w / 2), (roof_h + 0.5, float(w))])
     body = np.zeros((h, w), dtype=bool)
     body[roof_h:, overhang:overhang + body_w] = True
     # One texture over the whole canvas: the roof continues the wall's texture.
-    rgb = _shaded(rng, _texture_bus_house(rng, h, w), 0.15)
+    rgb = shaded(rng, texture_bus_house(rng, h, w), 0.15)
     return _Shape([roof | body], rgb)
 
 
 def _plate(rng: np.random.Generator, img_h: int, img_w: int) -> _Shape:
     radius = rng.uniform(0.15, 0.34) * min(img_h, img_w)
     size = int(np.ceil(2 * radius))
-    mask = _disk(size, size, size / 2, size / 2, radius)
-    return _Shape([mask], _shaded(rng, _texture_plate_tile(rng, size, size), 0.15))
+    mask = disk(size, size, size / 2, size / 2, radius)
+    return _Shape([mask], shaded(rng, texture_plate_tile(rng, size, size), 0.15))
 
 
 def _tile(rng: np.random.Generator, img_h: int, img_w: int) -> _Shape:
     side = rng.uniform(0.25, 0.55) * min(img_h, img_w)
     angle = rng.uniform(0.0, np.pi / 2)
     size = int(np.ceil(side * (abs(np.cos(angle)) + abs(np.sin(angle)))))
-    mask = _rotated_rectangle(size, size, size / 2, size / 2, side / 2, side / 2, angle)
-    return _Shape([mask], _shaded(rng, _texture_plate_tile(rng, size, size), 0.15))
+    mask = rotated_rectangle(size, size, size / 2, size / 2, side / 2, side / 2, angle)
+    return _Shape([mask], shaded(rng, texture_plate_tile(rng, size, size), 0.15))
 
 
 def _table(rng: np.random.Generator, img_h: int, img_w: int) -> _Shape:
@@ -327,9 +160,9 @@ def _table(rng: np.random.Generator, img_h: int, img_w: int) -> _Shape:
         # A back leg, seen between the front ones and ending higher up.
         x0 = int(rng.uniform(0.3, 0.7) * w)
         legs[top_h:h - max(2, leg_len // 5), x0:x0 + leg_w] = True
-    colour = _wood_colour(rng)
-    rgb = np.where(legs[..., None], colour * rng.uniform(0.5, 0.8), _wood(rng, h, w, colour))
-    return _Shape([top, legs], _shaded(rng, rgb, 0.1))
+    colour = wood_colour(rng)
+    rgb = np.where(legs[..., None], colour * rng.uniform(0.5, 0.8), wood(rng, h, w, colour))
+    return _Shape([top, legs], shaded(rng, rgb, 0.1))
 
 
 def _lamp(rng: np.random.Generator, img_h: int, img_w: int) -> _Shape:
@@ -341,28 +174,28 @@ def _lamp(rng: np.random.Generator, img_h: int, img_w: int) -> _Shape:
     foot_h = int(rng.integers(1, 3))
     w, h = shade_w, shade_h + pole_len + foot_h
     narrowing = rng.uniform(0.15, 0.3) * shade_w
-    shade = _convex_polygon(h, w, [(0.0, narrowing), (0.0, w - narrowing),
+    shade = convex_polygon(h, w, [(0.0, narrowing), (0.0, w - narrowing),
                                    (float(shade_h), float(w)), (float(shade_h), 0.0)])
     stand = np.zeros((h, w), dtype=bool)
     x0 = (w - pole_w) // 2
     stand[shade_h:h - foot_h, x0:x0 + pole_w] = True
     foot_w = max(pole_w + 2, int(rng.uniform(0.5, 0.9) * w))
     stand[h - foot_h:, (w - foot_w) // 2:(w + foot_w) // 2] = True
-    metal = _hsv(rng, (0.0, 1.0), (0.0, 0.2), (0.1, 0.9))
-    fabric = _hsv(rng, (0.0, 1.0), (0.2, 0.7), (0.75, 1.0))
-    rgb = np.where(shade[..., None], _shaded(rng, np.broadcast_to(fabric, (h, w, 3)), 0.2), metal)
+    metal = hsv(rng, (0.0, 1.0), (0.0, 0.2), (0.1, 0.9))
+    fabric = hsv(rng, (0.0, 1.0), (0.2, 0.7), (0.75, 1.0))
+    rgb = np.where(shade[..., None], shaded(rng, np.broadcast_to(fabric, (h, w, 3)), 0.2), metal)
     return _Shape([shade, stand], rgb)
 
 
 def _ball(rng: np.random.Generator, img_h: int, img_w: int) -> _Shape:
     radius = max(2.0, rng.uniform(0.03, 0.055) * min(img_h, img_w))
     size = int(np.ceil(2 * radius))
-    mask = _disk(size, size, size / 2, size / 2, radius)
+    mask = disk(size, size, size / 2, size / 2, radius)
     # Lit from the upper left: bright near a highlight point, darker towards the rim.
-    yy, xx = _grid(size, size)
+    yy, xx = grid(size, size)
     dist = np.hypot(yy - 0.35 * size, xx - 0.35 * size) / radius
     gain = np.clip(1.25 - 0.5 * dist, 0.5, 1.25)
-    rgb = _vivid_colour(rng) * gain[..., None]
+    rgb = vivid_colour(rng) * gain[..., None]
     return _Shape([mask], rgb)
 
 
@@ -370,21 +203,19 @@ _OBJECT_DRAWERS: dict[str, Callable[[np.random.Generator, int, int], _Shape]] = 
     "bus": _bus, "house": _house, "plate": _plate, "tile": _tile,
     "table": _table, "lamp": _lamp, "ball": _ball,
 }
+
+
 assert list(_OBJECT_DRAWERS) == DEMO_CLASSES[1:]
 
 
-# ---------------------------------------------------------------------------
-# Background and clutter
-# ---------------------------------------------------------------------------
-
 def _background_region(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """A full-frame fill for one background region: colour, gradient, texture."""
-    rgb = _shaded(rng, np.broadcast_to(_muted_colour(rng), (h, w, 3)), rng.uniform(0.05, 0.3))
+    rgb = shaded(rng, np.broadcast_to(muted_colour(rng), (h, w, 3)), rng.uniform(0.05, 0.3))
     kind = rng.integers(3)
     if kind == 0:  # cloudy
-        rgb = rgb + rng.uniform(8.0, 25.0) * _smooth_noise(rng, h, w, rng.uniform(2.0, 8.0))[..., None]
+        rgb = rgb + rng.uniform(8.0, 25.0) * smooth_noise(rng, h, w, rng.uniform(2.0, 8.0))[..., None]
     elif kind == 1:  # faint fine stripes (grass, fabric, wallpaper)
-        _, v = _rotated_grid(h, w, rng.uniform(0.0, np.pi))
+        _, v = rotated_grid(h, w, rng.uniform(0.0, np.pi))
         rgb = rgb + rng.uniform(6.0, 15.0) * np.sin(2 * np.pi * v / rng.uniform(2.0, 5.0))[..., None]
     return rgb + rng.normal(0.0, rng.uniform(2.0, 8.0), size=(h, w, 3))
 
@@ -395,7 +226,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         angle = rng.uniform(-0.25, 0.25)  # a horizon
     else:
         angle = rng.uniform(0.0, np.pi)  # any diagonal
-    along, across = _rotated_grid(h, w, angle)
+    along, across = rotated_grid(h, w, angle)
     across = across + rng.uniform(0.0, 0.06 * h) * np.sin(
         2 * np.pi * along / rng.uniform(0.5 * w, 2.0 * w) + rng.uniform(0.0, 2 * np.pi))
     n_regions = int(rng.integers(2, 4))
@@ -410,9 +241,9 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 def _clutter_colour(rng: np.random.Generator) -> np.ndarray:
     # Half the clutter borrows object colours so colour alone does not identify objects.
     if rng.random() < 0.5:
-        sampler = (_warm_colour, _cool_colour, _wood_colour, _vivid_colour)[rng.integers(4)]
+        sampler = (warm_colour, cool_colour, wood_colour, vivid_colour)[rng.integers(4)]
         return sampler(rng)
-    return _muted_colour(rng)
+    return muted_colour(rng)
 
 
 def _clutter_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -422,12 +253,12 @@ def _clutter_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     if kind == 0:  # a short line, as thin as a lamp pole or table leg
         angle = rng.uniform(0.0, 2 * np.pi)
         end = centre + rng.uniform(0.1, 0.35) * side * np.array([np.sin(angle), np.cos(angle)])
-        return _segment(h, w, centre, end, thickness=rng.uniform(1.0, 2.5))
+        return segment(h, w, centre, end, thickness=rng.uniform(1.0, 2.5))
     if kind == 1:  # an elongated blob, so it is never mistaken for a ball
         radius = rng.uniform(0.03, 0.1) * side + 1.0
-        return _ellipse(h, w, *centre, radius, radius * rng.uniform(1.8, 3.0), rng.uniform(0.0, np.pi))
+        return ellipse(h, w, *centre, radius, radius * rng.uniform(1.8, 3.0), rng.uniform(0.0, np.pi))
     half = rng.uniform(0.02, 0.1, size=2) * side + 1.0  # a rectangle
-    return _rotated_rectangle(h, w, *centre, *half, rng.uniform(0.0, np.pi))
+    return rotated_rectangle(h, w, *centre, *half, rng.uniform(0.0, np.pi))
 
 
 def _add_clutter(rng: np.random.Generator, rgb: np.ndarray) -> None:
@@ -442,16 +273,12 @@ def _add_clutter(rng: np.random.Generator, rgb: np.ndarray) -> None:
         mask = _clutter_mask(rng, h, w)
         colour = _clutter_colour(rng)
         if rng.random() < 0.3:
-            stripes = _stripes(h, w, colour, colour * rng.uniform(0.4, 0.7), rng.uniform(2.0, 5.0),
-                               rng.uniform(0.0, np.pi))
-            rgb[mask] = stripes[mask]
+            striped = stripes(h, w, colour, colour * rng.uniform(0.4, 0.7), rng.uniform(2.0, 5.0),
+                                rng.uniform(0.0, np.pi))
+            rgb[mask] = striped[mask]
         else:
             rgb[mask] = colour + rng.normal(0.0, 6.0, size=(int(mask.sum()), 3))
 
-
-# ---------------------------------------------------------------------------
-# Composition
-# ---------------------------------------------------------------------------
 
 def _place(rng: np.random.Generator, mask: np.ndarray, occupied: np.ndarray,
            tries: int = 20) -> tuple[int, int]:
@@ -483,7 +310,7 @@ def _with_contrast(shape: _Shape, under: np.ndarray) -> np.ndarray:
             continue
         under_mean = under[part].mean(axis=0)
         if np.linalg.norm(rgb[part].mean(axis=0) - under_mean) < _MIN_CONTRAST:
-            direction = 1.0 if _luminance(under_mean) < 128 else -1.0
+            direction = 1.0 if luminance(under_mean) < 128 else -1.0
             rgb[part] += direction * _MIN_CONTRAST
     return rgb
 
@@ -515,10 +342,6 @@ def _render(rng: np.random.Generator, min_size: int, max_size: int) -> tuple[np.
     rgb += rng.normal(0.0, rng.uniform(2.0, 5.0), size=rgb.shape)
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8), label
 
-
-# ---------------------------------------------------------------------------
-# Writing
-# ---------------------------------------------------------------------------
 
 def _write_pair(root: pathlib.Path, image_id: str, rgb: np.ndarray, label: np.ndarray) -> None:
     buffer = io.BytesIO()
@@ -569,3 +392,28 @@ def generate_demo_dataset(root: pathlib.Path, num_train: int, num_val: int,
         _write_text(root / "ImageSets" / "Segmentation" / f"{split}.txt", ids)
 
     _write_text(root / "classes.txt", DEMO_CLASSES)
+
+
+def ensure_demo_data(root: Path, demo) -> None:
+    """Writes the demo data set into ``root`` unless it is already there with these parameters.
+
+    Generation goes into a sibling folder that is renamed into place when complete, so an
+    interrupted generation is never mistaken for a data set.
+    """
+    params = dataclasses.asdict(demo)
+    marker = root / "demo.json"
+    if marker.is_file() and json.loads(marker.read_text()) == params:
+        return
+    if root.exists() and not marker.is_file():
+        raise DataError(f"data.root {root} exists but is not a generated demo data set; "
+                        "point data.root elsewhere or remove the demo: section")
+    for leftover in root.parent.glob(f".{root.name}.partial-*"):  # from killed generations
+        shutil.rmtree(leftover, ignore_errors=True)
+    partial = root.with_name(f".{root.name}.partial-{os.getpid()}")
+    generate_demo_dataset(partial, num_train=demo.num_train, num_val=demo.num_val,
+                          min_size=demo.min_size, max_size=demo.max_size, seed=demo.seed)
+    atomic_write_json(partial / "demo.json", params)
+    if root.exists():
+        shutil.rmtree(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(partial, root)

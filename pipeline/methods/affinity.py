@@ -37,7 +37,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from pipeline.data import IGNORE
+from pipeline.data.dataset import IGNORE
 
 # Codes of the pair labels.
 NEGATIVE, BACKGROUND_POSITIVE, FOREGROUND_POSITIVE = 0, 1, 2

@@ -24,12 +24,22 @@ import torch.nn as nn
 from timm.layers import convert_sync_batchnorm
 from tqdm import tqdm
 
-from pipeline.config import TrainConfig
-from pipeline.errors import ConfigError, TrainingError
-from pipeline.io import atomic_write_bytes
-from pipeline.runtime import distributed, is_main_process, rank, rng_state, set_rng_state, sum_across_ranks, world_size
+from pipeline.core.config import TrainConfig
+from pipeline.core.errors import ConfigError, TrainingError
+from pipeline.core.io import atomic_write_bytes
+from pipeline.core.runtime import (
+    distributed,
+    is_main_process,
+    rank,
+    rng_state,
+    set_rng_state,
+    sum_across_ranks,
+    world_size,
+)
 
 LossFn = Callable[[nn.Module, dict, int], dict]
+
+
 # Training-only submodules (the Self-Regulation heads): not part of the saved inference network.
 TRAINING_ONLY_PREFIX = "sr_heads."
 

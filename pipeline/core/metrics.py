@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from pipeline.data import IGNORE
+from pipeline.data.dataset import IGNORE
 
 
 def not_scored(reason: str) -> dict:

@@ -25,12 +25,14 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from pipeline.config import BACKBONE_LEVELS, BackboneConfig
-from pipeline.data import MEAN, STD
-from pipeline.errors import ConfigError
-from pipeline.io import file_digest
+from pipeline.core.config import BACKBONE_LEVELS, BackboneConfig
+from pipeline.core.errors import ConfigError
+from pipeline.core.io import file_digest
+from pipeline.data.training_set import MEAN, STD
 
 RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+
+
 # Input statistics each network's ImageNet weights were trained with. The data pipeline
 # always normalises with MEAN/STD; the backbone converts when its weights expect others.
 # EfficientNet-Lite0's weights come from the TensorFlow Lite models, which scale pixels to

@@ -17,20 +17,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.cache import MANIFEST, STAGE_FOLDERS, read_json
-from pipeline.config import Config, config_from_dict
-from pipeline.data import IMAGE_SUFFIXES, normalize
-from pipeline.errors import CacheError, DataError, PipelineError
-from pipeline.io import atomic_write_bytes, read_rgb, save_mask, voc_palette
-from pipeline.labels import read_text
-from pipeline.models import predict_batch, segmentation_network
-from pipeline.report import FIGURES
-from pipeline.runtime import configure_threads, select_device
-from pipeline.train import load_checkpoint
+from pipeline.commands.report import FIGURES
+from pipeline.core.cache import MANIFEST, STAGE_FOLDERS, read_json
+from pipeline.core.config import Config
+from pipeline.core.config_file import config_from_dict
+from pipeline.core.errors import CacheError, DataError, PipelineError
+from pipeline.core.io import atomic_write_bytes, read_rgb, save_mask, voc_palette
+from pipeline.core.runtime import configure_threads, select_device
+from pipeline.core.training import load_checkpoint
+from pipeline.data.dataset import IMAGE_SUFFIXES
+from pipeline.data.labels import read_text
+from pipeline.data.training_set import normalize
+from pipeline.models.networks import predict_batch, segmentation_network
 
 OVERLAY_ALPHA = 0.5  # share of the class colour in an overlay pixel (background pixels keep the image)
 

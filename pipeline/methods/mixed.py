@@ -41,13 +41,14 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from pipeline.config import MixedConfig, SRConfig
-from pipeline.data import BACKGROUND, IGNORE, MaskFolder, TrainingSet, VOCDataset, image_size
-from pipeline.errors import DataError
-from pipeline.io import file_digest
-from pipeline.labels import read_text
-from pipeline.losses import pixel_cross_entropy
-from pipeline.self_regulation import self_regulation_loss
+from pipeline.core.config import MixedConfig, SRConfig
+from pipeline.core.errors import DataError
+from pipeline.core.io import file_digest
+from pipeline.data.dataset import BACKGROUND, IGNORE, VOCDataset, image_size
+from pipeline.data.labels import read_text
+from pipeline.data.training_set import MaskFolder, TrainingSet
+from pipeline.methods.losses import pixel_cross_entropy
+from pipeline.methods.self_regulation import self_regulation_loss
 
 SCRIBBLES = "Scribbles"  # beside SegmentationClass/: sparse labels, 255 = not scribbled
 

@@ -13,6 +13,7 @@ One process at a time works in a run folder (:class:`RunLock`).
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -23,17 +24,30 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline.errors import CacheError
-from pipeline.io import atomic_write_json, file_digest
-from pipeline.runtime import barrier, from_main_process, is_main_process
+from pipeline.core.config import Config
+from pipeline.core.errors import CacheError
+from pipeline.core.io import atomic_write_json, file_digest
+from pipeline.core.runtime import barrier, from_main_process, is_main_process
 
 MANIFEST = "manifest.json"
+
+
 LOCK = ".lock"
+
+
 RESUME_KEY = "resume-key.json"  # in a partial folder: the key it is made under
+
+
 CHECKPOINT = "checkpoint.pt"  # in a partial folder: the training state at the end of the last epoch
+
+
 RESUME_FILES = (RESUME_KEY, CHECKPOINT)  # a partial folder's own files, never part of a finished stage
+
+
 # Every cached folder a run folder holds, in pipeline order (affinitynet, irn: the networks of refine's methods).
 STAGE_FOLDERS = ("cam", "affinitynet", "irn", "refine", "seg")
+
+
 METRICS = "metrics.json"
 
 
@@ -246,3 +260,43 @@ def upstream_keys(run_dir: Path, stages: list[str]) -> dict:
             raise CacheError(f"stage {stage} has no finished output in {run_dir}; run it first: --stages {stage}")
         keys[stage] = manifest["key"]
     return keys
+
+
+# How seg scores medical volumes: no concern of the cam and refine stages' caches.
+VOLUME_SCORING_KEYS = ("data.volume_pattern", "data.spacing", "data.spacing_file")
+
+
+# Keys that change how fast a stage runs but never what it computes; they stay out of cache keys.
+EXECUTION_ONLY_KEYS = {"device", "num_threads", "refine.workers"}
+
+
+def section_for_cache(cfg: Config, *keys: str, omit: tuple[str, ...] = ()) -> dict:
+    """The listed top-level sections/keys of ``cfg`` without execution-only keys and the dotted
+    keys in ``omit``; a switched-off feature (a section with ``enabled: false``) counts by its
+    switch alone, so tuning its parameters while it is off does not invalidate the cache."""
+    full = dataclasses.asdict(cfg)
+    picked = {k: full[k] for k in keys}
+    for dotted in EXECUTION_ONLY_KEYS | set(omit):
+        head, _, tail = dotted.partition(".")
+        if head in picked:
+            if tail and isinstance(picked[head], dict):
+                picked[head].pop(tail, None)
+            elif not tail:
+                picked.pop(head)
+    return _collapse_disabled(picked)
+
+
+# Keys added after runs were cached, at the value that leaves training as it was: left out of
+# the cache key, so those runs stay cached.
+# amp: auto follows the device, which is not part of the cache key either.
+UNSET_KEYS = {"steps": 0, "color_jitter": [], "sync_batchnorm": False, "amp": "auto",
+              "freeze_batchnorm": False, "frozen_levels": [], "w_main_cls": None}
+
+
+def _collapse_disabled(tree):
+    if not isinstance(tree, dict):
+        return tree
+    if tree.get("enabled") is False:
+        return {"enabled": False}
+    return {key: _collapse_disabled(value) for key, value in tree.items()
+            if not (key in UNSET_KEYS and value == UNSET_KEYS[key])}
