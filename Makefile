@@ -1,16 +1,20 @@
-# `make demo`: set up and run the demo pipeline. `make test`: set up and run the tests.
+# `make demo`: set up and run the demo pipeline. `make test`: set up and run every test (CI);
+# `make test-fast`: the tests that run no pipeline stage end to end (under a minute).
+# `make lint`: ruff over the tree (pyproject.toml's settings).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo demo-full test lock clean
+.PHONY: setup demo demo-full test test-fast lint lock clean
 
 # requirements.txt says what is needed; requirements.lock pins every package to the versions
-# the recorded results were measured with.
-$(VENV)/.installed: requirements.txt requirements.lock
+# the recorded results were measured with. The project itself is installed in editable mode,
+# without dependencies, so that `pipeline`, `stages` and `tools` import from anywhere.
+$(VENV)/.installed: requirements.txt requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -c requirements.lock
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 setup: $(VENV)/.installed
@@ -23,6 +27,12 @@ demo-full: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not e2e" tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 # Re-resolve requirements.txt to the newest versions in a scratch venv and pin them.
 lock:

@@ -1,9 +1,4 @@
-import sys
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = str(ROOT / "configs" / "demo.yaml")
-sys.path.insert(0, str(ROOT))
 
 import numpy as np
 import pytest
@@ -11,6 +6,11 @@ from PIL import Image
 
 from pipeline.core.io import save_mask
 from run_pipeline import main
+
+# `pipeline`, `stages`, `tools` and `run_pipeline` import as the installed project (`make setup`
+# installs it in editable mode); ROOT is for the files the tests read (configs, scripts).
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = str(ROOT / "configs" / "demo.yaml")
 
 
 def write_voc_folder(root: Path, masks: dict, classes=("background", "cat", "dog"), splits=None, gray=False):

@@ -346,13 +346,11 @@ def test_a_second_run_on_a_folder_in_use_stops_and_a_dead_runs_lock_is_taken_ove
     import subprocess
     import sys
 
-    from conftest import ROOT
-
     run_dir = tmp_path / "busy"
     shutil.copytree(weak_run / "run", run_dir)
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, sys.argv[1]); from pipeline.core.cache import RunLock\n"
-        "with RunLock(sys.argv[2]):\n    print('locked', flush=True); time.sleep(60)"), str(ROOT), str(run_dir)],
+        "import sys, time; from pipeline.core.cache import RunLock\n"
+        "with RunLock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)"), str(run_dir)],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
