@@ -4,7 +4,7 @@
 Per seed: one cam run (``<out>/cam-seed<S>``), its folder copied into one run per refine
 method (``<out>/<method>-seed<S>``), each running refine and seg on it; with ``--full`` also
 the fully supervised bound (``<out>/full-seed<S>``, seg only, the same seg settings). Every
-seg network is scored on the train split too (benchmarks/score_seg_on_train.py): the score to
+seg network is scored on the train split too (tools/score_seg_on_train.py): the score to
 choose by, val being only reported. Finished runs are reused (the stage cache), so a killed
 comparison resumes where it stopped.
 
@@ -14,18 +14,19 @@ their gain over the CAMs, the confident pixels' mIoU and the unsure share, the s
 the labels the relation network learnt from, its training steps and seconds, the refine
 pass's seconds per image, seg train and val mIoU, and weak/full (val) when ``--full`` ran.
 
+Produced the tables of docs/results.md, sections "The demo, 3 seeds: CAM -> CRF / PSA walk /
+IRNet walk -> seg" and "Weak against full with SR in seg, as msrc.yaml ships". Imports
+sr_ablation.py from its own folder (a script's folder is the first on Python's path).
+
     .venv/bin/python benchmarks/refine_comparison.py --seeds 0 1 2 [--config configs/demo.yaml] \\
         [--methods crf affinity irn] [--full] [--set KEY=VALUE ...] [--report-only]
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from sr_ablation import ROOT, copy_stages, mean_spread, read_metrics, run_and_score  # noqa: E402
+from sr_ablation import ROOT, copy_stages, mean_spread, read_metrics, run_and_score
 
 METHODS = ("crf", "affinity", "irn")
 

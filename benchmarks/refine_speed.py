@@ -8,33 +8,38 @@
   versions of the code can be compared file by file;
 * the size of the CAM files (bytes per image).
 
+Produced the tables of docs/results.md, sections "Random walk speed: a sparse matrix product
+per step" and "CRF throughput with 1 and 2 workers".
+
     .venv/bin/python benchmarks/refine_speed.py --run-dir runs/demo-weak [--config configs/demo.yaml] \
         [--set KEY=VALUE ...] [--images 100] [--walk-only] [--save-masks DIR]
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 from pipeline.core.config_file import load_config
-from pipeline.data.training_set import normalize
-from pipeline.data.dataset import open_dataset
-from pipeline.data.prepare import prepare_data
 from pipeline.core.io import save_mask
 from pipeline.core.runtime import configure_threads, select_device
 from pipeline.core.training import load_checkpoint
-from stages.cam import load_cams  # noqa: E402
-from stages.refine import (NETWORKS, boundary_scores, build_relation_net, propagated_scores, walk_mask,  # noqa: E402
-                           write_crf_masks)
+from pipeline.data.dataset import open_dataset
+from pipeline.data.prepare import prepare_data
+from pipeline.data.training_set import normalize
+from stages.cam import load_cams
+from stages.refine import (
+    NETWORKS,
+    boundary_scores,
+    build_relation_net,
+    propagated_scores,
+    walk_mask,
+    write_crf_masks,
+)
 
 
 def main() -> None:

@@ -12,6 +12,9 @@ into fresh run folders, then compares each mIoU with the record:
 
 About 10 minutes on a 2-core CPU. ``--record`` writes the reference from this run instead.
 
+Produced the table of docs/results.md, section "Demo: the headline rows" (and the record the
+section "One process against two gloo processes (demo)" compares with).
+
     .venv/bin/python benchmarks/reproduce_demo.py                   # compare
     .venv/bin/python benchmarks/reproduce_demo.py --record          # after a deliberate change
 """
@@ -69,7 +72,6 @@ def main() -> int:
                         help="parent of the two fresh run folders (default: %(default)s)")
     parser.add_argument("--record", action="store_true", help="write docs/demo_reference.json from this run")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     from pipeline.core.config_file import load_config
 
     num_threads = load_config(ROOT / "configs" / "demo.yaml").num_threads

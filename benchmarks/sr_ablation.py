@@ -5,9 +5,12 @@ Runs the pipeline's own CLI once per (variant, seed), sharing upstream work thro
 stage cache: the variants that differ only in seg copy the finished cam and refine
 folders of the variant they share them with, so each cam and each refine runs once per
 seed. Each finished seg network is also scored on the train split's masks
-(benchmarks/score_seg_on_train.py, into ``<run>/seg_train_score.json``): the score to choose
+(tools/score_seg_on_train.py, into ``<run>/seg_train_score.json``): the score to choose
 by, val being only reported. Prints CAM / pseudo-mask / seg train / seg val mIoU as mean ±
 spread (half the max-min range) over the seeds, and the per-class val IoU of the named classes.
+
+Produced the tables of docs/results.md, section "Self-Regulation on the demo: baseline, SR in
+cam, SR in seg, SR in both (3 seeds)".
 
     .venv/bin/python benchmarks/sr_ablation.py --seeds 0 1 2 [--config configs/demo.yaml] [--set KEY=VALUE ...]
 """
@@ -69,7 +72,7 @@ def run_and_score(settings: list[str], run_dir: Path, stages: str | None = None,
     with open(run_dir.with_suffix(".log"), "a") as log:
         subprocess.run(command, check=True, cwd=ROOT, stderr=log)
         if score:
-            train_score = [sys.executable, str(ROOT / "benchmarks" / "score_seg_on_train.py"), *settings,
+            train_score = [sys.executable, str(ROOT / "tools" / "score_seg_on_train.py"), *settings,
                            "--json", str(run_dir / TRAIN_SCORE)]
             subprocess.run(train_score, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
 

@@ -8,13 +8,14 @@
 (b) Prediction time of the inference network rebuilt from an SR-trained checkpoint vs the
     baseline network (CAMs: 4 scales + flip; segmentation: flip), and parameter counts.
 
+Produced the tables of docs/results.md, section "Self-Regulation: what it costs".
+
     .venv/bin/python benchmarks/sr_step_time.py [--repeats 7] [--threads 2] [--set seg.sr.head_channels=32 ...]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,15 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.methods.cams import multiscale_cams
 from pipeline.core.config import SRConfig
 from pipeline.core.config_file import apply_override, config_from_dict
-from pipeline.models.networks import CAMNet, DeepLab, predict_batch
 from pipeline.core.runtime import keep_freed_memory
 from pipeline.core.training import load_checkpoint, make_optimizer, save_checkpoint
-from stages import cam as cam_stage, seg as seg_stage  # noqa: E402
+from pipeline.methods.cams import multiscale_cams
+from pipeline.models.networks import CAMNet, DeepLab, predict_batch
+from stages import cam as cam_stage
+from stages import seg as seg_stage
 
 BATCH, CROP, NUM_CLASSES, WARMUP = 16, 96, 8, 2
 DEMO = {"backbone": {"name": "resnet18", "weights": None, "output_stride": 16},

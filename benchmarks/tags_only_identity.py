@@ -8,6 +8,9 @@ same config, seed and threads), then reruns the original's command with every st
 to time the data check a second time, and compares the outputs file by file. Prints a
 summary and writes it to <work>/identity.json.
 
+Produced the table of docs/results.md, section "Own data: tags without masks" (its original
+run is the weak row of the section "MSRC").
+
     .venv/bin/python benchmarks/tags_only_identity.py --config configs/msrc.yaml \\
         --set data.root=../shared/data/msrc-dev --work runs/identity-msrc
 """
@@ -25,11 +28,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from pipeline.core.config_file import load_config
-from pipeline.data.dataset import read_classes
 from pipeline.core.io import load_arrays, load_mask
+from pipeline.data.dataset import read_classes
 
 FOLDERS = {"cam/cams": "*.npz", "refine/pseudo": "*.png", "seg/predictions": "*.png"}
 

@@ -16,6 +16,8 @@ alternate for ``--rounds`` rounds, each round starting with the loop the last on
 with (so that warm-up and load from elsewhere hit both alike); images/s per round and the
 ratio ours/bare of the medians are printed.
 
+Produced the table of docs/results.md, section "The cam training loop against a bare loop".
+
     .venv/bin/python benchmarks/train_loop_overhead.py [--config configs/demo.yaml] [--rounds 3] [--set KEY=VALUE ...]
 """
 from __future__ import annotations
@@ -27,20 +29,17 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
+import torch
 
 from pipeline.core.config_file import load_config
-from pipeline.data.training_set import TrainingSet
-from pipeline.data.dataset import open_dataset
-from pipeline.data.prepare import prepare_data
-from pipeline.methods.losses import multilabel_loss
-from pipeline.models.networks import CAMNet
 from pipeline.core.runtime import configure_threads, keep_freed_memory, seed_everything, select_device
 from pipeline.core.training import amp_dtype, make_optimizer, make_train_loader, train
-from stages.cam import training_loss  # noqa: E402
+from pipeline.data.dataset import open_dataset
+from pipeline.data.prepare import prepare_data
+from pipeline.data.training_set import TrainingSet
+from pipeline.methods.losses import multilabel_loss
+from pipeline.models.networks import CAMNet
+from stages.cam import training_loss
 
 
 def ours(model, loader, cfg, device, scratch: Path) -> None:

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.core.io import save_mask
@@ -11,6 +12,20 @@ from run_pipeline import main
 # installs it in editable mode); ROOT is for the files the tests read (configs, scripts).
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = str(ROOT / "configs" / "demo.yaml")
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread(request):
+    """The unit tests run on one torch thread: their tensors are tiny, and two threads on a
+    2-core machine that is busy elsewhere wait on each other (the fast set took 3x as long).
+    The end-to-end tests keep the threads their runs set (the config's ``num_threads``)."""
+    if "e2e" in request.keywords:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def write_voc_folder(root: Path, masks: dict, classes=("background", "cat", "dog"), splits=None, gray=False):

@@ -12,6 +12,8 @@ from conftest import DEMO_CONFIG, ROOT, TINY, run
 
 from pipeline.core.io import load_mask
 
+pytestmark = pytest.mark.e2e
+
 
 def torchrun(tmp_path, run_dir, *args):
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -274,6 +274,7 @@ def runs(tmp_path_factory):
     return tmp_path
 
 
+@pytest.mark.e2e
 def test_weak_run_without_train_masks_is_bit_identical(runs):
     original, tags_only = runs / "run", runs / "tags-run"
     cams = sorted((original / "cam" / "cams").glob("*.npz"))
@@ -294,6 +295,7 @@ def test_weak_run_without_train_masks_is_bit_identical(runs):
 
 # --- predict -----------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_predict_on_the_val_images_reproduces_the_seg_stage(runs, capsys):
     run_dir, demo = runs / "run", runs / "demo"
     val_ids = (demo / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
@@ -310,6 +312,7 @@ def test_predict_on_the_val_images_reproduces_the_seg_stage(runs, capsys):
             assert overlay.format == "JPEG" and overlay.size == Image.open(demo / "JPEGImages" / f"{image_id}.jpg").size
 
 
+@pytest.mark.e2e
 def test_predict_names_unreadable_images_and_still_writes_the_others(runs, capsys):
     images = runs / "mixed-bag"
     images.mkdir()
@@ -324,6 +327,7 @@ def test_predict_names_unreadable_images_and_still_writes_the_others(runs, capsy
     assert "1 unreadable" in captured.out
 
 
+@pytest.mark.e2e
 def test_predict_refuses_a_run_without_seg_and_an_output_folder_that_is_the_input(runs, capsys):
     images = runs / "demo" / "JPEGImages"
     assert main(["predict", "--run-dir", str(runs / "nothing"), "--images", str(images), "--out", str(runs / "o")]) == 2
@@ -339,6 +343,7 @@ def test_predict_refuses_a_run_without_seg_and_an_output_folder_that_is_the_inpu
     assert sorted(p.name for p in inside.iterdir()) == before
 
 
+@pytest.mark.e2e
 def test_a_tags_only_folder_without_splits_trains_then_predicts(runs, tmp_path):
     root = _tags_only_folder(tmp_path, with_splits=False)
     run_dir = tmp_path / "run"
@@ -356,6 +361,7 @@ def test_a_tags_only_folder_without_splits_trains_then_predicts(runs, tmp_path):
 
 # --- the report --------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_the_report_links_only_files_that_exist_and_names_every_class(runs):
     run_dir = runs / "run"
     page = (run_dir / "report.html").read_text()
@@ -368,6 +374,7 @@ def test_the_report_links_only_files_that_exist_and_names_every_class(runs):
     assert "worst scored" in page
 
 
+@pytest.mark.e2e
 def test_report_command_rebuilds_the_page(runs, capsys):
     run_dir = runs / "tags-run"
     (run_dir / "report.html").unlink()

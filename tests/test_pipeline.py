@@ -26,6 +26,7 @@ def weak_run(tmp_path_factory):
     return tmp_path
 
 
+@pytest.mark.e2e
 def test_weak_run_writes_every_stage_with_scores(weak_run):
     run_dir = weak_run / "run"
     for stage in ("cam", "refine", "seg"):
@@ -42,6 +43,7 @@ def test_weak_run_writes_every_stage_with_scores(weak_run):
     assert not list(run_dir.glob(".*"))  # no partial folders left behind
 
 
+@pytest.mark.e2e
 def test_rerun_of_one_stage_is_a_no_op_then_forced(weak_run, capsys):
     cam_before = manifest_time(weak_run, "cam")
     refine_before = manifest_time(weak_run, "refine")
@@ -56,6 +58,7 @@ def test_rerun_of_one_stage_is_a_no_op_then_forced(weak_run, capsys):
     assert "cached" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_changed_seed_makes_upstream_stale_and_stops_before_work(weak_run, capsys):
     refine_before = manifest_time(weak_run, "refine")
     assert run(weak_run, "--stages", "refine", "--set", "seed=1") == 2
@@ -65,6 +68,7 @@ def test_changed_seed_makes_upstream_stale_and_stops_before_work(weak_run, capsy
     assert manifest_time(weak_run, "refine") == refine_before
 
 
+@pytest.mark.e2e
 def test_dry_run_reports_stale_stages_and_writes_nothing(weak_run, capsys):
     before = sorted(p.name for p in (weak_run / "run").iterdir())
     old = load_config(DEMO_CONFIG).refine.fg_threshold  # the demo's tuned value, whatever it is
@@ -75,6 +79,7 @@ def test_dry_run_reports_stale_stages_and_writes_nothing(weak_run, capsys):
     assert sorted(p.name for p in (weak_run / "run").iterdir()) == before
 
 
+@pytest.mark.e2e
 def test_corrupt_cache_file_is_a_clear_error_and_leaves_no_output(weak_run, capsys):
     run_dir = weak_run / "run"
     victim = sorted((run_dir / "cam" / "cams").glob("*.npz"))[3]
@@ -90,6 +95,7 @@ def test_corrupt_cache_file_is_a_clear_error_and_leaves_no_output(weak_run, caps
         victim.write_bytes(data)
 
 
+@pytest.mark.e2e
 def test_full_mode_trains_seg_on_ground_truth_without_cam_or_refine(weak_run, capsys):
     full_dir = weak_run / "full"
     assert run(weak_run, "--mode", "full", "--stages", "seg", "--run-dir", str(full_dir)) == 0
@@ -98,6 +104,7 @@ def test_full_mode_trains_seg_on_ground_truth_without_cam_or_refine(weak_run, ca
     assert "seg" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_mixed_mode_scores_student_and_teacher_and_caches_on_the_full_subset(weak_run, capsys):
     """Eroded weak labels need no upstream stage; pseudo-mask weak labels read refine's."""
     mixed_dir = weak_run / "mixed"
@@ -128,6 +135,7 @@ def test_mixed_mode_scores_student_and_teacher_and_caches_on_the_full_subset(wea
     assert "cam     cached" in out and "refine  cached" in out and "seg     missing" in out
 
 
+@pytest.mark.e2e
 def test_scribble_weak_labels_need_a_scribbles_folder(weak_run, capsys):
     assert run(weak_run, "--mode", "mixed", "--set", "mixed.weak_source=scribble",
                "--run-dir", str(weak_run / "scribble")) == 2
@@ -164,6 +172,7 @@ def test_affinitynet_batch_larger_than_the_train_split_stops_before_any_stage(tm
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.e2e
 def test_pretrained_efficientnet_lite0_runs_through_every_stage(weak_run):
     """Both networks on the offline ImageNet weights, in a run of their own."""
     lite = ["--set", "cam.backbone.name=efficientnet_lite0", "--set", "cam.backbone.weights=imagenet",
@@ -197,6 +206,7 @@ AFFINITY = ["refine.method=affinity", "refine.affinity.backbone.name=resnet18", 
             "refine.random_walk.iterations=8"]
 
 
+@pytest.mark.e2e
 def test_affinity_refine_keeps_crf_and_final_masks_and_caches_the_net_under_its_own_key(weak_run, capsys):
     run_dir = weak_run / "affinity"
     shutil.copytree(weak_run / "run" / "cam", run_dir / "cam")
@@ -253,6 +263,7 @@ def irn_run(weak_run):
     return run_dir
 
 
+@pytest.mark.e2e
 def test_irn_refine_learns_a_boundary_map_and_walks_with_it(weak_run, irn_run, capsys):
     run_dir = irn_run
     settings = IRN_SETTINGS + ["--run-dir", str(run_dir)]
@@ -269,6 +280,7 @@ def test_irn_refine_learns_a_boundary_map_and_walks_with_it(weak_run, irn_run, c
     assert "refine.affinity" not in out
 
 
+@pytest.mark.e2e
 def test_refine_speed_benchmark_times_the_crf_and_the_walk_and_saves_the_stages_masks(weak_run, irn_run, tmp_path):
     """benchmarks/refine_speed.py on an IRN run: both CRF timings, the walk's, and walked masks
     equal to the ones the stage wrote."""
@@ -294,13 +306,40 @@ def test_refine_speed_benchmark_times_the_crf_and_the_walk_and_saves_the_stages_
         assert np.array_equal(load_mask(path), load_mask(run_dir / "refine" / "pseudo" / path.name)), path.name
 
 
+@pytest.mark.e2e
+def test_refine_montage_draws_a_row_per_image_and_refuses_a_crf_run(weak_run, irn_run, tmp_path):
+    """tools/refine_montage.py on the IRN run: photo, truth, CAM, network's labels, pseudo mask and
+    boundary side by side, one row per shown image; a config of method crf is a one-line error."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from PIL import Image
+
+    settings = TINY + IRN + [f"data.root={weak_run / 'demo'}"]
+    command = [sys.executable, str(ROOT / "tools" / "refine_montage.py"), "--config", DEMO_CONFIG,
+               "--run-dir", str(irn_run), "--every", "10", "--height", "40", "--out", str(tmp_path / "m.png")]
+    command += [arg for item in settings for arg in ("--set", item)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (f"{tmp_path / 'm.png'}: 3 images, columns: photo, ground truth, CAM, "
+                                   "network's labels, pseudo mask, boundary")  # train images 3, 13 and 23
+    with Image.open(tmp_path / "m.png") as montage:
+        assert montage.height == 3 * 40 and montage.width >= 6 * 40 * 0.75
+    refused = subprocess.run(command + ["--set", "refine.method=crf"], capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert refused.stderr.startswith("error: refine.method is crf: the montage shows a relation network's")
+
+
+@pytest.mark.e2e
 def test_crf_refine_ignores_affinity_settings(weak_run, capsys):
     assert run(weak_run, "--dry-run", "--set", "refine.random_walk.beta=3", "--set", "refine.affinity.radius=2") == 0
     assert "refine  cached" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_train_split_scoring_reloads_the_seg_model_and_rejects_a_mismatched_config(weak_run):
-    """benchmarks/score_seg_on_train.py: the saved model, reloaded, scores val exactly as the seg
+    """tools/score_seg_on_train.py: the saved model, reloaded, scores val exactly as the seg
     stage did; a config describing another network is a one-line error."""
     import subprocess
     import sys
@@ -322,7 +361,7 @@ def test_train_split_scoring_reloads_the_seg_model_and_rejects_a_mismatched_conf
     assert list(scores) == ["predictions"]
     assert scores["predictions"].result()["miou"] == pytest.approx(metrics["miou"])
 
-    command = [sys.executable, str(ROOT / "benchmarks" / "score_seg_on_train.py"), "--config", DEMO_CONFIG,
+    command = [sys.executable, str(ROOT / "tools" / "score_seg_on_train.py"), "--config", DEMO_CONFIG,
                "--run-dir", str(weak_run / "run")] + [arg for item in overrides for arg in ("--set", item)]
     done = subprocess.run(command + ["--json", str(weak_run / "train_score.json")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -334,6 +373,7 @@ def test_train_split_scoring_reloads_the_seg_model_and_rejects_a_mismatched_conf
     assert mismatched.stderr.strip().count("\n") == 0 and "does not match the config's network" in mismatched.stderr
 
 
+@pytest.mark.e2e
 def test_a_loss_that_stops_being_finite_stops_the_stage_and_caches_nothing(tmp_path, capsys):
     assert run(tmp_path, "--stages", "cam", "--set", "cam.train.lr=1e30") == 2
     error = capsys.readouterr().err.strip()
@@ -342,6 +382,7 @@ def test_a_loss_that_stops_being_finite_stops_the_stage_and_caches_nothing(tmp_p
     assert not (tmp_path / "run" / "cam").exists() and not list((tmp_path / "run").glob(".cam*"))
 
 
+@pytest.mark.e2e
 def test_a_second_run_on_a_folder_in_use_stops_and_a_dead_runs_lock_is_taken_over(weak_run, tmp_path, capsys):
     import subprocess
     import sys
@@ -365,6 +406,7 @@ def test_a_second_run_on_a_folder_in_use_stops_and_a_dead_runs_lock_is_taken_ove
     assert "cached" in capsys.readouterr().out and not (run_dir / ".lock").exists()
 
 
+@pytest.mark.e2e
 def test_a_truncated_or_deleted_output_makes_its_stage_damaged(weak_run, tmp_path, capsys):
     run_dir = tmp_path / "damaged"
     shutil.copytree(weak_run / "run", run_dir)
@@ -397,6 +439,7 @@ def _interrupt(monkeypatch, module, name, after):
     monkeypatch.setattr(module, name, wrapper)
 
 
+@pytest.mark.e2e
 def test_an_interrupted_run_resumes_every_stage_and_ends_bit_identical(tmp_path, monkeypatch, capsys):
     import numpy as np
     from pipeline.core.io import load_arrays
@@ -445,6 +488,7 @@ def test_fp16_on_the_cpu_stops_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.e2e
 def test_train_loop_benchmark_trains_ours_and_the_bare_loop_alike(weak_run):
     """benchmarks/train_loop_overhead.py: one round of each loop on the tiny demo, the ratio printed."""
     import subprocess
@@ -465,54 +509,7 @@ def test_train_loop_benchmark_trains_ours_and_the_bare_loop_alike(weak_run):
         "error: config key 'cam.sr.enabled' is true: the bare loop has no Self-Regulation loss to compare with")
 
 
-def test_exit_cams_scores_the_main_exit_as_the_cam_stage_scores_its_cams(weak_run, tmp_path):
-    """benchmarks/exit_cams.py: its main-exit row is the stage's scoring of CAMs at scale 1 with
-    the mirror; a state without the exits is a one-line error."""
-    import subprocess
-    import sys
-
-    import torch
-    from conftest import ROOT
-    from pipeline.methods.cams import cam_to_label, multiscale_cams
-    from pipeline.core.metrics import confusion_matrix, iou_scores
-
-    from pipeline.data.training_set import normalize
-
-    from pipeline.data.dataset import open_dataset, score_ids
-    from pipeline.models.networks import CAMNet
-
-    overrides = TINY + [f"data.root={weak_run / 'demo'}", "cam.sr.enabled=true", "cam.sr.head_channels=8",
-                        "cam.sr.exit_classifier=pooled"]
-    cfg = load_config(DEMO_CONFIG, overrides)
-    dataset = open_dataset(cfg.data)
-    torch.manual_seed(0)
-    model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1, cfg.cam.sr).eval()
-    torch.save({"model": model.state_dict()}, tmp_path / "state.pt")
-    confusion = 0
-    with torch.no_grad():
-        for image_id in sorted(score_ids(cfg.data, dataset)):
-            classes = dataset.image_labels(image_id)
-            cams = multiscale_cams(model, normalize(dataset.load_image(image_id)), classes, [1.0], True)
-            confusion = confusion + confusion_matrix(dataset.load_mask(image_id), cam_to_label(cams, classes, 0.5),
-                                                     dataset.num_classes)
-    expected = iou_scores(confusion, dataset.classes)["miou"]
-
-    command = [sys.executable, str(ROOT / "benchmarks" / "exit_cams.py"), "--config", DEMO_CONFIG,
-               "--state", str(tmp_path / "state.pt")] + [arg for item in overrides for arg in ("--set", item)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()}
-    assert list(rows)[2:7] == ["stem", "layer1", "layer2", "layer3", "main"]
-    assert rows["main"][3] == f"{100 * expected:.1f}"  # the mIoU at background threshold 0.5
-    assert "Operation II's hard target (stem pixels" in done.stdout
-
-    torch.save({"model": CAMNet(cfg.cam.backbone, dataset.num_classes - 1).state_dict()}, tmp_path / "plain.pt")
-    command[command.index(str(tmp_path / "state.pt"))] = str(tmp_path / "plain.pt")
-    mismatched = subprocess.run(command, capture_output=True, text=True)
-    assert mismatched.returncode == 2
-    assert mismatched.stderr.strip().count("\n") == 0 and "does not match the config's network" in mismatched.stderr
-
-
+@pytest.mark.e2e
 def test_bf16_autocast_trains_every_network_on_the_cpu(weak_run):
     """train.amp: bf16 runs the autocast path a GPU run takes (CPU bf16 autocast): the cam
     classifier, both SR losses, the AffinityNet, IRNet's boundary network and the mixed-mode

@@ -315,8 +315,9 @@ def test_inference_runs_no_sr_head_and_the_checkpoint_is_the_baseline_network(bu
 
 # --- end to end ----------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_tiny_pipeline_with_sr_in_both_networks(tmp_path):
-    from test_pipeline import run
+    from conftest import run
 
     sr = ["--set", "cam.sr.enabled=true", "--set", "seg.sr.enabled=true", "--set", "seg.sr.form=soft",
           "--set", "cam.sr.exits=[stem, layer2]", "--set", "cam.scales=[1.0]"]

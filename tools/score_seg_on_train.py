@@ -1,14 +1,12 @@
 #!/usr/bin/env python
-"""Score a finished seg run on the train split's masks, to choose settings without touching val.
+"""A finished seg run scored on the train split's masks, to choose settings without touching
+val: loads ``<run-dir>/seg/model.pt`` into the network the config describes (a mixed run's
+student and teacher both) and prints the mIoU of its predictions on the ids the cam and refine
+stages score (``data.score_split``, default the train split); ``--json FILE`` also writes the
+scores ({branch: {"miou", "per_class_iou"}}) to FILE. Give the same --config, --mode and --set
+as the run; a model that does not match them is an error:
 
-Loads ``<run-dir>/seg/model.pt`` into the network the config describes (a mixed run's
-student and teacher both) and prints the mIoU of its predictions on the ids the cam and
-refine stages score (``data.score_split``, default the train split). Give the same
---config, --mode and --set as the run; a model that does not match them fails to load.
-
-    .venv/bin/python benchmarks/score_seg_on_train.py --mode mixed --run-dir runs/demo-mixed-seed0
-
-``--json FILE`` also writes the scores ({branch: {"miou", "per_class_iou"}}) to FILE.
+    python tools/score_seg_on_train.py --mode mixed --run-dir runs/demo-mixed-seed0 [--json FILE]
 """
 from __future__ import annotations
 
@@ -16,28 +14,31 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from pipeline.core.config import MODES
 from pipeline.core.config_file import load_config
-from pipeline.data.dataset import open_dataset, score_ids
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_json
 from pipeline.core.runtime import configure_threads, select_device
 from pipeline.core.training import load_checkpoint
+from pipeline.data.dataset import open_dataset, score_ids
 from pipeline.models.networks import segmentation_network
-from stages.seg import predict_and_score  # noqa: E402
+from stages.seg import predict_and_score
+from tools import report_error
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--mode", choices=MODES)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--json", help="write the scores to this file too")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, args.mode)
         checkpoint = Path(args.run_dir) / "seg" / "model.pt"
@@ -50,15 +51,14 @@ def main() -> int:
             load_checkpoint(checkpoint, model)
         except RuntimeError as error:
             detail = " ".join(str(error).split())  # torch's message spans lines; the error is one line
-            raise PipelineError(f"{checkpoint} does not match the config's network: {detail[:300]}")
+            raise PipelineError(f"{checkpoint} does not match the config's network: {detail[:300]}") from None
         ids = sorted(score_ids(cfg.data, dataset))
         scores = predict_and_score(model.to(device), dataset, ids, cfg.seg.flip_predict, device, None)
-    except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (PipelineError, OSError, ValueError) as error:
+        return report_error(error)
     results = {branch: score.result() for branch, score in scores.items()}
     if args.json:
-        atomic_write_json(args.json, {branch: {"miou": result["miou"], "per_class_iou": result["per_class_iou"]}
+        atomic_write_json(args.json, {branch: {key: result[key] for key in ("miou", "per_class_iou")}
                                       for branch, result in results.items()})
     for branch, result in results.items():
         per_class = "  ".join(f"{name} {100 * iou:.1f}" for name, iou in result["per_class_iou"].items())

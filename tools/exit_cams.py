@@ -1,22 +1,18 @@
 #!/usr/bin/env python
-"""Score every Self-Regulation exit's CAMs of a cam-stage training state, and Operation II's target.
+"""Every Self-Regulation exit's CAMs of a cam-stage training state, scored, and Operation II's
+target: what the shallowest exit's maps mark, the question behind SR in the CAM classifier
+helping one data set and hurting another. Loads a training state (``checkpoint.pt`` of a cam
+stage's partial folder, which holds the training-only exits that ``model.pt`` leaves out) into
+the network the config describes and, on the train images that have masks, scores every exit's
+CAMs as the cam stage scores its own (ReLU of the maps of the image's classes, image and mirror
+at scale 1, each map divided by its maximum; mIoU at the best background threshold of a sweep,
+and the mean share of an image's pixels each class map marks at 0.5: the main exit's are the
+stage's CAMs at ``cam.scales: [1.0]``), and Operation II's hard target (``sr.form: hard``, the
+teacher's pixels at or above its map's spatial mean): how much of it lies on the class
+(precision), how much of the class it covers (recall), and its share of the image:
 
-Why SR in the CAM classifier helps on one data set and ruins another is a question about its
-teacher: what the shallowest exit's maps mark. This loads a training state (``checkpoint.pt``
-of a cam stage's partial folder, which holds the training-only exits that ``model.pt`` leaves
-out) into the network the config describes and, on the train images that have masks:
-
-- every exit's CAMs (ReLU of its maps of the image's classes, image and mirror at scale 1,
-  each map divided by its maximum: the main exit's are the stage's CAMs at ``cam.scales: [1.0]``)
-  scored as the cam stage scores its own: mIoU at the best
-  background threshold of a sweep, and the mean share of an image's pixels each class map
-  marks at 0.5;
-- Operation II's hard target, the teacher's pixels at or above its map's spatial mean
-  (``sr.form: hard``): how much of that support lies on the class (precision), how much of the
-  class it covers (recall), and its share of the image.
-
-    .venv/bin/python benchmarks/exit_cams.py --config configs/msrc.yaml --set data.root=... \
-        --set cam.sr.enabled=true ... --state runs/sr17m/c-stem.train-state.pt
+    python tools/exit_cams.py --config configs/msrc.yaml --set data.root=... \
+        --set cam.sr.enabled=true ... --state runs/sr17m/c-stem.train-state.pt [--images N]
 """
 from __future__ import annotations
 
@@ -28,20 +24,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pipeline.methods.cams import cam_to_label
 from pipeline.core.config import BACKBONE_LEVELS
 from pipeline.core.config_file import load_config
-from pipeline.data.training_set import normalize
-from pipeline.data.dataset import open_dataset, score_ids
 from pipeline.core.errors import PipelineError
 from pipeline.core.metrics import confusion_matrix, iou_scores
-from pipeline.models.networks import CAMNet
 from pipeline.core.runtime import configure_threads
+from pipeline.data.dataset import open_dataset, score_ids
+from pipeline.data.training_set import normalize
+from pipeline.methods.cams import cam_to_label
 from pipeline.methods.self_regulation import resize
-from stages.cam import THRESHOLD_SWEEP  # noqa: E402
+from pipeline.models.networks import CAMNet
+from stages.cam import THRESHOLD_SWEEP
+from tools import report_error
 
 
 def exit_maps(model: CAMNet, image: torch.Tensor, channels: torch.Tensor) -> list[torch.Tensor]:
@@ -51,14 +45,23 @@ def exit_maps(model: CAMNet, image: torch.Tensor, channels: torch.Tensor) -> lis
     return [torch.stack([m[0], m[1].flip(-1)]) for m in maps]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--state", required=True, help="a cam stage's training state (checkpoint.pt)")
     parser.add_argument("--images", type=int, default=0, help="score the first N images only (0: all)")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
+        if args.images < 0:
+            raise PipelineError(f"--images is {args.images}: give 0 (all) or a number of images")
+        if not Path(args.state).is_file():
+            raise PipelineError(f"--state {args.state} does not exist")
         cfg = load_config(args.config, args.overrides)
         if not cfg.cam.sr.enabled:
             raise PipelineError("cam.sr.enabled is false: the exits exist only with SR on")
@@ -69,10 +72,9 @@ def main() -> int:
             model.load_state_dict(torch.load(args.state, map_location="cpu", weights_only=True)["model"])
         except (RuntimeError, KeyError, OSError) as error:
             detail = " ".join(str(error).split())
-            raise PipelineError(f"{args.state} does not match the config's network: {detail[:300]}")
-    except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+            raise PipelineError(f"{args.state} does not match the config's network: {detail[:300]}") from None
+    except (PipelineError, OSError, ValueError) as error:
+        return report_error(error)
     model.eval()
     names = [level for level in BACKBONE_LEVELS if level in cfg.cam.sr.exits] + ["main"]
     n = dataset.num_classes
@@ -118,10 +120,11 @@ def main() -> int:
         best = max(sweep, key=sweep.get)
         print(f"{name:<8} {100 * sweep[best]:9.1f} {best:6.2f} {100 * sweep[0.5]:11.1f} "
               f"{100 * np.mean(marked[name]):12.1f}%")
+    share = {key: 100 * np.mean(values) for key, values in support.items()}
     print(f"Operation II's hard target ({names[0]} pixels at or above the map's mean), per (image, class): "
-          f"precision {100 * np.mean(support['precision']):.1f}%, recall {100 * np.mean(support['recall']):.1f}%, "
-          f"share of the image {100 * np.mean(support['share']):.1f}% (a support drawn at random: precision = the "
-          f"class's share of the image, {100 * np.mean(support['class_share']):.1f}%; recall = its own share)")
+          f"precision {share['precision']:.1f}%, recall {share['recall']:.1f}%, "
+          f"share of the image {share['share']:.1f}% (a support drawn at random: precision = the "
+          f"class's share of the image, {share['class_share']:.1f}%; recall = its own share)")
     return 0
 
 
