@@ -107,7 +107,9 @@ def load_mask(path: str | Path) -> np.ndarray:
     """Class indices of a palette or grayscale PNG mask (never colour-converted)."""
     with Image.open(path) as image:
         if image.mode not in ("P", "L"):
-            raise ValueError(f"{path}: a mask must be a palette or grayscale PNG of class indices, got mode {image.mode}")
+            raise ValueError(f"{path}: a mask must be a palette or grayscale PNG of class indices, "
+                             f"got mode {image.mode}")
+
         return np.array(image, dtype=np.uint8)
 
 

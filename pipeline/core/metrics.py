@@ -40,7 +40,7 @@ def iou_scores(confusion: np.ndarray, class_names: list[str]) -> dict:
     iou = np.where(present, true_positive / np.maximum(union, 1), np.nan)
     return {
         "miou": float(np.nanmean(iou)) if present.any() else 0.0,
-        "per_class_iou": {name: (None if np.isnan(v) else round(float(v), 4)) for name, v in zip(class_names, iou)},
+        "per_class_iou": _per_class(class_names, iou),
         "pixel_accuracy": float(true_positive.sum() / max(confusion.sum(), 1)),
     }
 
@@ -55,8 +55,13 @@ def dice_scores(confusion: np.ndarray, class_names: list[str]) -> dict:
     foreground = dice[1:][present[1:]]
     return {
         "mean_dice": float(foreground.mean()) if foreground.size else 0.0,
-        "per_class_dice": {name: (None if np.isnan(v) else round(float(v), 4)) for name, v in zip(class_names, dice)},
+        "per_class_dice": _per_class(class_names, dice),
     }
+
+
+def _per_class(class_names: list[str], values: np.ndarray) -> dict:
+    """Each class's value to 4 decimals, None where it is NaN (the class is absent)."""
+    return {name: (None if np.isnan(v) else round(float(v), 4)) for name, v in zip(class_names, values)}
 
 
 def hd95(a: np.ndarray, b: np.ndarray, spacing=None) -> float:
@@ -109,8 +114,10 @@ class SegmentationScores:
     def result(self) -> dict:
         per_class = {name: (round(float(np.mean(d)), 2) if d else None) for name, d in self.distances.items()}
         measured = [v for v in per_class.values() if v is not None]
-        return iou_scores(self.confusion, self.class_names) | dice_scores(self.confusion, self.class_names) | {
+        overlap = iou_scores(self.confusion, self.class_names) | dice_scores(self.confusion, self.class_names)
+        return overlap | {
             "mean_hd95": float(np.mean(measured)) if measured else None,
+
             "per_class_hd95": per_class,
             "hd95_unmatched": self.unmatched,
             "scored_images": self.images,

@@ -114,8 +114,10 @@ def keep_freed_memory() -> None:
     goes) and a heap top above 128 KiB to the OS, so every CPU training step faults its
     activations' pages in again. A fixed 32 MiB threshold (glibc's largest) and a 2 GiB trim
     threshold keep them (with the faster argmax of self_regulation.py: the demo's seg step 5%
-    faster, 11% with Self-Regulation; docs/results.md, "Where a CPU training step's time goes"). The price: the process keeps
-    its peak memory. Nothing changes where glibc is absent or ``MALLOC_*_THRESHOLD_`` is set.
+    faster, 11% with Self-Regulation; docs/results.md, "Where a CPU training step's time
+    goes"). The price: the process keeps its peak memory. Nothing changes where glibc is absent
+    or ``MALLOC_*_THRESHOLD_`` is set.
+
     """
     if not sys.platform.startswith("linux") or any(
             key in os.environ for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):

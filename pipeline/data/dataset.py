@@ -54,12 +54,14 @@ class VOCDataset:
     """
 
     def __init__(self, root: str | Path, train_split: str = "train", train_masks: str = GROUND_TRUTH,
-                 tags: Optional[str] = None, image_labels_file: Optional[str] = None, allow_pickle: bool = False):
+                 tags: Optional[str] = None, image_labels_file: Optional[str] = None,
+                 allow_pickle: bool = False):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"data folder {self.root} does not exist (config key data.root)")
         if not (self.root / "JPEGImages").is_dir():
-            raise DataError(f"data folder {self.root} has no JPEGImages/ (expected the VOC layout, see README)")
+            raise DataError(f"data folder {self.root} has no JPEGImages/ "
+                            "(expected the VOC layout, see README)")
         self.classes = read_classes(self.root)
         self.train_split = train_split
         self.train_masks = train_masks
@@ -73,8 +75,8 @@ class VOCDataset:
         else:
             self._file_labels = None
         if not self.has_split_files and tags is None:
-            raise DataError(f"data folder {self.root} has no {SPLITS}/ and no tags file (config key data.tags): "
-                            "nothing lists the train images")
+            raise DataError(f"data folder {self.root} has no {SPLITS}/ and no tags file "
+                            "(config key data.tags): nothing lists the train images")
         self._labels: dict[str, np.ndarray] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
 
@@ -89,7 +91,8 @@ class VOCDataset:
             return list(self._file_labels) if split == self.train_split else []
         path = self.split_path(split)
         if not path.is_file():
-            raise DataError(f"split file {path} does not exist (config keys data.train_split / data.val_split)")
+            raise DataError(f"split file {path} does not exist "
+                            "(config keys data.train_split / data.val_split)")
         ids = read_id_lines(path)
         if not ids:
             raise DataError(f"split file {path} lists no ids")
@@ -104,8 +107,8 @@ class VOCDataset:
             for name in (image_id + suffix, image_id + suffix.upper()):
                 if (folder / name).is_file():
                     return folder / name
-        hint = ("; ids are file names without their extension" if Path(image_id).suffix.lower() in IMAGE_SUFFIXES
-                else "")
+        hint = ("; ids are file names without their extension"
+                if Path(image_id).suffix.lower() in IMAGE_SUFFIXES else "")
         raise DataError(f"id {image_id!r} has no image {folder}/{image_id}.jpg|jpeg|png|bmp|tif|tiff{hint}")
 
     def mask_path(self, image_id: str, folder: str = GROUND_TRUTH) -> Path:
@@ -150,10 +153,11 @@ class VOCDataset:
             raise DataError(f"{self.labels_path} has no labels for id {image_id!r}")
         if image_id not in self._labels:
             if not self.has_mask(image_id, self.train_masks):
-                raise DataError(f"id {image_id!r} has no mask {self.root / self.train_masks}/{image_id}.png: weak mode "
-                                "reads its image labels from it unless a tags file gives every train image's tags "
-                                "(data.tags), and full and mixed modes train on it")
-            self._labels[image_id] = foreground_classes(self.checked_values(self.mask_path(image_id, self.train_masks)))
+                raise DataError(f"id {image_id!r} has no mask {self.root / self.train_masks}/{image_id}.png: "
+                                "weak mode reads its image labels from it unless a tags file gives every "
+                                "train image's tags (data.tags), and full and mixed modes train on it")
+            mask = self.mask_path(image_id, self.train_masks)
+            self._labels[image_id] = foreground_classes(self.checked_values(mask))
         return self._labels[image_id]
 
     def checked_values(self, path: Path) -> np.ndarray:
@@ -168,7 +172,8 @@ class VOCDataset:
                             f"but classes.txt names only {self.num_classes} classes")
         return present
 
-    def validate(self, train_split: str, scored_splits: list[str], checks: Optional[FileChecks] = None) -> None:
+    def validate(self, train_split: str, scored_splits: list[str],
+                 checks: Optional[FileChecks] = None) -> None:
         """Checks every listed id before any work: its image decodes completely, a train id has
         image labels (tags, label file or mask), and every mask that exists has its image's
         size and class indices only. ``checks`` remembers the results per unchanged file."""
@@ -181,8 +186,9 @@ class VOCDataset:
                     mask = self.mask_path(image_id, folder)
                     width, height, *values = checks.get(mask, mask_check)
                     if (width, height) != self._sizes[image_id]:
+                        image_width, image_height = self._sizes[image_id]
                         raise DataError(f"mask {mask} is {width}x{height} but its image "
-                                        f"{path.name} is {self._sizes[image_id][0]}x{self._sizes[image_id][1]}")
+                                        f"{path.name} is {image_width}x{image_height}")
                     present = self._checked(mask, np.asarray(values, dtype=np.uint8))
                     if split == train_split and self._file_labels is None:
                         self._labels[image_id] = foreground_classes(present)  # what image_labels would read
@@ -203,7 +209,8 @@ class VOCDataset:
             digest.update(f"{split}:{folder}:{','.join(ids)}".encode())
             for image_id in ids:
                 image = self.image_path(image_id)
-                mask = file_digest(self.mask_path(image_id, folder)) if self.has_mask(image_id, folder) else "-"
+                has_mask = self.has_mask(image_id, folder)
+                mask = file_digest(self.mask_path(image_id, folder)) if has_mask else "-"
                 digest.update(f"{image.name}:{file_digest(image)}:{mask}".encode())
         return digest.hexdigest()[:16]
 
@@ -240,8 +247,9 @@ def open_dataset(data) -> VOCDataset:
 
 
 @functools.lru_cache(maxsize=8)
-def _open_dataset(root: str, train_split: str, train_masks: str, tags: Optional[str], image_labels: Optional[str],
-                  allow_pickle: bool) -> VOCDataset:
+def _open_dataset(root: str, train_split: str, train_masks: str, tags: Optional[str],
+                  image_labels: Optional[str], allow_pickle: bool) -> VOCDataset:
+
     return VOCDataset(root, train_split, train_masks, tags, image_labels, allow_pickle)
 
 

@@ -30,15 +30,16 @@ import numpy as np
 
 from pipeline.core.errors import DataError
 
-MAX_ID_BYTES = 200  # an id becomes <id>.npz and a temporary .<id>.npz.XXXXXXXX.tmp: file names stop at 255 bytes
+# An id becomes <id>.npz and a temporary .<id>.npz.XXXXXXXX.tmp: file names stop at 255 bytes.
+MAX_ID_BYTES = 200
 
 
 def check_id(image_id: str, where: str) -> str:
     """``image_id`` if it is a plain file name, else a DataError naming ``where`` it came from."""
     if (not image_id or image_id in (".", "..") or "/" in image_id or "\\" in image_id or "\0" in image_id
             or image_id != image_id.strip()):
-        raise DataError(f"{where}: id {image_id!r} is not a plain file name (ids become file names in the run "
-                        "folder: no '/', '\\', '..' or surrounding spaces)")
+        raise DataError(f"{where}: id {image_id!r} is not a plain file name (ids become file names in "
+                        "the run folder: no '/', '\\', '..' or surrounding spaces)")
     if len(image_id.encode()) > MAX_ID_BYTES:
         raise DataError(f"{where}: id {image_id[:40]!r}... is longer than {MAX_ID_BYTES} bytes")
     return image_id
@@ -64,7 +65,8 @@ def read_id_lines(path: Path) -> list[str]:
             continue
         check_id(image_id, f"{path} line {number}")
         if image_id in seen:
-            raise DataError(f"{path} line {number}: id {image_id!r} is listed twice (first on line {seen[image_id]})")
+            raise DataError(f"{path} line {number}: id {image_id!r} is listed twice "
+                            f"(first on line {seen[image_id]})")
         seen[image_id] = number
         ids.append(image_id)
     return ids
@@ -88,9 +90,13 @@ def read_tags(path: Path, classes: list[str]) -> dict[str, np.ndarray]:
     for where, line, image_id, field in rows:
         check_id(image_id, where)
         # A field that is one class name is that class, spaces and all ("potted plant").
-        names = field if isinstance(field, list) else [field.strip()] if field.strip() in index else split_tags(field)
+        if isinstance(field, list):
+            names = field
+        else:
+            names = [field.strip()] if field.strip() in index else split_tags(field)
         if image_id in first_line:
-            raise DataError(f"{where}: id {image_id!r} is listed twice (first on line {first_line[image_id]})")
+            raise DataError(f"{where}: id {image_id!r} is listed twice "
+                            f"(first on line {first_line[image_id]})")
         first_line[image_id] = line
         unknown = [name for name in names if name not in index]
         if unknown:
@@ -178,4 +184,6 @@ def read_cls_labels(path: Path, num_classes: int, allow_pickle: bool) -> dict[st
             labels[str(key)] = np.flatnonzero(vector > 0.5).astype(np.int64) + 1
         return labels
     except (ValueError, OSError, AttributeError, EOFError) as error:
-        raise DataError(f"{path} is not a cls_labels.npy dict of multi-hot vectors ({type(error).__name__})") from None
+        raise DataError(f"{path} is not a cls_labels.npy dict of multi-hot vectors "
+                        f"({type(error).__name__})") from None
+

@@ -38,7 +38,8 @@ def prepare_data(cfg, checks: Optional[FileChecks] = None) -> VOCDataset:
                             f"data.train_split {data.train_split!r}, e.g. {outside[0]!r}")
     checks = checks or FileChecks()
     started = time.perf_counter()
-    dataset.validate(data.train_split, [data.val_split] + ([data.score_split] if data.score_split else []), checks)
+    scored_splits = [data.val_split] + ([data.score_split] if data.score_split else [])
+    dataset.validate(data.train_split, scored_splits, checks)
     checks.seconds += time.perf_counter() - started
     if data.volume_pattern is not None:
         Volumes(data, dataset.root).check(dataset.split_ids(data.val_split), dataset)
@@ -54,8 +55,10 @@ def prepare_data(cfg, checks: Optional[FileChecks] = None) -> VOCDataset:
             raise ConfigError(f"config key '{section}.train.amp' is fp16, which needs a CUDA device; "
                               "use bf16 or off on the CPU")
         if train.batch_size % processes or train.batch_size // processes < 2:
-            raise ConfigError(f"config key '{section}.train.batch_size' is {train.batch_size}: under torchrun it "
-                              f"is shared by {processes} processes, and each needs an equal share of at least 2")
+            raise ConfigError(f"config key '{section}.train.batch_size' is {train.batch_size}: under "
+                              f"torchrun it is shared by {processes} processes, and each needs an equal "
+                              "share of at least 2")
+
     return dataset
 
 

@@ -83,9 +83,11 @@ class TrainingSet(torch.utils.data.Dataset):
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
             masks = {key: mask.transpose(Image.FLIP_LEFT_RIGHT) for key, mask in masks.items()}
         image_t, masks_t = self._pad_and_crop(
-            normalize(np.array(image)), {key: torch.from_numpy(np.array(mask, dtype=np.int64)) for key, mask in masks.items()})
-        return {"image": image_t, "labels": multi_hot(self.dataset.image_labels(image_id), self.dataset.num_classes)} \
-            | masks_t
+            normalize(np.array(image)),
+            {key: torch.from_numpy(np.array(mask, dtype=np.int64)) for key, mask in masks.items()})
+        labels = multi_hot(self.dataset.image_labels(image_id), self.dataset.num_classes)
+        return {"image": image_t, "labels": labels} | masks_t
+
 
     def _pad_and_crop(self, image: torch.Tensor, masks: dict[str, torch.Tensor]):
         crop = self.crop_size

@@ -117,21 +117,25 @@ def downsample_mask(mask: torch.Tensor, size: tuple[int, int], how: str) -> torc
     return torch.where(pooled == unsure_code, torch.full_like(pooled, IGNORE), pooled)
 
 
-def affinity_loss(embeddings: torch.Tensor, mask: torch.Tensor, radius: int, label_downsample: str = "pool") -> dict:
+def affinity_loss(embeddings: torch.Tensor, mask: torch.Tensor, radius: int,
+                  label_downsample: str = "pool") -> dict:
     """The balanced pair loss of B x D x h x w embeddings against a B x H x W pseudo mask
     (brought to h x w by :func:`downsample_mask`): see :func:`pair_loss`."""
     mask = downsample_mask(mask, embeddings.shape[-2:], label_downsample)
-    return pair_loss(pair_affinities(embeddings, neighbour_offsets(radius, half=True)), affinity_labels(mask, radius))
+    affinity = pair_affinities(embeddings, neighbour_offsets(radius, half=True))
+    return pair_loss(affinity, affinity_labels(mask, radius))
 
 
-def boundary_loss(boundary: torch.Tensor, mask: torch.Tensor, radius: int, label_downsample: str = "nearest") -> dict:
+def boundary_loss(boundary: torch.Tensor, mask: torch.Tensor, radius: int,
+                  label_downsample: str = "nearest") -> dict:
     """IRNet's inter-pixel relation loss (irn@a2ece00 net/resnet50_irn.py:198-213,
     step/train_irn.py:186-197) of a B x 1 x h x w boundary probability map against a pseudo
     mask: the affinity of a pair is 1 minus the highest boundary value on the path between
     them (:func:`path_affinities`), with :func:`pair_loss`'s balance ((bg/2 + fg/2) / 2 +
     neg / 2 there). IRNet brings its labels to the map by nearest neighbour."""
     mask = downsample_mask(mask, boundary.shape[-2:], label_downsample)
-    return pair_loss(path_affinities(boundary, neighbour_offsets(radius, half=True)), affinity_labels(mask, radius))
+    affinity = path_affinities(boundary, neighbour_offsets(radius, half=True))
+    return pair_loss(affinity, affinity_labels(mask, radius))
 
 
 def pair_loss(affinity: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -154,7 +158,8 @@ def pair_loss(affinity: torch.Tensor, labels: torch.Tensor) -> dict:
     }
     negative = labels == NEGATIVE
     neg_affinity = affinity[negative].detach().mean() if negative.any() else affinity.new_tensor(float("nan"))
-    return {"loss": terms["bg"] / 4 + terms["fg"] / 4 + terms["neg"] / 2} | terms | {"neg_affinity": neg_affinity}
+    loss = terms["bg"] / 4 + terms["fg"] / 4 + terms["neg"] / 2
+    return {"loss": loss} | terms | {"neg_affinity": neg_affinity}
 
 
 def path_points(dy: int, dx: int) -> list[tuple[int, int]]:
@@ -179,7 +184,8 @@ def path_affinities(boundary: torch.Tensor, offsets: list[tuple[int, int]]) -> t
     padded = F.pad(boundary, (pad, pad, pad, pad), value=1.0)
     return torch.cat([
         torch.ones_like(boundary) if (dy, dx) == (0, 0) else
-        1 - torch.stack([_shifted(padded, pad, y, x, height, width) for y, x in path_points(dy, dx)]).amax(dim=0)
+        1 - torch.stack([_shifted(padded, pad, y, x, height, width)
+                         for y, x in path_points(dy, dx)]).amax(dim=0)
         for dy, dx in offsets
     ], dim=1)
 
@@ -212,7 +218,8 @@ def normalized_transitions(affinities: torch.Tensor, offsets: list, beta: float,
         # (p, p + o) with o in the half-plane exists when p may start a pair; for the other
         # half, (p, p + o) is the transpose of (p + o, p): it exists when p + o may start one.
         first = (0, 0) if dy > 0 or (dy == 0 and dx > 0) else (dy, dx)
-        exists.append(_shifted(origins, pad, *first, height, width) * _shifted(in_image, pad, dy, dx, height, width))
+        exists.append(_shifted(origins, pad, *first, height, width)
+                      * _shifted(in_image, pad, dy, dx, height, width))
     weights = weights * torch.cat(exists, dim=1)
     return weights / weights.sum(dim=1, keepdim=True)
 
@@ -254,7 +261,8 @@ def transition_matrix(weights: torch.Tensor, offsets: list[tuple[int, int]]) -> 
     rows = torch.arange(height, device=device).view(height, 1, 1) + dy  # h x 1 x O
     cols = torch.arange(width, device=device).view(1, width, 1) + dx    # 1 x w x O
     inside = ((rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)).reshape(-1)
-    targets = (rows * width + cols).reshape(1, -1) + height * width * torch.arange(batch, device=device).view(batch, 1)
+    image_starts = height * width * torch.arange(batch, device=device).view(batch, 1)
+    targets = (rows * width + cols).reshape(1, -1) + image_starts
     values = weights[:, order].permute(0, 2, 3, 1).reshape(batch, -1)
     per_row = inside.view(height * width, len(order)).sum(dim=1).repeat(batch)
     row_starts = F.pad(per_row.cumsum(0), (1, 0))
@@ -263,4 +271,6 @@ def transition_matrix(weights: torch.Tensor, offsets: list[tuple[int, int]]) -> 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
         return torch.sparse_csr_tensor(row_starts.to(index), targets[:, inside].reshape(-1).to(index),
-                                       values[:, inside].reshape(-1), size=(size, size), check_invariants=False)
+                                       values[:, inside].reshape(-1), size=(size, size),
+                                       check_invariants=False)
+

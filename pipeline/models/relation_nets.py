@@ -31,15 +31,17 @@ class AffinityNet(nn.Module):
         widths = [64, 128, 256, 256][self.first_level - 1:]
         levels = self.backbone.channels[self.first_level:]
         if head == "psa":
-            self.projections = nn.ModuleList(nn.Sequential(nn.Conv2d(channels, width, 1, bias=False), nn.ELU())
-                                             for channels, width in zip(levels, widths))
+            self.projections = nn.ModuleList(
+                nn.Sequential(nn.Conv2d(channels, width, 1, bias=False), nn.ELU())
+                for channels, width in zip(levels, widths))
             self.embed = nn.Sequential(nn.Conv2d(sum(widths), embedding_channels, 1, bias=False), nn.ELU())
             for projection in self.projections:
                 nn.init.kaiming_normal_(projection[0].weight)
             nn.init.xavier_uniform_(self.embed[0].weight, gain=4)
         else:
             self.projections = nn.ModuleList(
-                nn.Sequential(nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+                nn.Sequential(nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width),
+                              nn.ReLU(inplace=True))
                 for channels, width in zip(levels, widths))
             self.embed = nn.Conv2d(sum(widths), embedding_channels, 1)
 
@@ -69,8 +71,10 @@ class BoundaryNet(nn.Module):
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
             self.backbone.freeze(list(BACKBONE_LEVELS), batchnorm=True)
-        self.branches = nn.ModuleList(nn.Sequential(nn.Conv2d(channels, 32, 1, bias=False), nn.GroupNorm(4, 32))
-                                      for channels in self.backbone.channels)
+        self.branches = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(channels, 32, 1, bias=False), nn.GroupNorm(4, 32))
+            for channels in self.backbone.channels)
+
         self.boundary = nn.Conv2d(32 * len(self.backbone.channels), 1, 1)
 
     def new_parameters(self) -> list[nn.Parameter]:
