@@ -32,7 +32,8 @@ METHODS = ("crf", "affinity", "irn")
 
 
 def run_seed(args, seed: int) -> None:
-    common = ["--config", args.config, "--set", f"seed={seed}"] + [a for item in args.overrides for a in ("--set", item)]
+    common = ["--config", args.config, "--set", f"seed={seed}"]
+    common += [a for item in args.overrides for a in ("--set", item)]
     cam_run = args.out / f"cam-seed{seed}"
     run_and_score(common + ["--run-dir", str(cam_run)], cam_run, stages="cam", score=False)
     for method in args.methods:
@@ -63,16 +64,19 @@ def report(args) -> None:
         return f"{mean:.{digits}f} ± {factor * (max(values) - min(values)) / 2:.{digits}f}"
 
     full = [m["miou"] for seed in args.seeds if (m := read_metrics(args.out / f"full-seed{seed}", "seg"))]
-    print(f"\nseeds {args.seeds}; mIoU % mean ± spread" + (f"; full (val) {mean_spread(full)}" if full else ""))
-    header = ("method", "CAM", "pseudo", "gain", "confident", "unsure %", "labels: confident", "labels: unsure %",
-              "net steps", "net s", "s/image", "seg train", "seg val", "weak/full")
+    print(f"\nseeds {args.seeds}; mIoU % mean ± spread"
+          + (f"; full (val) {mean_spread(full)}" if full else ""))
+    header = ("method", "CAM", "pseudo", "gain", "confident", "unsure %", "labels: confident",
+              "labels: unsure %", "net steps", "net s", "s/image", "seg train", "seg val", "weak/full")
     print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
     for method in args.methods:
         runs = [args.out / f"{method}-seed{seed}" for seed in args.seeds]
         seg_val = column(runs, "seg", "miou")
         ratios = [w / f for w, f in zip(seg_val, full)] if len(full) == len(seg_val) else []
-        row = [method, mean_spread(column(runs, "refine", "cam_miou")), mean_spread(column(runs, "refine", "miou")),
-               mean_spread(column(runs, "refine", "gain_over_cam")), mean_spread(column(runs, "refine", "confident_miou")),
+        row = [method, mean_spread(column(runs, "refine", "cam_miou")),
+               mean_spread(column(runs, "refine", "miou")),
+               mean_spread(column(runs, "refine", "gain_over_cam")),
+               mean_spread(column(runs, "refine", "confident_miou")),
                plain(column(runs, "refine", "unsure_fraction"), 1, factor=100.0),
                mean_spread(column(runs, "refine", "crf", "confident_miou")),
                plain(column(runs, "refine", "crf", "unsure_fraction"), 1, factor=100.0),
@@ -84,14 +88,16 @@ def report(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--full", action="store_true", help="also the fully supervised bound, for weak/full")
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--out", default="runs/refine-comparison")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--report-only", action="store_true", help="print the table of finished runs, run nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="print the table of finished runs, run nothing")
     args = parser.parse_args()
     args.out = ROOT / args.out
     for seed in [] if args.report_only else args.seeds:

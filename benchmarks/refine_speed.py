@@ -43,13 +43,15 @@ from stages.refine import (
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--save-masks", type=Path)
-    parser.add_argument("--walk-only", action="store_true", help="time the walk (with its network), not the CRF")
+    parser.add_argument("--walk-only", action="store_true",
+                        help="time the walk (with its network), not the CRF")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     prepare_data(cfg)
@@ -68,11 +70,13 @@ def main() -> None:
             started = time.perf_counter()
             write_crf_masks(cfg, args.run_dir, ids, Path(scratch) / "crf", resume=False)
             elapsed = time.perf_counter() - started
-        print(f"CRF masks, {workers} worker(s): {len(ids) / elapsed:.1f} images/s ({elapsed / len(ids):.3f} s/image)")
+        print(f"CRF masks, {workers} worker(s): {len(ids) / elapsed:.1f} images/s "
+              f"({elapsed / len(ids):.3f} s/image)")
 
     net_file = args.run_dir / NETWORKS[cfg.refine.method] / "model.pt" if cfg.refine.method != "crf" else None
     if net_file is None or not net_file.exists():
-        print(f"no trained network for refine.method {cfg.refine.method} in {args.run_dir}: random walk not timed")
+        print(f"no trained network for refine.method {cfg.refine.method} in {args.run_dir}: "
+              "random walk not timed")
         return
     device = select_device(cfg.device)
     model = build_relation_net(cfg.refine)
@@ -85,7 +89,8 @@ def main() -> None:
             continue
         image = normalize(dataset.load_image(image_id)).to(device)
         started = time.perf_counter()
-        with torch.no_grad():  # as the walk runs it: IRNet's boundary map averages the image's and its mirror's
+        # As the walk runs it: IRNet's boundary map averages the image's and its mirror's.
+        with torch.no_grad():
             model(torch.stack([image, image.flip(-1)]) if cfg.refine.method == "irn" else image[None])
         network_seconds += _synchronized(device, started)
         started = time.perf_counter()
@@ -94,15 +99,16 @@ def main() -> None:
         walk_seconds += _synchronized(device, started)
         walked += 1
         if args.save_masks is not None:  # as the stage makes them: float16 scores, then the mask
-            mask = walk_mask(dataset.load_image(image_id), scores.astype(np.float16).astype(np.float32), classes,
-                             cfg.refine)
+            stored = scores.astype(np.float16).astype(np.float32)
+            mask = walk_mask(dataset.load_image(image_id), stored, classes, cfg.refine)
             args.save_masks.mkdir(parents=True, exist_ok=True)
             save_mask(args.save_masks / f"{image_id}.png", mask)
     walk = cfg.refine.irn_walk if cfg.refine.method == "irn" else cfg.refine.random_walk
     walked = max(walked, 1)
-    print(f"{cfg.refine.method} walk ({walk.iterations} steps, radius {walk.radius}), {device}, {walked} images: "
-          f"{walk_seconds / walked:.3f} s/image with the network, of which the network alone "
-          f"{network_seconds / walked:.3f} s, the walk {(walk_seconds - network_seconds) / walked:.3f} s")
+    print(f"{cfg.refine.method} walk ({walk.iterations} steps, radius {walk.radius}), {device}, "
+          f"{walked} images: {walk_seconds / walked:.3f} s/image with the network, "
+          f"of which the network alone {network_seconds / walked:.3f} s, "
+          f"the walk {(walk_seconds - network_seconds) / walked:.3f} s")
 
 
 def _synchronized(device: torch.device, started: float) -> float:

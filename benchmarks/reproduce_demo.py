@@ -44,8 +44,8 @@ RUNS = {  # name -> (extra arguments, the metrics.json that holds its mIoU)
 def environment(num_threads: int) -> dict:
     """What a bit-identical rerun needs to share with the record. The CPU model counts too:
     torch picks its kernels by instruction set, and they sum floats in different orders."""
-    return {"python": platform.python_version(), "machine": platform.machine(), "cpu": cpu_model(), "device": "cpu",
-            "num_threads": num_threads} | {name: metadata.version(name) for name in PACKAGES}
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpu": cpu_model(),
+            "device": "cpu", "num_threads": num_threads} | {name: metadata.version(name) for name in PACKAGES}
 
 
 def cpu_model() -> str:
@@ -67,7 +67,8 @@ def run(run_dir: Path, extra: list[str]) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default=str(ROOT / "runs" / "reproduce-demo"),
                         help="parent of the two fresh run folders (default: %(default)s)")
     parser.add_argument("--record", action="store_true", help="write docs/demo_reference.json from this run")
@@ -84,10 +85,13 @@ def main() -> int:
         measured[name] = round(json.loads((folder / "metrics.json").read_text())["miou"], 6)
     env = environment(num_threads)
     if args.record:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True)
         REFERENCE.write_text(json.dumps({
-            "environment": env, "seed": 0, "miou": measured, "wall_seconds": {k: round(v) for k, v in seconds.items()},
-            "commit": commit.stdout.strip(), "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "environment": env, "seed": 0, "miou": measured,
+            "wall_seconds": {k: round(v) for k, v in seconds.items()},
+            "commit": commit.stdout.strip(),
+            "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }, indent=2) + "\n")
         print(f"recorded {REFERENCE}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in measured.items()))
         return 0
@@ -97,9 +101,10 @@ def main() -> int:
     reference = json.loads(REFERENCE.read_text())
     differing = {k: (v, env.get(k)) for k, v in reference["environment"].items() if env.get(k) != v}
     exact = not differing
-    print(f"environment: {'same as recorded' if exact else 'differs from the record: ' + ', '.join(f'{k} {a} -> {b}' for k, (a, b) in differing.items())}")
-    print(f"rule: {'identical' if exact else f'within {TOLERANCE} mIoU points'}; wall time weak {seconds['weak']:.0f} s, "
-          f"full {seconds['full']:.0f} s")
+    changes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in differing.items())
+    print(f"environment: {'same as recorded' if exact else 'differs from the record: ' + changes}")
+    print(f"rule: {'identical' if exact else f'within {TOLERANCE} mIoU points'}; "
+          f"wall time weak {seconds['weak']:.0f} s, full {seconds['full']:.0f} s")
     print(f"{'':<14}{'recorded':>10}{'now':>10}{'diff':>8}")
     ok = True
     for name, value in measured.items():
@@ -107,7 +112,8 @@ def main() -> int:
         diff = 100 * (value - recorded)
         passed = value == recorded if exact else abs(diff) <= TOLERANCE
         ok &= passed
-        print(f"{name:<14}{100 * recorded:>10.2f}{100 * value:>10.2f}{diff:>+8.2f}  {'ok' if passed else 'DIFFERS'}")
+        verdict = "ok" if passed else "DIFFERS"
+        print(f"{name:<14}{100 * recorded:>10.2f}{100 * value:>10.2f}{diff:>+8.2f}  {verdict}")
     print("reproduced" if ok else "NOT reproduced")
     return 0 if ok else 1
 

@@ -12,7 +12,8 @@ spread (half the max-min range) over the seeds, and the per-class val IoU of the
 Produced the tables of docs/results.md, section "Self-Regulation on the demo: baseline, SR in
 cam, SR in seg, SR in both (3 seeds)".
 
-    .venv/bin/python benchmarks/sr_ablation.py --seeds 0 1 2 [--config configs/demo.yaml] [--set KEY=VALUE ...]
+    .venv/bin/python benchmarks/sr_ablation.py --seeds 0 1 2 [--config configs/demo.yaml] \\
+        [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def run_variant(args, name: str, seed: int) -> Path:
     if shares is not None:
         copy_stages(args.out / f"{shares}-seed{seed}", run_dir, ("cam", "refine"))
     settings = ["--config", args.config, "--mode", mode, "--run-dir", str(run_dir), "--set", f"seed={seed}",
-                "--set", f"cam.sr.enabled={str(cam_sr).lower()}", "--set", f"seg.sr.enabled={str(seg_sr).lower()}"]
+                "--set", f"cam.sr.enabled={str(cam_sr).lower()}",
+                "--set", f"seg.sr.enabled={str(seg_sr).lower()}"]
     run_and_score(settings + [arg for item in args.overrides for arg in ("--set", item)], run_dir)
     return run_dir
 
@@ -66,7 +68,8 @@ def run_and_score(settings: list[str], run_dir: Path, stages: str | None = None,
     """Runs ``stages`` (default: all of the mode) with the pipeline CLI's ``settings``
     (``--run-dir run_dir`` among them), progress and errors appended to ``<run_dir>.log``;
     with ``score``, then scores the run's seg network on the train split."""
-    command = [sys.executable, str(ROOT / "run_pipeline.py")] + (["--stages", stages] if stages else []) + settings
+    command = ([sys.executable, str(ROOT / "run_pipeline.py")] + (["--stages", stages] if stages else [])
+               + settings)
     print(" ".join(command), flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir.with_suffix(".log"), "a") as log:
@@ -93,14 +96,17 @@ def mean_spread(values: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--out", default="runs/sr-ablation")
-    parser.add_argument("--classes", nargs="+", default=["ball", "lamp", "table", "plate", "tile", "bus", "house"])
+    parser.add_argument("--classes", nargs="+",
+                        default=["ball", "lamp", "table", "plate", "tile", "bus", "house"])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--report-only", action="store_true", help="print the table of finished runs, run nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="print the table of finished runs, run nothing")
     args = parser.parse_args()
     args.out = ROOT / args.out  # the CLI runs from the repository root, so relative paths mean the same there
 
@@ -111,15 +117,17 @@ def main() -> None:
             run_variant(args, name, seed)
 
     print(f"\nseeds {args.seeds}; mIoU % mean ± spread")
-    print(f"{'variant':<10}{'CAM':>14}{'pseudo':>14}{'seg train':>14}{'seg val':>14}  " + "  ".join(f"{c:>11}" for c in args.classes))
+    print(f"{'variant':<10}{'CAM':>14}{'pseudo':>14}{'seg train':>14}{'seg val':>14}  "
+          + "  ".join(f"{c:>11}" for c in args.classes))
     for name in args.variants:
         runs = [args.out / f"{name}-seed{seed}" for seed in args.seeds]
         row = []
         for stage in ("cam", "refine", "seg train", "seg"):
             row.append(mean_spread([m["miou"] for r in runs if (m := read_metrics(r, stage))]))
-        per_class = [mean_spread([m["per_class_iou"][c] or 0.0 for r in runs if (m := read_metrics(r, "seg"))])
-                     for c in args.classes]
-        print(f"{name:<10}" + "".join(f"{v:>14}" for v in row) + "  " + "  ".join(f"{v:>11}" for v in per_class))
+        seg_metrics = [m for r in runs if (m := read_metrics(r, "seg"))]
+        per_class = [mean_spread([m["per_class_iou"][c] or 0.0 for m in seg_metrics]) for c in args.classes]
+        print(f"{name:<10}" + "".join(f"{v:>14}" for v in row) + "  "
+              + "  ".join(f"{v:>11}" for v in per_class))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@
 
 Produced the tables of docs/results.md, section "Self-Regulation: what it costs".
 
-    .venv/bin/python benchmarks/sr_step_time.py [--repeats 7] [--threads 2] [--set seg.sr.head_channels=32 ...]
+    .venv/bin/python benchmarks/sr_step_time.py [--repeats 7] [--threads 2] \\
+        [--set seg.sr.head_channels=32 ...]
 """
 from __future__ import annotations
 
@@ -40,8 +41,10 @@ PAST_WARMUP = 10**6  # the epoch given to the loss: all three SR operations on
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per variant (default: %(default)s)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="timed runs per variant (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override of the SR variant, e.g. --set cam.sr.head_channels=32")
@@ -70,7 +73,8 @@ def train_step(net: str, cfg, model, sr: SRConfig, batch: dict):
 
 def predict(net: str, model, image: torch.Tensor):
     if net == "cam":
-        return lambda: multiscale_cams(model, image, np.arange(1, NUM_CLASSES), [1.0, 0.5, 1.5, 2.0], flip=True)
+        classes = np.arange(1, NUM_CLASSES)
+        return lambda: multiscale_cams(model, image, classes, [1.0, 0.5, 1.5, 2.0], flip=True)
     return lambda: predict_batch(model, [image], flip=True)
 
 
@@ -113,8 +117,9 @@ def main():
              "mask": torch.randint(0, NUM_CLASSES, (BATCH, CROP, CROP), generator=generator)}
     image = torch.randn(3, 112, 112, generator=generator)  # a typical demo image (96..128 px)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {BATCH} x 3 x {CROP} x {CROP}, "
-          f"resnet18, {NUM_CLASSES} classes; median of {args.repeats} runs after {WARMUP} warm-up, interleaved")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"batch {BATCH} x 3 x {CROP} x {CROP}, resnet18, {NUM_CLASSES} classes; "
+          f"median of {args.repeats} runs after {WARMUP} warm-up, interleaved")
     print("predict: one 112x112 image; cam: CAMs at 4 scales + flip, seg: prediction + flip")
     for net in ("cam", "seg"):
         sr = getattr(cfg, net).sr
@@ -133,7 +138,8 @@ def main():
                 ("params, training", count(baseline), count(trained), "{:,}"),
                 ("params, SR ckpt", count(baseline), count(inference), "{:,}")]
         for measure, base, with_sr, fmt in rows:
-            print(f"{net:<5}{measure:<26}{fmt.format(base):>12}{fmt.format(with_sr):>12}{with_sr / base:>7.2f}x")
+            print(f"{net:<5}{measure:<26}{fmt.format(base):>12}{fmt.format(with_sr):>12}"
+                  f"{with_sr / base:>7.2f}x")
 
 
 if __name__ == "__main__":

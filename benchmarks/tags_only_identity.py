@@ -27,12 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from pipeline.core.config_file import load_config
 from pipeline.core.io import load_arrays, load_mask
 from pipeline.data.dataset import read_classes
 
+ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"cam/cams": "*.npz", "refine/pseudo": "*.png", "seg/predictions": "*.png"}
 
 
@@ -54,7 +53,8 @@ def tags_only_copy(root: Path, train_split: str, dest: Path) -> int:
 
 def pipeline(args: list[str]) -> tuple[float, str]:
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, str(ROOT / "run_pipeline.py")] + args, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, str(ROOT / "run_pipeline.py")] + args, capture_output=True,
+                          text=True)
     if done.returncode != 0:
         sys.exit(f"run_pipeline.py {' '.join(args)} failed:\n{done.stderr[-2000:]}")
     return time.perf_counter() - started, done.stdout
@@ -68,10 +68,12 @@ def same(a: Path, b: Path) -> bool:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--work", required=True, help="folder for the copy and both run folders (must not exist)")
+    parser.add_argument("--work", required=True,
+                        help="folder for the copy and both run folders (must not exist)")
     args = parser.parse_args()
     work = Path(args.work)
     if work.exists():
@@ -82,7 +84,8 @@ def main() -> int:
     original_args = common + ["--run-dir", str(work / "original")]
     copy_args = common + ["--set", f"data.root={work / 'data-tags-only'}", "--set", "data.tags=tags.csv",
                           "--run-dir", str(work / "tags-only")]
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True)
     summary = {"config": args.config, "overrides": args.overrides, "train_masks_removed": removed,
                "commit": commit.stdout.strip()}
     for name, run_args in (("original", original_args), ("tags_only", copy_args)):
@@ -96,7 +99,8 @@ def main() -> int:
     for folder, pattern in FOLDERS.items():
         files = sorted((work / "original" / folder).glob(pattern))
         differing = [f.name for f in files if not same(f, work / "tags-only" / folder / f.name)]
-        summary[folder] = {"files": len(files), "identical": len(files) - len(differing), "differing": differing[:5]}
+        summary[folder] = {"files": len(files), "identical": len(files) - len(differing),
+                           "differing": differing[:5]}
     (work / "identity.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0 if all(summary[f]["files"] and not summary[f]["differing"] for f in FOLDERS) else 1

@@ -18,7 +18,8 @@ ratio ours/bare of the medians are printed.
 
 Produced the table of docs/results.md, section "The cam training loop against a bare loop".
 
-    .venv/bin/python benchmarks/train_loop_overhead.py [--config configs/demo.yaml] [--rounds 3] [--set KEY=VALUE ...]
+    .venv/bin/python benchmarks/train_loop_overhead.py [--config configs/demo.yaml] [--rounds 3] \\
+        [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
@@ -65,15 +66,16 @@ def bare(model, loader, cfg, device, scratch: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides + ["cam.train.epochs=1", "cam.train.steps=0"])
     if cfg.cam.sr.enabled:
-        print("error: config key 'cam.sr.enabled' is true: the bare loop has no Self-Regulation loss to compare with",
-              file=sys.stderr)
+        print("error: config key 'cam.sr.enabled' is true: the bare loop has no Self-Regulation loss "
+              "to compare with", file=sys.stderr)
         sys.exit(2)
     prepare_data(cfg)
     configure_threads(cfg.num_threads)
@@ -84,7 +86,8 @@ def main() -> None:
                             cfg.cam.train.scale_range, color_jitter=cfg.cam.train.color_jitter)
     print(f"{len(train_set)} images, batch {cfg.cam.train.batch_size}, crop {cfg.cam.train.crop_size}, "
           f"{cfg.cam.backbone.name}, {device}, "
-          f"torch threads {torch.get_num_threads()}, loader workers {cfg.data.loader_workers}; one epoch per run")
+          f"torch threads {torch.get_num_threads()}, loader workers {cfg.data.loader_workers}; "
+          "one epoch per run")
     rates = {"ours": [], "bare": []}
     loops = [("ours", ours), ("bare", bare)]
     for round_index in range(args.rounds):
@@ -99,7 +102,8 @@ def main() -> None:
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - started
             rates[name].append(len(loader) * cfg.cam.train.batch_size / elapsed)
-            print(f"round {round_index + 1}, {name}: {rates[name][-1]:.2f} images/s ({elapsed:.1f} s)", flush=True)
+            print(f"round {round_index + 1}, {name}: {rates[name][-1]:.2f} images/s ({elapsed:.1f} s)",
+                  flush=True)
     median = {name: statistics.median(values) for name, values in rates.items()}
     print(f"median images/s: ours {median['ours']:.2f}, bare {median['bare']:.2f}; "
           f"ratio ours/bare {median['ours'] / median['bare']:.3f}")

@@ -109,7 +109,6 @@ def load_mask(path: str | Path) -> np.ndarray:
         if image.mode not in ("P", "L"):
             raise ValueError(f"{path}: a mask must be a palette or grayscale PNG of class indices, "
                              f"got mode {image.mode}")
-
         return np.array(image, dtype=np.uint8)
 
 

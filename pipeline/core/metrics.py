@@ -117,7 +117,6 @@ class SegmentationScores:
         overlap = iou_scores(self.confusion, self.class_names) | dice_scores(self.confusion, self.class_names)
         return overlap | {
             "mean_hd95": float(np.mean(measured)) if measured else None,
-
             "per_class_hd95": per_class,
             "hd95_unmatched": self.unmatched,
             "scored_images": self.images,

@@ -117,7 +117,6 @@ def keep_freed_memory() -> None:
     faster, 11% with Self-Regulation; docs/results.md, "Where a CPU training step's time
     goes"). The price: the process keeps its peak memory. Nothing changes where glibc is absent
     or ``MALLOC_*_THRESHOLD_`` is set.
-
     """
     if not sys.platform.startswith("linux") or any(
             key in os.environ for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):

@@ -249,7 +249,6 @@ def open_dataset(data) -> VOCDataset:
 @functools.lru_cache(maxsize=8)
 def _open_dataset(root: str, train_split: str, train_masks: str, tags: Optional[str],
                   image_labels: Optional[str], allow_pickle: bool) -> VOCDataset:
-
     return VOCDataset(root, train_split, train_masks, tags, image_labels, allow_pickle)
 
 

@@ -186,4 +186,3 @@ def read_cls_labels(path: Path, num_classes: int, allow_pickle: bool) -> dict[st
     except (ValueError, OSError, AttributeError, EOFError) as error:
         raise DataError(f"{path} is not a cls_labels.npy dict of multi-hot vectors "
                         f"({type(error).__name__})") from None
-

@@ -58,7 +58,6 @@ def prepare_data(cfg, checks: Optional[FileChecks] = None) -> VOCDataset:
             raise ConfigError(f"config key '{section}.train.batch_size' is {train.batch_size}: under "
                               f"torchrun it is shared by {processes} processes, and each needs an equal "
                               "share of at least 2")
-
     return dataset
 
 

@@ -88,7 +88,6 @@ class TrainingSet(torch.utils.data.Dataset):
         labels = multi_hot(self.dataset.image_labels(image_id), self.dataset.num_classes)
         return {"image": image_t, "labels": labels} | masks_t
 
-
     def _pad_and_crop(self, image: torch.Tensor, masks: dict[str, torch.Tensor]):
         crop = self.crop_size
         _, height, width = image.shape

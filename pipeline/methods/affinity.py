@@ -273,4 +273,3 @@ def transition_matrix(weights: torch.Tensor, offsets: list[tuple[int, int]]) -> 
         return torch.sparse_csr_tensor(row_starts.to(index), targets[:, inside].reshape(-1).to(index),
                                        values[:, inside].reshape(-1), size=(size, size),
                                        check_invariants=False)
-

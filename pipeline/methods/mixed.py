@@ -16,10 +16,9 @@ seg head) with no shared weights (:class:`pipeline.models.DeepLab` with ``teache
   (``softmax(softmax(z) / T)``), averaged over classes and pixels, times 0.5 T^2. The teacher
   is not detached, so the term moves both branches (``mixed.detach_teacher: true`` stops it at
   the teacher). Softening the outputs bounds the term (below 0.035 for four classes at T = 2);
-  an earlier version softened the logits,
- the textbook form, whose KL is unbounded: at w_kl 50 it was 18 times the
-  teacher's loss by the fourth step on acdc-dev, and both branches collapsed to background
-  (docs/earlier-results.md, "ACDC");
+  an earlier version softened the logits, the textbook form, whose KL is unbounded: at w_kl 50
+  it was 18 times the teacher's loss by the fourth step on acdc-dev, and both branches
+  collapsed to background (docs/earlier-results.md, "ACDC");
 * the Shannon entropy of the student's softmax makes the student confident; the KL term
   keeps it from the trivial confident answer. Averaged over classes and pixels, as in the
   authors' code (their ``HLoss``), so ``w_entropy: 1`` weighs it as they do; over all the
@@ -247,7 +246,6 @@ def mixed_supervision_loss(model, batch: dict, epoch: int, cfg: MixedConfig, sr:
     }
     total = (terms["teacher"] + cfg.w_partial * partial + cfg.w_kl * terms["kl"]
              + cfg.w_entropy * terms["entropy"])
-
     return {"loss": total} | terms
 
 

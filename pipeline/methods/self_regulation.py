@@ -18,11 +18,11 @@ each is a ``(maps, logits)`` pair with maps at the level's own resolution.
   (``teacher``: stride 2 for a ``stem`` teacher, a quarter of the input's pixels). Seg stage:
   per pixel, the distribution over classes; ``form: hard`` is the cross-entropy against the
   teacher's argmax (the authors' code), ``form: soft`` the KL(teacher || student) of
-  temperature-softened softmaxes times T^2. Cam stage (the maps are CAMs,
- there is no background class): per class in the image label, the
-  distribution over pixels, softmax over the map at temperature T; ``soft`` is the
-  same KL, ``hard`` the KL from the uniform distribution over the teacher's pixels at
-  or above its spatial mean (the cross-entropy against it less its constant entropy).
+  temperature-softened softmaxes times T^2. Cam stage (the maps are CAMs, there is no
+  background class): per class in the image label, the distribution over pixels, softmax over
+  the map at temperature T; ``soft`` is the same KL, ``hard`` the KL from the uniform
+  distribution over the teacher's pixels at or above its spatial mean (the cross-entropy
+  against it less its constant entropy).
 * Operation III, Deep Teacher, Shallow Students (context): the deepest exit's class
   probabilities (sigmoid, detached) are BCE targets of every shallower exit's logits.
 
@@ -125,7 +125,6 @@ def spatial_detail_loss(teacher: torch.Tensor, students: list[torch.Tensor], lab
         target = support / support.sum(dim=1, keepdim=True)
         return over_students([F.kl_div(F.log_softmax(student, dim=1), target, reduction="none")
                               .sum(dim=1).mean() for student in students], reduction)
-
     return softened_kl(teacher, students, temperature, reduction)
 
 

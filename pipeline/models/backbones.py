@@ -198,7 +198,6 @@ class Backbone(nn.Module):
         shift = torch.tensor((MEAN - np.array(mean)) / np.array(std), dtype=torch.float32).view(1, 3, 1, 1)
         unchanged = torch.allclose(scale, torch.ones(())) and torch.allclose(shift, torch.zeros(()))
         self.renormalize = not unchanged
-
         self.register_buffer("input_scale", scale, persistent=False)
         self.register_buffer("input_shift", shift, persistent=False)
 

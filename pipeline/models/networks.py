@@ -109,7 +109,6 @@ def segmentation_head(decoder: str, channels: list[int], num_classes: int,
     return UNetDecoder(channels, num_classes)
 
 
-
 class ASPPHead(nn.Sequential):
     """DeepLab-v3's head on the deepest level: ASPP, a 3x3 conv-BN-ReLU, a 1x1 classifier."""
 

@@ -74,7 +74,6 @@ class BoundaryNet(nn.Module):
         self.branches = nn.ModuleList(
             nn.Sequential(nn.Conv2d(channels, 32, 1, bias=False), nn.GroupNorm(4, 32))
             for channels in self.backbone.channels)
-
         self.boundary = nn.Conv2d(32 * len(self.backbone.channels), 1, 1)
 
     def new_parameters(self) -> list[nn.Parameter]:
