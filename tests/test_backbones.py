@@ -13,7 +13,12 @@ from pipeline.core.config import BACKBONES, BackboneConfig, TrainConfig
 from pipeline.core.errors import ConfigError
 from pipeline.core.training import convert_sync_batchnorm, make_optimizer
 from pipeline.data.training_set import normalize
-from pipeline.models.backbones import Backbone, efficientnet_lite0_state_dict, resolve_weights, weights_fingerprint
+from pipeline.models.backbones import (
+    Backbone,
+    efficientnet_lite0_state_dict,
+    resolve_weights,
+    weights_fingerprint,
+)
 from pipeline.models.networks import CAMNet, DeepLab
 
 MSRC = ROOT.parent / "shared" / "data" / "msrc-dev"
@@ -96,7 +101,8 @@ def test_mismatched_keys_are_an_error_that_lists_them(resnet18_file, tmp_path):
     state["extra.weight"] = state.pop("layer1.0.conv1.weight")
     path = tmp_path / "bad.pth"
     torch.save(state, path)
-    with pytest.raises(ConfigError, match=r"cam\.backbone\.weights.*missing keys \['layer1\.0\.conv1\.weight'\].*"
+    with pytest.raises(ConfigError, match=r"cam\.backbone\.weights.*"
+                                          r"missing keys \['layer1\.0\.conv1\.weight'\].*"
                                           r"unexpected keys \['extra\.weight'\]"):
         Backbone(BackboneConfig(name="resnet18", weights=str(path)), "cam.backbone")
     with pytest.raises(ConfigError, match="do not fit"):  # resnet18 weights into a resnet34
@@ -162,11 +168,13 @@ def _imagenet_classifier_on_backbone(backbone: Backbone):
     return classify
 
 
-@pytest.mark.skipif(not MSRC.is_dir(), reason=f"real images not here ({MSRC}); a fresh clone has no ../shared")
+@pytest.mark.skipif(not MSRC.is_dir(),
+                    reason=f"real images not here ({MSRC}); a fresh clone has no ../shared")
 def test_efficientnet_lite0_classifies_real_photos_sensibly():
     """Top-1 ImageNet class of clearly visible objects in msrc-dev, through our Backbone
     (input normalisation included), not only that the keys load."""
-    backbone = Backbone(BackboneConfig(name="efficientnet_lite0", weights="imagenet", output_stride=32)).eval()
+    cfg = BackboneConfig(name="efficientnet_lite0", weights="imagenet", output_stride=32)
+    backbone = Backbone(cfg).eval()
     classify = _imagenet_classifier_on_backbone(backbone)
     categories = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
     expected = {"12_19_s": {"goose", "drake"}, "16_5_s": {"golden retriever", "Labrador retriever"},

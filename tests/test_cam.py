@@ -27,7 +27,8 @@ def test_cams_are_the_classifier_applied_to_the_last_feature_map():
     with torch.no_grad():
         features = model.backbone(image[None])[-1]
         raw = torch.relu(torch.einsum("bchw,kc->bkhw", features, model.classifier.weight[:, :, 0, 0]))[:, 1:2]
-        expected = torch.nn.functional.interpolate(raw, size=(32, 32), mode="bilinear", align_corners=False)[0]
+        expected = torch.nn.functional.interpolate(raw, size=(32, 32), mode="bilinear",
+                                                   align_corners=False)[0]
     expected = (expected / expected.max()).numpy()
     np.testing.assert_allclose(cams, expected, atol=1e-5)
 
@@ -41,7 +42,8 @@ def test_flip_makes_cams_mirror_symmetric_in_the_input():
 
 
 def test_no_classes_gives_no_maps():
-    assert multiscale_cams(tiny_camnet(), torch.randn(3, 16, 16), np.array([], np.int64), [1.0], True).shape == (0, 16, 16)
+    cams = multiscale_cams(tiny_camnet(), torch.randn(3, 16, 16), np.array([], np.int64), [1.0], True)
+    assert cams.shape == (0, 16, 16)
 
 
 def test_cam_to_label_uses_the_background_threshold():

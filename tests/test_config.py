@@ -86,7 +86,8 @@ def test_execution_only_keys_stay_out_of_cache_sections():
 
 
 def test_a_partly_given_section_keeps_its_parents_defaults():
-    cfg = config_from_dict({"seg": {"train": {"lr": 0.1}, "backbone": {"output_stride": 8}}, "cam": {"train": {}}})
+    cfg = config_from_dict({"seg": {"train": {"lr": 0.1}, "backbone": {"output_stride": 8}},
+                            "cam": {"train": {}}})
     assert cfg.seg.train.lr == 0.1 and cfg.seg.train.epochs == 20 and cfg.seg.train.crop_size == 512
     assert cfg.seg.backbone.name == "resnet101" and cfg.seg.backbone.output_stride == 8
     assert cfg.cam.train == config_from_dict({}).cam.train
@@ -121,7 +122,8 @@ def test_training_keys_at_their_off_value_leave_the_cache_key_as_before_they_exi
     trained_all = config_from_dict({"refine": {"affinity": {"freeze_batchnorm": False, "frozen_levels": []}}})
     affinity = section_for_cache(trained_all, "refine")["refine"]["affinity"]
     assert "freeze_batchnorm" not in affinity and "frozen_levels" not in affinity
-    assert section_for_cache(config_from_dict({}), "refine")["refine"]["affinity"]["frozen_levels"] == ["stem", "layer1"]
+    default = section_for_cache(config_from_dict({}), "refine")["refine"]["affinity"]
+    assert default["frozen_levels"] == ["stem", "layer1"]
     tuned = config_from_dict({"cam": {"train": {"steps": 100, "color_jitter": [0.3, 0.3, 0.3, 0.1]}}})
     assert section_for_cache(tuned, "cam")["cam"]["train"]["steps"] == 100
     assert section_for_cache(tuned, "cam")["cam"]["train"]["color_jitter"] == [0.3, 0.3, 0.3, 0.1]
@@ -146,7 +148,8 @@ def test_fixing_layers_of_a_backbone_without_pretrained_weights_is_a_config_erro
     with pytest.raises(ConfigError, match=r"'refine\.irn\.backbone\.weights' is null"):
         config_from_dict({"refine": {"method": "irn"}})
     config_from_dict({"refine": {"method": "crf"}})  # the sections of another method are not checked
-    config_from_dict({"refine": {"method": "affinity", "affinity": {"freeze_batchnorm": False, "frozen_levels": []}}})
+    config_from_dict({"refine": {"method": "affinity",
+                                 "affinity": {"freeze_batchnorm": False, "frozen_levels": []}}})
     config_from_dict({"refine": {"method": "irn", "irn": {"freeze_backbone": False}}})
     load_config(DEMO_CONFIG, ["refine.method=irn"])
     load_config(DEMO_CONFIG, ["refine.method=affinity"])
@@ -154,6 +157,7 @@ def test_fixing_layers_of_a_backbone_without_pretrained_weights_is_a_config_erro
 
 def test_mixed_precision_is_off_on_the_cpu_and_fp16_needs_cuda():
     import torch
+
     from pipeline.core.training import amp_dtype
     cpu = torch.device("cpu")
     assert amp_dtype("auto", cpu) is None and amp_dtype("off", cpu) is None

@@ -182,8 +182,8 @@ def test_irnet_cls_labels_file_gives_the_image_labels(tmp_path):
 
 def test_score_split_outside_the_train_split_is_an_error(tmp_path):
     root = _voc12_like(tmp_path)
-    with pytest.raises(DataError, match="data.score_split 'train_aug' lists 1 ids outside data.train_split 'train'"
-                                        ", e.g. '2008_000002'"):
+    with pytest.raises(DataError, match="data.score_split 'train_aug' lists 1 ids outside "
+                                        "data.train_split 'train', e.g. '2008_000002'"):
         prepare_data(_voc12_config(root, "data.train_split=train", "data.train_masks=SegmentationClass",
                                    "data.score_split=train_aug"))
 
@@ -203,7 +203,8 @@ def test_real_data_configs_read_their_data_set(name, num_classes):
     val_ids = set(dataset.split_ids(cfg.data.val_split))
     assert train_ids and val_ids and not set(train_ids) & val_ids
     image = dataset.load_image(train_ids[0])
-    assert image.ndim == 3 and image.shape[2] == 3 and image.shape[:2] == dataset.load_mask(train_ids[0]).shape
+    assert image.ndim == 3 and image.shape[2] == 3
+    assert image.shape[:2] == dataset.load_mask(train_ids[0]).shape
 
 
 def test_grayscale_images_become_three_equal_channels_and_masks_stay_class_indices(tmp_path):
@@ -215,7 +216,8 @@ def test_grayscale_images_become_three_equal_channels_and_masks_stay_class_indic
     assert image.shape == (37, 37, 3)
     assert (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()
     torch.manual_seed(0)
-    train_set = TrainingSet(dataset, ["g"], crop_size=24, scale_range=[0.6, 1.7], pixel_labels={"mask": dataset.load_mask})
+    train_set = TrainingSet(dataset, ["g"], crop_size=24, scale_range=[0.6, 1.7],
+                            pixel_labels={"mask": dataset.load_mask})
     for _ in range(10):  # every rescale keeps labels from the original set: nearest-neighbour
         assert set(torch.unique(train_set[0]["mask"]).tolist()) <= {0, 1, 2, IGNORE}
 
@@ -227,8 +229,9 @@ def _slices_folder(tmp_path, sizes):
 
 
 def _slice_config(root, *overrides):
-    return load_config(ROOT / "configs" / "acdc.yaml", [f"data.root={root}", "cam.train.batch_size=2",
-                                                        "seg.train.batch_size=2", "refine.workers=1"] + list(overrides))
+    return load_config(ROOT / "configs" / "acdc.yaml",
+                       [f"data.root={root}", "cam.train.batch_size=2", "seg.train.batch_size=2",
+                        "refine.workers=1"] + list(overrides))
 
 
 def test_volumes_group_slices_in_natural_order_and_take_their_spacing(tmp_path):
@@ -236,19 +239,22 @@ def test_volumes_group_slices_in_natural_order_and_take_their_spacing(tmp_path):
     cfg = _slice_config(root)
     dataset = prepare_data(cfg)
     volumes = Volumes(cfg.data, root)
-    assert volumes("patient001_frame01_slice_2") == ("patient001_frame01", ("patient", 1, "_frame", 1, "_slice_", 2, ""))
+    assert volumes("patient001_frame01_slice_2") == ("patient001_frame01",
+                                                     ("patient", 1, "_frame", 1, "_slice_", 2, ""))
     assert volumes("patient001_frame01_slice_10")[1] > volumes("patient001_frame01_slice_9")[1]
     assert volumes.spacing(dataset.split_ids("val")) == {}
     (root / "spacing.csv").write_text("volume,slice,row,column\npatient001_frame01,10,1.5,1.5\n")
     cfg = _slice_config(root, "data.spacing_file=spacing.csv")
     prepare_data(cfg)
-    assert Volumes(cfg.data, root).spacing(["patient001_frame01_slice_0"]) == {"patient001_frame01": (10.0, 1.5, 1.5)}
+    spacing = Volumes(cfg.data, root).spacing(["patient001_frame01_slice_0"])
+    assert spacing == {"patient001_frame01": (10.0, 1.5, 1.5)}
 
 
 @pytest.mark.parametrize("sizes, overrides, message", [
-    ([(8, 8), (8, 9)], [], r"slices 'patient001_frame01_slice_0' \(8x8\) and 'patient001_frame01_slice_1' \(9x8\) "
-                           r"of volume 'patient001_frame01' differ in size"),
-    ([(8, 8)], ["data.volume_pattern=^case\\d+"], r"id 'patient001_frame01_slice_0' does not match data.volume_pattern"),
+    ([(8, 8), (8, 9)], [], r"slices 'patient001_frame01_slice_0' \(8x8\) and 'patient001_frame01_slice_1' "
+                           r"\(9x8\) of volume 'patient001_frame01' differ in size"),
+    ([(8, 8)], ["data.volume_pattern=^case\\d+"],
+     r"id 'patient001_frame01_slice_0' does not match data.volume_pattern"),
     ([(8, 8)], ["data.spacing_file=none.csv"], r"spacing file .*none.csv does not exist"),
 ])
 def test_volume_problems_stop_before_any_work(tmp_path, sizes, overrides, message):
@@ -259,7 +265,6 @@ def test_volume_problems_stop_before_any_work(tmp_path, sizes, overrides, messag
 
 def test_volume_scoring_keys_leave_cam_and_refine_cached(tmp_path):
     from pipeline.core.cache import cache_key
-
     from stages import expected_inputs
 
     root = _slices_folder(tmp_path, [(8, 8)] * 2)

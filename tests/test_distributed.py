@@ -22,7 +22,8 @@ def torchrun(tmp_path, run_dir, *args):
     for item in TINY + [f"data.root={tmp_path / 'demo'}", "num_threads=1", "refine.workers=1"]:
         argv += ["--set", item]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(argv + list(args), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(argv + list(args), cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -68,5 +69,5 @@ def test_bad_input_under_torchrun_is_one_error_line(single):
     done = torchrun(single, single / "bad", "--set", "cam.train.batch_size=3")
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: config key 'cam.train.batch_size' is 3: under torchrun it is shared by 2 processes, "
-                      "and each needs an equal share of at least 2"]
+    assert errors == ["error: config key 'cam.train.batch_size' is 3: under torchrun it is shared by "
+                      "2 processes, and each needs an equal share of at least 2"]

@@ -56,7 +56,8 @@ def test_confident_confusion_counts_only_sure_pixels():
 
 
 # medpy 0.5.2's medpy.metric.binary values on the arrays below, recorded (medpy is not a dependency):
-# hd95(b, a), hd95(b, a, voxelspacing=(1.5, 0.7)), hd95(w, v), hd95(w, v, voxelspacing=(10, 1.25, 1.25)), dc(w, v)
+# hd95(b, a), hd95(b, a, voxelspacing=(1.5, 0.7)), hd95(w, v), hd95(w, v, voxelspacing=(10, 1.25, 1.25)),
+# dc(w, v)
 MEDPY_2D, MEDPY_2D_SPACED, MEDPY_3D, MEDPY_3D_SPACED, MEDPY_DC_3D = (
     5.757009410119031, 6.1856954593329805, 2.23606797749979, 10.307764064044152, 0.41543026706231456)
 

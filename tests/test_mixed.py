@@ -61,7 +61,8 @@ def test_scribbles_are_checked_for_size_and_class_indices(voc_folder):
     dataset = VOCDataset(voc_folder)
     cfg = Config(mode="mixed", mixed=MixedConfig(weak_source="scribble"))
     (voc_folder / SCRIBBLES).mkdir()
-    scribbles = {image_id: np.full_like(dataset.load_mask(image_id), IGNORE) for image_id in ("a", "b", "empty")}
+    scribbles = {image_id: np.full_like(dataset.load_mask(image_id), IGNORE)
+                 for image_id in ("a", "b", "empty")}
     for image_id, scribble in scribbles.items():
         scribble[5, 5:10] = 1
         Image.fromarray(scribble).save(voc_folder / SCRIBBLES / f"{image_id}.png")
@@ -95,7 +96,8 @@ def test_full_subset_is_a_seeded_fraction_or_a_checked_list(tmp_path):
 
 def test_batches_have_a_fixed_composition_and_cycle_the_small_full_subset():
     full, weak = [0, 1, 2], list(range(3, 60))
-    sampler = MixedBatchSampler(full, weak, batch_size=12, weak_per_full=5, generator=torch.Generator().manual_seed(0))
+    sampler = MixedBatchSampler(full, weak, batch_size=12, weak_per_full=5,
+                                generator=torch.Generator().manual_seed(0))
     batches = list(sampler)
     assert len(batches) == len(sampler) == 60 // 12
     for batch in batches:
@@ -103,7 +105,8 @@ def test_batches_have_a_fixed_composition_and_cycle_the_small_full_subset():
         assert set(batch[:2]) <= set(full) and set(batch[2:]) <= set(weak)
         assert len(set(batch[2:])) == 10  # without replacement within a pass
     assert {i for batch in batches for i in batch[:2]} == set(full)
-    alone = MixedBatchSampler(full, weak, batch_size=4, weak_per_full=0, generator=torch.Generator().manual_seed(0))
+    alone = MixedBatchSampler(full, weak, batch_size=4, weak_per_full=0,
+                              generator=torch.Generator().manual_seed(0))
     assert all(set(batch) <= set(full) for batch in alone)
 
 
@@ -147,7 +150,8 @@ def test_mixed_loss_trains_the_teacher_on_full_images_only(voc_folder):
     torch.manual_seed(0)
     dataset = VOCDataset(voc_folder)
     model = DeepLab(BackboneConfig(name="resnet18"), 3, [1, 2, 3], teacher_head=True).eval()
-    training_set = MixedTrainingSet(dataset, ["a", "b", "empty"], ["a"], dataset.load_train_mask, 32, [1.0, 1.0])
+    training_set = MixedTrainingSet(dataset, ["a", "b", "empty"], ["a"], dataset.load_train_mask, 32,
+                                    [1.0, 1.0])
     batch = torch.utils.data.default_collate([training_set[i] for i in range(3)])
     assert batch["is_full"].tolist() == [True, False, False]
     assert (batch["mask"][1:] == IGNORE).all() and (batch["mask"][0] != IGNORE).any()
@@ -157,9 +161,11 @@ def test_mixed_loss_trains_the_teacher_on_full_images_only(voc_folder):
     assert torch.isclose(terms["loss"], expected)
     changed = dict(batch, weak_mask=torch.zeros_like(batch["weak_mask"]))
     again = mixed_supervision_loss(model, changed, 0, cfg, SRConfig())
-    assert torch.isclose(again["teacher"], terms["teacher"]) and not torch.isclose(again["partial"], terms["partial"])
-    sr_terms = mixed_supervision_loss(DeepLab(BackboneConfig(name="resnet18"), 3, [1, 2, 3], SRConfig(enabled=True),
-                                              teacher_head=True).eval(), batch, 0, cfg, SRConfig(enabled=True))
+    assert torch.isclose(again["teacher"], terms["teacher"])
+    assert not torch.isclose(again["partial"], terms["partial"])
+    sr_model = DeepLab(BackboneConfig(name="resnet18"), 3, [1, 2, 3], SRConfig(enabled=True),
+                       teacher_head=True).eval()
+    sr_terms = mixed_supervision_loss(sr_model, batch, 0, cfg, SRConfig(enabled=True))
     assert torch.isfinite(sr_terms["loss"])
 
 
@@ -171,13 +177,15 @@ def test_partial_ce_and_entropy_follow_the_authors_code_or_the_pooled_weak_only_
     torch.manual_seed(0)
     dataset = VOCDataset(voc_folder)
     model = DeepLab(BackboneConfig(name="resnet18"), 3, [1, 2, 3], teacher_head=True).eval()
-    training_set = MixedTrainingSet(dataset, ["a", "b", "empty"], ["a"], dataset.load_train_mask, 32, [1.0, 1.0])
+    training_set = MixedTrainingSet(dataset, ["a", "b", "empty"], ["a"], dataset.load_train_mask, 32,
+                                    [1.0, 1.0])
     batch = torch.utils.data.default_collate([training_set[i] for i in range(3)])
     with torch.no_grad():
         student = model.forward_branches(batch["image"], with_exits=False)["student"]
         weak, full = batch["weak_mask"], batch["is_full"]
         authors = mixed_supervision_loss(model, batch, 0, MixedConfig(), SRConfig())
-        ours = mixed_supervision_loss(model, batch, 0, MixedConfig(partial_ce="pooled", entropy_on="weak"), SRConfig())
+        pooled = MixedConfig(partial_ce="pooled", entropy_on="weak")
+        ours = mixed_supervision_loss(model, batch, 0, pooled, SRConfig())
     summed = pixel_cross_entropy(student[full], weak[full]) + pixel_cross_entropy(student[~full], weak[~full])
     assert torch.isclose(authors["partial"], summed)
     assert torch.isclose(ours["partial"], pixel_cross_entropy(student, weak))

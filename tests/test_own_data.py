@@ -40,7 +40,8 @@ def test_json_tags(tmp_path):
 
 
 @pytest.mark.parametrize("name, text, message", [
-    ("tags.csv", "id,tags\na,cat\nb,cat dgo\n", r"tags.csv line 3: unknown class 'dgo'; classes.txt names: background, cat"),
+    ("tags.csv", "id,tags\na,cat\nb,cat dgo\n",
+     r"tags.csv line 3: unknown class 'dgo'; classes.txt names: background, cat"),
     ("tags.csv", "id,tags\na,cat\na,dog\n", r"tags.csv line 3: id 'a' is listed twice \(first on line 2\)"),
     ("tags.csv", "id,tags\n../evil,cat\n", r"tags.csv line 2: id '../evil' is not a plain file name"),
     ("tags.csv", "image,labels\na,cat\n", r"tags.csv line 1: the header must be 'id,tags'"),
@@ -49,7 +50,8 @@ def test_json_tags(tmp_path):
     ("tags.json", '{"a": "cat"}', r"tags.json line 1: the tags of 'a' must be a list"),
     ("tags.json", '{"a": [}', r"tags.json line 1: not valid JSON"),
     ("tags.txt", "a cat", r"must be .csv or .json"),
-    ("tags.json", '{\n "a": ["cat"],\n "a": ["dog"]\n}', r"tags.json line 3: id 'a' is listed twice \(first on line 2\)"),
+    ("tags.json", '{\n "a": ["cat"],\n "a": ["dog"]\n}',
+     r"tags.json line 3: id 'a' is listed twice \(first on line 2\)"),
 ])
 def test_bad_tags_files_are_one_line_errors_naming_the_line(tmp_path, name, text, message):
     path = tmp_path / name
@@ -60,7 +62,8 @@ def test_bad_tags_files_are_one_line_errors_naming_the_line(tmp_path, name, text
 
 def test_tags_files_from_spreadsheets_and_editors(tmp_path):
     path = tmp_path / "tags.csv"
-    path.write_bytes("\ufeffid,tags\na,potted plant\nb,cat\n".encode())  # a byte-order mark; a name with a space
+    # A byte-order mark; a name with a space.
+    path.write_bytes("\ufeffid,tags\na,potted plant\nb,cat\n".encode())
     tags = read_tags(path, CLASSES)
     assert tags["a"].tolist() == [3] and tags["b"].tolist() == [1]
     path.write_bytes(b"id,tags\na,cat\nb,caf\xe9\n")  # cp1252, not UTF-8
@@ -122,7 +125,8 @@ def _tags_only_folder(tmp_path, with_splits: bool):
     shutil.rmtree(root / "SegmentationClass")
     if not with_splits:
         shutil.rmtree(root / "ImageSets")
-    (root / "tags.csv").write_text("id,tags\n" + "".join(f"t{i},cat {'dog' if i % 2 else ''}\n" for i in range(4)))
+    rows = "".join(f"t{i},cat {'dog' if i % 2 else ''}\n" for i in range(4))
+    (root / "tags.csv").write_text("id,tags\n" + rows)
     return root
 
 
@@ -137,8 +141,8 @@ def test_without_split_files_the_tags_file_lists_the_train_split_and_there_is_no
 
 def test_without_tags_or_masks_the_error_says_what_to_give(tmp_path):
     root = _tags_only_folder(tmp_path, with_splits=True)
-    with pytest.raises(DataError, match="id 't0' has no mask .*: weak mode reads its image labels from it unless a "
-                                        "tags file gives every train image's tags"):
+    with pytest.raises(DataError, match="id 't0' has no mask .*: weak mode reads its image labels from it "
+                                        "unless a tags file gives every train image's tags"):
         prepare_data(load_config(DEMO_CONFIG, ["demo=null", f"data.root={root}"]))
     shutil.rmtree(root / "ImageSets")
     with pytest.raises(DataError, match="no ImageSets/Segmentation/ and no tags file"):
@@ -150,7 +154,8 @@ def test_a_tags_id_with_its_file_extension_gets_a_hint(tmp_path):
     (root / "tags.csv").write_text("id,tags\nt0.png,cat\n")
     cfg = load_config(DEMO_CONFIG, ["demo=null", f"data.root={root}", "data.tags=tags.csv",
                                     "cam.train.batch_size=2", "seg.train.batch_size=2"])
-    with pytest.raises(DataError, match="id 't0.png' has no image .*; ids are file names without their extension"):
+    with pytest.raises(DataError,
+                       match="id 't0.png' has no image .*; ids are file names without their extension"):
         prepare_data(cfg)
 
 
@@ -164,8 +169,10 @@ def test_full_and_mixed_modes_name_the_masks_they_are_missing(tmp_path, capsys):
     assert main(common + ["--mode", "full"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0
-    assert "--mode full trains on masks, but 3 of the 4 images it trains on have none" in error and "t0, t1, t3" in error
-    assert main(common + ["--mode", "mixed", "--set", "mixed.full_list=" + str(_id_list(tmp_path, "t1"))]) == 2
+    assert "--mode full trains on masks, but 3 of the 4 images it trains on have none" in error
+    assert "t0, t1, t3" in error
+    full_list = _id_list(tmp_path, "t1")
+    assert main(common + ["--mode", "mixed", "--set", f"mixed.full_list={full_list}"]) == 2
     assert "--mode mixed trains on masks, but 1 of the 1 images" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
@@ -221,7 +228,8 @@ def _truncate(path):
 def test_a_truncated_jpeg_is_caught_although_its_header_reads(tmp_path):
     root = write_voc_folder(tmp_path / "voc", {"a": two_object_mask()})
     rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "JPEGImages" / "a.jpg", quality=95)
+    pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(root / "JPEGImages" / "a.jpg", quality=95)
     (root / "JPEGImages" / "a.png").unlink()
     _truncate(root / "JPEGImages" / "a.jpg")
     with Image.open(root / "JPEGImages" / "a.jpg") as image:
@@ -232,7 +240,8 @@ def test_a_truncated_jpeg_is_caught_although_its_header_reads(tmp_path):
 
 def test_checked_files_are_not_decoded_again_until_they_change(tmp_path):
     masks = {f"m{i}": two_object_mask() for i in range(5)}
-    root = write_voc_folder(tmp_path / "voc", masks, splits={"train": list(masks)[:3], "val": list(masks)[3:]})
+    splits = {"train": list(masks)[:3], "val": list(masks)[3:]}
+    root = write_voc_folder(tmp_path / "voc", masks, splits=splits)
     cfg = load_config(DEMO_CONFIG, ["demo=null", f"data.root={root}", "cam.train.batch_size=2",
                                     "seg.train.batch_size=2"])
     memo = tmp_path / "run" / "checked_files.json"
@@ -302,14 +311,16 @@ def test_predict_on_the_val_images_reproduces_the_seg_stage(runs, capsys):
     listing = runs / "val-images.txt"
     listing.write_text("".join(f"demo/JPEGImages/{i}.jpg\n" for i in val_ids))
     out = runs / "predicted"
-    assert main(["predict", "--run-dir", str(run_dir), "--images", str(listing), "--out", str(out), "--overlay"]) == 0
+    assert main(["predict", "--run-dir", str(run_dir), "--images", str(listing), "--out", str(out),
+                 "--overlay"]) == 0
     summary = capsys.readouterr().out
     assert re.search(r"predict: 8 images in [\d.]+ s \([\d.]+ images/s\)", summary)
     for image_id in val_ids:
         np.testing.assert_array_equal(load_mask(out / f"{image_id}.png"),
                                       load_mask(run_dir / "seg" / "predictions" / f"{image_id}.png"))
-        with Image.open(out / f"{image_id}_overlay.jpg") as overlay:
-            assert overlay.format == "JPEG" and overlay.size == Image.open(demo / "JPEGImages" / f"{image_id}.jpg").size
+        with (Image.open(out / f"{image_id}_overlay.jpg") as overlay,
+              Image.open(demo / "JPEGImages" / f"{image_id}.jpg") as image):
+            assert overlay.format == "JPEG" and overlay.size == image.size
 
 
 @pytest.mark.e2e
@@ -330,15 +341,19 @@ def test_predict_names_unreadable_images_and_still_writes_the_others(runs, capsy
 @pytest.mark.e2e
 def test_predict_refuses_a_run_without_seg_and_an_output_folder_that_is_the_input(runs, capsys):
     images = runs / "demo" / "JPEGImages"
-    assert main(["predict", "--run-dir", str(runs / "nothing"), "--images", str(images), "--out", str(runs / "o")]) == 2
+
+    def predict(run_dir, out):
+        return main(["predict", "--run-dir", str(run_dir), "--images", str(images), "--out", str(out)])
+
+    assert predict(runs / "nothing", runs / "o") == 2
     assert "has no finished seg stage" in capsys.readouterr().err
-    assert main(["predict", "--run-dir", str(runs / "run"), "--images", str(images), "--out", str(images)]) == 2
+    assert predict(runs / "run", images) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "is the folder of the input image" in error
     inside = runs / "run" / "seg" / "predictions"
     before = sorted(p.name for p in inside.iterdir())
     for out in (inside, runs / "run" / "report", runs / "run"):
-        assert main(["predict", "--run-dir", str(runs / "run"), "--images", str(images), "--out", str(out)]) == 2
+        assert predict(runs / "run", out) == 2
         assert "one of the folders a run rewrites" in capsys.readouterr().err
     assert sorted(p.name for p in inside.iterdir()) == before
 
@@ -347,9 +362,10 @@ def test_predict_refuses_a_run_without_seg_and_an_output_folder_that_is_the_inpu
 def test_a_tags_only_folder_without_splits_trains_then_predicts(runs, tmp_path):
     root = _tags_only_folder(tmp_path, with_splits=False)
     run_dir = tmp_path / "run"
-    common = ["--config", DEMO_CONFIG, "--run-dir", str(run_dir), "--set", "demo=null", "--set", f"data.root={root}",
-              "--set", "data.tags=tags.csv"] + sum((["--set", s] for s in TINY if not s.startswith("demo.")), []) + \
-        ["--set", "cam.train.batch_size=2", "--set", "seg.train.batch_size=2"]
+    common = ["--config", DEMO_CONFIG, "--run-dir", str(run_dir), "--set", "demo=null",
+              "--set", f"data.root={root}", "--set", "data.tags=tags.csv"]
+    common += sum((["--set", s] for s in TINY if not s.startswith("demo.")), [])
+    common += ["--set", "cam.train.batch_size=2", "--set", "seg.train.batch_size=2"]
     assert main(common) == 0
     metrics = json.loads((run_dir / "seg" / "metrics.json").read_text())
     assert metrics["miou"] is None and metrics["not_scored"] == "no val split"

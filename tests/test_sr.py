@@ -63,7 +63,8 @@ def test_sr_config_defaults_and_keys():
     assert (sr.head_channels, sr.reduction, sr.detail_resolution) == (256, "sum", "input")
     assert sr.w_main_cls is None  # the main exit weighted like the others
     cfg = load_config(DEMO_CONFIG, ["cam.sr.enabled=true", "seg.sr.form=soft", "seg.sr.exits=[layer1, stem]"])
-    assert cfg.cam.sr.enabled and cfg.cam.sr.exits == list(BACKBONE_LEVELS[:-1]) and cfg.cam.sr.head_channels == 256
+    assert cfg.cam.sr.enabled and cfg.cam.sr.exits == list(BACKBONE_LEVELS[:-1])
+    assert cfg.cam.sr.head_channels == 256
     assert cfg.seg.sr.form == "soft" and cfg.seg.sr.exits == ["layer1", "stem"]
     # The demo ships SR in seg alone, at the width and reduction chosen on train (docs/results.md).
     shipped = load_config(DEMO_CONFIG, [])
@@ -93,13 +94,15 @@ def test_soft_kl_is_zero_for_a_student_equal_to_the_teacher_and_positive_otherwi
     assert softened_kl(teacher, [teacher + torch.randn(2, 5, 3, 3)], 2.0).item() > 1e-3
     assert class_detail_loss(teacher, [teacher.clone()], "soft", 4.0).item() == pytest.approx(0.0, abs=1e-6)
     labels = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]])
-    assert spatial_detail_loss(teacher, [teacher.clone()], labels, "soft", 0.5).item() == pytest.approx(0.0, abs=1e-5)
+    loss = spatial_detail_loss(teacher, [teacher.clone()], labels, "soft", 0.5)
+    assert loss.item() == pytest.approx(0.0, abs=1e-5)
 
 
 def test_soft_kl_is_kl_teacher_to_student_times_t_squared():
     teacher, student = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 1.0, 0.0]])
     p, q = (teacher / 2).softmax(1), (student / 2).softmax(1)
-    assert softened_kl(teacher, [student], 2.0).item() == pytest.approx(4 * (p * (p / q).log()).sum().item(), rel=1e-5)
+    expected = 4 * (p * (p / q).log()).sum().item()
+    assert softened_kl(teacher, [student], 2.0).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_hard_class_form_is_the_cross_entropy_against_the_teachers_argmax():
@@ -111,15 +114,17 @@ def test_hard_class_form_is_the_cross_entropy_against_the_teachers_argmax():
     # the mean or the sum over the students
     other = torch.randn(2, 4, 5, 5)
     both = own.item() + F.cross_entropy(other, teacher.argmax(1)).item()
-    assert class_detail_loss(teacher, [teacher, other], "hard", 1.0).item() == pytest.approx(both / 2, rel=1e-5)
-    assert class_detail_loss(teacher, [teacher, other], "hard", 1.0, "sum").item() == pytest.approx(both, rel=1e-5)
+    mean = class_detail_loss(teacher, [teacher, other], "hard", 1.0)
+    total = class_detail_loss(teacher, [teacher, other], "hard", 1.0, "sum")
+    assert mean.item() == pytest.approx(both / 2, rel=1e-5) and total.item() == pytest.approx(both, rel=1e-5)
 
 
 def test_hard_spatial_form_is_minimal_for_a_student_uniform_on_the_teachers_support():
     teacher = torch.tensor([[[[3.0, 2.0], [0.0, -1.0]]]])  # mean 1: support = the top row
     labels = torch.ones(1, 1)
     uniform_on_support = torch.tensor([[[[0.0, 0.0], [-30.0, -30.0]]]])
-    assert spatial_detail_loss(teacher, [uniform_on_support], labels, "hard", 1.0).item() == pytest.approx(0, abs=1e-6)
+    loss = spatial_detail_loss(teacher, [uniform_on_support], labels, "hard", 1.0)
+    assert loss.item() == pytest.approx(0, abs=1e-6)
     assert spatial_detail_loss(teacher, [teacher], labels, "hard", 1.0).item() > 0.1
     constant = torch.zeros(1, 1, 2, 2)  # all pixels tie: the support is the whole map, never empty
     assert torch.isfinite(spatial_detail_loss(constant, [constant], labels, "hard", 1.0))
@@ -197,8 +202,10 @@ def test_main_classifier_weight_replaces_w_cls_for_the_main_exit_only():
     exits = hand_made_exits(channels=3, sizes=(16, 8, 4, 2))
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     logits = [z for _, z in exits]
-    main, auxiliary = multilabel_loss(logits[-1], labels), sum(multilabel_loss(z, labels) for z in logits[:-1])
-    for w_main_cls, expected in [(None, 0.2 * (main + auxiliary)), (1.0, main + 0.2 * auxiliary), (0.0, 0.2 * auxiliary)]:
+    main = multilabel_loss(logits[-1], labels)
+    auxiliary = sum(multilabel_loss(z, labels) for z in logits[:-1])
+    weighted = [(None, 0.2 * (main + auxiliary)), (1.0, main + 0.2 * auxiliary), (0.0, 0.2 * auxiliary)]
+    for w_main_cls, expected in weighted:
         cfg = SRConfig(enabled=True, w_sf=0.0, w_sl=0.0, w_main_cls=w_main_cls)
         terms = self_regulation_loss(exits, labels, cfg, epoch=0, input_size=(32, 32))
         assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6), w_main_cls
@@ -325,10 +332,12 @@ def test_tiny_pipeline_with_sr_in_both_networks(tmp_path):
     for stage in ("cam", "refine", "seg"):
         metrics = json.loads((tmp_path / "run" / stage / "metrics.json").read_text())
         assert 0.0 <= metrics["miou"] <= 1.0
-    for stage, build in (("cam", lambda: CAMNet(BACKBONE, 7)), ("seg", lambda: DeepLab(BACKBONE, 8, [6, 12, 18]))):
+    for stage, build in (("cam", lambda: CAMNet(BACKBONE, 7)),
+                         ("seg", lambda: DeepLab(BACKBONE, 8, [6, 12, 18]))):
         load_checkpoint(tmp_path / "run" / stage / "model.pt", build())  # strict: no SR head inside
     manifest = json.loads((tmp_path / "run" / "cam" / "manifest.json").read_text())
-    assert manifest["inputs"]["config"]["cam"]["sr"]["enabled"] is True  # SR settings are part of the cache key
+    # SR settings are part of the cache key.
+    assert manifest["inputs"]["config"]["cam"]["sr"]["enabled"] is True
 
 
 def test_pooled_exit_classifier_makes_each_exit_map_the_cam_of_its_class():

@@ -105,8 +105,8 @@ def test_exit_cams_scores_the_main_exit_as_the_cam_stage_scores_its_cams(tmp_pat
         for image_id in ids:
             classes = dataset.image_labels(image_id)
             cams = multiscale_cams(model, normalize(dataset.load_image(image_id)), classes, [1.0], True)
-            confusion = confusion + confusion_matrix(dataset.load_mask(image_id), cam_to_label(cams, classes, 0.5),
-                                                     dataset.num_classes)
+            labels = cam_to_label(cams, classes, 0.5)
+            confusion = confusion + confusion_matrix(dataset.load_mask(image_id), labels, dataset.num_classes)
     expected = iou_scores(confusion, dataset.classes)["miou"]
 
     command = ["--config", DEMO_CONFIG, "--state", str(tmp_path / "state.pt"), "--images", "6"]
@@ -118,7 +118,8 @@ def test_exit_cams_scores_the_main_exit_as_the_cam_stage_scores_its_cams(tmp_pat
     assert rows["main"][3] == f"{100 * expected:.1f}"  # the mIoU at background threshold 0.5
     assert "Operation II's hard target (stem pixels" in out
 
-    torch.save({"model": CAMNet(cfg.cam.backbone, dataset.num_classes - 1).state_dict()}, tmp_path / "plain.pt")
+    plain = CAMNet(cfg.cam.backbone, dataset.num_classes - 1)
+    torch.save({"model": plain.state_dict()}, tmp_path / "plain.pt")
     command[command.index(str(tmp_path / "state.pt"))] = str(tmp_path / "plain.pt")
     assert exit_cams.main(command) == 2
     assert "does not match the config's network" in one_error_line(capsys)
