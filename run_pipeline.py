@@ -65,10 +65,10 @@ def write_report(run_dir: Path) -> Path | None:
         return None
 
 
-def describe_relation_net(cfg, run_dir: Path, refine_runs: bool) -> None:
+def describe_refine_network(cfg, run_dir: Path, refine_runs: bool) -> None:
     """The dry run's line for refine's own cached network (methods affinity and irn): a refine
     that runs reuses it when it is cached, even under --force, and trains it otherwise."""
-    found = refine.relation_net_status(cfg, run_dir, expected_inputs(cfg, "refine"))
+    found = refine.network_status(cfg, run_dir, expected_inputs(cfg, "refine"))
     if found is not None:
         folder, status = found
         action = ("reuse" if status.state == "cached" else "train") if refine_runs else "skip"
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
                 forced = " (--force)" if args.force and stage.state == "cached" else ""
                 print(f"{stage.name:<7} {stage.state:<8} -> {action}{forced}: {stage.reason}")
                 if stage.name == "refine":
-                    describe_relation_net(cfg, run_dir, stage.will_run)
+                    describe_refine_network(cfg, run_dir, stage.will_run)
             return 0
         with run_folder_lock(run_dir):  # every check passed: the run folder may be written from here on
             if is_main_process():

@@ -31,15 +31,9 @@ from pipeline.core.training import load_checkpoint
 from pipeline.data.dataset import open_dataset
 from pipeline.data.prepare import prepare_data
 from pipeline.data.training_set import normalize
-from stages.cam import load_cams
-from stages.refine import (
-    NETWORKS,
-    boundary_scores,
-    build_relation_net,
-    propagated_scores,
-    walk_mask,
-    write_crf_masks,
-)
+from pipeline.methods.cams import load_cams
+from pipeline.refinement import method_for
+from pipeline.refinement.masks import write_crf_masks
 
 
 def main() -> None:
@@ -68,18 +62,19 @@ def main() -> None:
         cfg.refine.workers = workers
         with tempfile.TemporaryDirectory() as scratch:
             started = time.perf_counter()
-            write_crf_masks(cfg, args.run_dir, ids, Path(scratch) / "crf", resume=False)
+            write_crf_masks(cfg, args.run_dir, ids, Path(scratch) / "crf", keep=False)
             elapsed = time.perf_counter() - started
         print(f"CRF masks, {workers} worker(s): {len(ids) / elapsed:.1f} images/s "
               f"({elapsed / len(ids):.3f} s/image)")
 
-    net_file = args.run_dir / NETWORKS[cfg.refine.method] / "model.pt" if cfg.refine.method != "crf" else None
+    method = method_for(cfg)
+    net_file = args.run_dir / method.network_folder / "model.pt" if method.network_folder else None
     if net_file is None or not net_file.exists():
         print(f"no trained network for refine.method {cfg.refine.method} in {args.run_dir}: "
               "random walk not timed")
         return
     device = select_device(cfg.device)
-    model = build_relation_net(cfg.refine)
+    model = method.build_network()
     load_checkpoint(net_file, model)
     model.to(device).eval()
     network_seconds, walk_seconds, walked = 0.0, 0.0, 0
@@ -91,19 +86,18 @@ def main() -> None:
         started = time.perf_counter()
         # As the walk runs it: IRNet's boundary map averages the image's and its mirror's.
         with torch.no_grad():
-            model(torch.stack([image, image.flip(-1)]) if cfg.refine.method == "irn" else image[None])
+            model(method.network_batch(image))
         network_seconds += _synchronized(device, started)
         started = time.perf_counter()
-        scores = (boundary_scores(model, image, cams, cfg.refine.irn_walk) if cfg.refine.method == "irn"
-                  else propagated_scores(model, image, cams, cfg.refine.random_walk))
+        scores = method.walked_scores(model, image, cams)
         walk_seconds += _synchronized(device, started)
         walked += 1
         if args.save_masks is not None:  # as the stage makes them: float16 scores, then the mask
             stored = scores.astype(np.float16).astype(np.float32)
-            mask = walk_mask(dataset.load_image(image_id), stored, classes, cfg.refine)
+            mask = method.mask_from_scores()(dataset.load_image(image_id), stored, classes)
             args.save_masks.mkdir(parents=True, exist_ok=True)
             save_mask(args.save_masks / f"{image_id}.png", mask)
-    walk = cfg.refine.irn_walk if cfg.refine.method == "irn" else cfg.refine.random_walk
+    walk = method.walk_cfg
     walked = max(walked, 1)
     print(f"{cfg.refine.method} walk ({walk.iterations} steps, radius {walk.radius}), {device}, "
           f"{walked} images: {walk_seconds / walked:.3f} s/image with the network, "

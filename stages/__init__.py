@@ -1,20 +1,26 @@
 """The stage registry and the planner that decides, per stage, run or reuse the cache.
 
 Each stage module has ``upstream(cfg)`` (the stages whose outputs it reads),
-``own_inputs(cfg)`` (config values and data fingerprint it depends on) and the entry
-point ``run(cfg, run_dir) -> metrics``.
+``own_inputs(cfg)`` (its cache version, the config values and data fingerprint it depends
+on, and under ``scoring`` what only changes its scores) and the entry point
+``run(cfg, run_dir) -> metrics``. :data:`RUN_FOLDERS` is every cached folder a run folder
+can hold.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.core.cache import METRICS, cache_key, read_json, stage_status
+from pipeline.core.cache import METRICS, read_json, stage_status, training_key
 from pipeline.core.config import Config
 from pipeline.core.errors import CacheError, ConfigError
+from pipeline.refinement import NETWORK_FOLDERS
 from stages import cam, refine, seg
 
 STAGES = {"cam": cam, "refine": refine, "seg": seg}
+# Every cached folder a run folder can hold, in pipeline order: the stages' and the folders
+# of the networks refine's methods train.
+RUN_FOLDERS = ("cam", *NETWORK_FOLDERS, "refine", "seg")
 
 
 def mode_stages(cfg: Config) -> list[str]:
@@ -31,7 +37,7 @@ def expected_inputs(cfg: Config, stage: str) -> dict:
     """What the stage's manifest must record for its cache to be valid under ``cfg``."""
     module = STAGES[stage]
     return module.own_inputs(cfg) | {
-        "upstream": {name: cache_key(expected_inputs(cfg, name)) for name in module.upstream(cfg)}}
+        "upstream": {name: training_key(expected_inputs(cfg, name)) for name in module.upstream(cfg)}}
 
 
 @dataclass

@@ -10,28 +10,43 @@ With ``cam.sr.enabled`` the classifier trains with Self-Regulation exits
 from __future__ import annotations
 
 import functools
-import zipfile
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.core.cache import CHECKPOINT, VOLUME_SCORING_KEYS, StageOutput, section_for_cache
+from pipeline.core.cache import CHECKPOINT, SCORING_DATA_KEYS, StageOutput, config_values, section_for_cache
 from pipeline.core.config import Config, SRConfig
-from pipeline.core.errors import CacheError
-from pipeline.core.io import load_arrays, save_arrays
+from pipeline.core.io import save_arrays
 from pipeline.core.metrics import confusion_matrix, iou_scores, not_scored
-from pipeline.core.runtime import barrier, is_main_process, seed_everything, select_device, shard, sum_across_ranks
-from pipeline.core.training import LossFn, loss_curve, make_train_loader, save_checkpoint, train
+from pipeline.core.runtime import (
+    barrier,
+    is_main_process,
+    seed_everything,
+    select_device,
+    shard,
+    sum_across_ranks,
+)
+from pipeline.core.training import (
+    LossFn,
+    load_checkpoint,
+    loss_curve,
+    make_train_loader,
+    save_checkpoint,
+    train,
+)
 from pipeline.data.dataset import open_dataset, score_ids, score_split
 from pipeline.data.training_set import TrainingSet, normalize
-from pipeline.methods.cams import cam_to_label, multiscale_cams
+from pipeline.methods.cams import cam_to_label, load_cams, multiscale_cams
 from pipeline.methods.losses import multilabel_loss
 from pipeline.methods.self_regulation import self_regulation_loss
 from pipeline.models.backbones import weights_fingerprint
 from pipeline.models.networks import CAMNet
 
 NAME = "cam"
+# The cache version: raised when a release changes what cam computes from the same config and
+# data, so that caches made before are stale once (README, "Outputs and the cache").
+VERSION = 1
 # Background thresholds scored on the train images, to report the best one beside the configured one.
 THRESHOLD_SWEEP = [round(t, 2) for t in np.arange(0.05, 0.96, 0.05)]
 
@@ -41,10 +56,17 @@ def upstream(cfg: Config) -> list[str]:
 
 
 def own_inputs(cfg: Config) -> dict:
+    """The classifier and its CAMs depend on the train split; which masks score them, and at
+    which background threshold, is the scoring part (changing it rescores the cached CAMs)."""
     dataset = open_dataset(cfg.data)
-    return {"config": section_for_cache(cfg, "seed", "data", "cam", omit=VOLUME_SCORING_KEYS),
-            "data_fingerprint": dataset.fingerprint(cfg.data.train_split, [score_split(cfg.data)]),
-            "weights_fingerprint": weights_fingerprint(cfg.cam.backbone, "cam.backbone.weights")}
+    scoring_keys = ("data.score_split", "cam.bg_threshold")
+    return {"version": VERSION,
+            "config": section_for_cache(cfg, "seed", "data", "cam",
+                                        omit=SCORING_DATA_KEYS + scoring_keys + ("data.val_split",)),
+            "data_fingerprint": dataset.fingerprint(cfg.data.train_split),
+            "weights_fingerprint": weights_fingerprint(cfg.cam.backbone, "cam.backbone.weights"),
+            "scoring": {"config": config_values(cfg, *scoring_keys),
+                        "data_fingerprint": dataset.fingerprint(scored_splits=[score_split(cfg.data)])}}
 
 
 def classification_loss(model, batch, epoch) -> dict:
@@ -62,16 +84,6 @@ def training_loss(sr: SRConfig) -> LossFn:
     return functools.partial(sr_classification_loss, sr=sr) if sr.enabled else classification_loss
 
 
-def load_cams(cam_dir: Path, image_id: str) -> tuple[np.ndarray, np.ndarray]:
-    path = cam_dir / f"{image_id}.npz"
-    try:
-        arrays = load_arrays(path)
-        return arrays["cams"].astype(np.float32), arrays["classes"].astype(np.int64)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
-        raise CacheError(f"CAM file {path} is missing or unreadable ({type(error).__name__}); "
-                         "recompute it: --stages cam --force") from None
-
-
 def run(cfg: Config, run_dir: Path) -> dict:
     dataset = open_dataset(cfg.data)
     device = select_device(cfg.device)
@@ -79,12 +91,19 @@ def run(cfg: Config, run_dir: Path) -> dict:
     train_ids = dataset.split_ids(cfg.data.train_split)
     scored = score_ids(cfg.data, dataset)
     with StageOutput(run_dir, NAME, own_inputs(cfg) | {"upstream": {}}) as out:
-        model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1, cfg.cam.sr).to(device)
-        train_set = TrainingSet(dataset, train_ids, cfg.cam.train.crop_size, cfg.cam.train.scale_range,
-                                color_jitter=cfg.cam.train.color_jitter)
-        loader = make_train_loader(train_set, cfg.cam.train, cfg.data.loader_workers, generator)
-        history = train(model, loader, training_loss(cfg.cam.sr), cfg.cam.train, device, "cam", out.dir / CHECKPOINT)
-        save_checkpoint(out.dir / "model.pt", model)
+        if out.reused:  # only the scoring changed: the classifier and its CAMs are the ones there
+            model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1).to(device)
+            load_checkpoint(out.dir / "model.pt", model)
+            loss_by_epoch = out.previous_metrics["train_loss_by_epoch"]
+        else:
+            model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1, cfg.cam.sr).to(device)
+            train_set = TrainingSet(dataset, train_ids, cfg.cam.train.crop_size, cfg.cam.train.scale_range,
+                                    color_jitter=cfg.cam.train.color_jitter)
+            loader = make_train_loader(train_set, cfg.cam.train, cfg.data.loader_workers, generator)
+            history = train(model, loader, training_loss(cfg.cam.sr), cfg.cam.train, device, "cam",
+                            out.dir / CHECKPOINT)
+            save_checkpoint(out.dir / "model.pt", model)
+            loss_by_epoch = loss_curve(history)
 
         cam_dir = out.dir / "cams"
         cam_dir.mkdir(exist_ok=True)
@@ -92,7 +111,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
         confusions = {t: np.zeros((dataset.num_classes,) * 2, dtype=np.int64) for t in thresholds}
         for image_id in tqdm(shard(train_ids), desc="cam inference", leave=False, disable=not is_main_process()):
             classes = dataset.image_labels(image_id)
-            if out.resumed and (cam_dir / f"{image_id}.npz").is_file():  # written, hence complete, before a kill
+            # Written, hence complete, before a kill; or made by the same classifier (reused).
+            if (out.resumed or out.reused) and (cam_dir / f"{image_id}.npz").is_file():
                 cams = load_cams(cam_dir, image_id)[0].astype(np.float16)
             else:
                 image = normalize(dataset.load_image(image_id)).to(device)
@@ -108,7 +128,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
 
         confusions = {t: sum_across_ranks(confusion) for t, confusion in confusions.items()}
         barrier()  # every process's CAMs are written
-        out.metrics = {"train_loss_by_epoch": loss_curve(history),
+        out.metrics = {"train_loss_by_epoch": loss_by_epoch,
                        "cam_bytes_per_image": round(sum(f.stat().st_size for f in cam_dir.glob("*.npz"))
                                                     / max(len(train_ids), 1))}
         if not scored:

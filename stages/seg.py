@@ -13,18 +13,33 @@ With ``seg.sr.enabled`` the segmenter trains with Self-Regulation exits
 from __future__ import annotations
 
 import functools
+import shutil
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from pipeline.core.cache import CHECKPOINT, StageOutput, section_for_cache, upstream_keys
+from pipeline.core.cache import (
+    CHECKPOINT,
+    SCORING_DATA_KEYS,
+    StageOutput,
+    config_values,
+    section_for_cache,
+    upstream_keys,
+)
 from pipeline.core.config import Config, SRConfig
 from pipeline.core.errors import DataError
 from pipeline.core.io import atomic_write_bytes, file_digest, load_mask, save_mask
 from pipeline.core.metrics import SegmentationScores, not_scored
 from pipeline.core.runtime import barrier, is_main_process, seed_everything, select_device, shard, world_size
-from pipeline.core.training import LossFn, loss_curve, make_train_loader, save_checkpoint, train
+from pipeline.core.training import (
+    LossFn,
+    load_checkpoint,
+    loss_curve,
+    make_train_loader,
+    save_checkpoint,
+    train,
+)
 from pipeline.data.dataset import VOCDataset, open_dataset
 from pipeline.data.training_set import MaskFolder, TrainingSet, normalize
 from pipeline.data.volumes import Volumes
@@ -42,6 +57,9 @@ from pipeline.models.backbones import weights_fingerprint
 from pipeline.models.networks import DeepLab, predict_batch, segmentation_network
 
 NAME = "seg"
+# The cache version: raised when a release changes what seg computes from the same config and
+# data, so that caches made before are stale once (README, "Outputs and the cache").
+VERSION = 1
 CLASSES = "classes.txt"  # the class names, beside model.pt: `run_pipeline.py predict` needs no data folder
 
 
@@ -54,14 +72,22 @@ def upstream(cfg: Config) -> list[str]:
 
 
 def own_inputs(cfg: Config) -> dict:
+    """The network depends on the train split and its labels; the val split, how it is
+    predicted (flip) and scored (volumes, spacing) is the scoring part: changing only that
+    predicts and scores again with the cached network."""
     dataset = open_dataset(cfg.data)
     mixed = cfg.mode == "mixed"
     spacing_file = Path(cfg.data.root) / cfg.data.spacing_file if cfg.data.spacing_file else None
-    return {"config": section_for_cache(cfg, "seed", "mode", "data", "seg", *(["mixed"] if mixed else [])),
-            "data_fingerprint": dataset.fingerprint(cfg.data.train_split, [cfg.data.val_split]) + (
-                f":{file_digest(spacing_file)}" if spacing_file else ""),
+    scoring_keys = ("data.val_split", "data.volume_pattern", "data.spacing", "data.spacing_file", "seg.flip_predict")
+    return {"version": VERSION,
+            "config": section_for_cache(cfg, "seed", "mode", "data", "seg", *(["mixed"] if mixed else []),
+                                        omit=SCORING_DATA_KEYS + scoring_keys),
+            "data_fingerprint": dataset.fingerprint(cfg.data.train_split),
             "weights_fingerprint": weights_fingerprint(cfg.seg.backbone, "seg.backbone.weights")} | (
-        {"mixed_fingerprint": mixed_fingerprint(cfg, dataset)} if mixed else {})
+        {"mixed_fingerprint": mixed_fingerprint(cfg, dataset)} if mixed else {}) | {
+        "scoring": {"config": config_values(cfg, *scoring_keys),
+                    "data_fingerprint": dataset.fingerprint(scored_splits=[cfg.data.val_split]) + (
+                        f":{file_digest(spacing_file)}" if spacing_file else "")}}
 
 
 def check_training_masks(cfg: Config, dataset: VOCDataset) -> None:
@@ -167,12 +193,23 @@ def run(cfg: Config, run_dir: Path) -> dict:
     mixed = cfg.mode == "mixed"
     full_ids = full_subset(dataset.split_ids(cfg.data.train_split), cfg.mixed, cfg.seed) if mixed else []
     with StageOutput(run_dir, NAME, inputs) as out:
-        model = segmentation_network(cfg, dataset.num_classes, training=True).to(device)
-        loader = training_loader(cfg, dataset, run_dir, generator, full_ids)
-        compute_loss = (functools.partial(mixed_supervision_loss, cfg=cfg.mixed, sr=cfg.seg.sr) if mixed
-                        else training_loss(cfg.seg.sr))
-        history = train(model, loader, compute_loss, cfg.seg.train, device, f"seg ({cfg.mode})", out.dir / CHECKPOINT)
-        save_checkpoint(out.dir / "model.pt", model)
+        if out.reused:  # only the val split or its scoring changed: predict again with the network there
+            model = segmentation_network(cfg, dataset.num_classes, training=False).to(device)
+            load_checkpoint(out.dir / "model.pt", model)
+            loss_by_epoch = out.previous_metrics["train_loss_by_epoch"]
+            if is_main_process():
+                for folder in branches(model):
+                    shutil.rmtree(out.dir / folder, ignore_errors=True)
+            barrier()
+        else:
+            model = segmentation_network(cfg, dataset.num_classes, training=True).to(device)
+            loader = training_loader(cfg, dataset, run_dir, generator, full_ids)
+            compute_loss = (functools.partial(mixed_supervision_loss, cfg=cfg.mixed, sr=cfg.seg.sr) if mixed
+                            else training_loss(cfg.seg.sr))
+            history = train(model, loader, compute_loss, cfg.seg.train, device, f"seg ({cfg.mode})",
+                            out.dir / CHECKPOINT)
+            save_checkpoint(out.dir / "model.pt", model)
+            loss_by_epoch = loss_curve(history)
 
         atomic_write_bytes(out.dir / CLASSES, "".join(f"{name}\n" for name in dataset.classes).encode())
         val_ids = dataset.split_ids(cfg.data.val_split)
@@ -188,7 +225,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         reason = "no masks" if val_ids else "no val split"
         out.metrics = scored(scores["predictions"], reason) | {
             "mode": cfg.mode,
-            "train_loss_by_epoch": loss_curve(history),
+            "train_loss_by_epoch": loss_by_epoch,
         }
         if mixed:
             out.metrics["teacher"] = scored(scores["predictions_teacher"], reason)

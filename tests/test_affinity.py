@@ -25,7 +25,7 @@ from pipeline.methods.affinity import (
     walk_offsets,
 )
 from pipeline.models.relation_nets import AffinityNet, BoundaryNet
-from stages.refine import psa_label_mask, walk_mask
+from pipeline.refinement.psa import psa_label_mask, walk_mask
 
 IGNORED = 255
 

@@ -2,7 +2,15 @@ import json
 
 import pytest
 
-from pipeline.core.cache import StageOutput, cache_key, describe_changes, stage_status, upstream_keys
+from pipeline.core.cache import (
+    StageOutput,
+    cache_key,
+    describe_changes,
+    recorded_config,
+    stage_status,
+    training_key,
+    upstream_keys,
+)
 from pipeline.core.errors import CacheError
 
 INPUTS = {"config": {"seed": 0, "cam": {"lr": 0.1}}, "data_fingerprint": "abc", "upstream": {}}
@@ -65,7 +73,7 @@ def test_change_descriptions_name_upstream_and_data():
     old = {"config": {"a": 1}, "data_fingerprint": "x", "upstream": {"cam": "k1"}}
     new = {"config": {"a": 2}, "data_fingerprint": "y", "upstream": {"cam": "k2"}}
     text = describe_changes(old, new)
-    assert "config.a 1 -> 2" in text and "cam output changed" in text and "data files changed" in text
+    assert "a 1 -> 2" in text and "cam output changed" in text and "data files changed" in text
 
 
 def test_upstream_keys_require_a_finished_upstream(tmp_path):
@@ -78,4 +86,42 @@ def test_upstream_keys_require_a_finished_upstream(tmp_path):
 
 def test_a_key_added_as_none_is_named_as_a_change():
     change = describe_changes({"config": {"data": {}}}, {"config": {"data": {"spacing": None}}})
-    assert change == "config.data.spacing '(unset)' -> None"
+    assert change == "data.spacing '(unset)' -> None"
+
+
+def test_a_change_of_scoring_only_reuses_the_finished_outputs_and_keeps_the_training_key(tmp_path):
+    trained = {**INPUTS, "version": 1, "scoring": {"config": {"cam.bg_threshold": 0.5}}}
+    with StageOutput(tmp_path, "cam", trained) as out:
+        assert not out.reused
+        (out.dir / "model.pt").write_bytes(b"weights")
+        out.metrics = {"miou": 0.5, "train_loss_by_epoch": [1.0, 0.5]}
+    rescored = json.loads(json.dumps(trained))
+    rescored["scoring"]["config"]["cam.bg_threshold"] = 0.3
+    assert training_key(rescored) == training_key(trained) and cache_key(rescored) != cache_key(trained)
+    status = stage_status(tmp_path, "cam", rescored)
+    assert status.state == "stale" and "only its scoring changed (cam.bg_threshold 0.5 -> 0.3)" in status.reason
+    with StageOutput(tmp_path, "cam", rescored) as out:
+        assert out.reused and out.previous_metrics["train_loss_by_epoch"] == [1.0, 0.5]
+        assert (out.dir / "model.pt").read_bytes() == b"weights"
+        out.metrics = {"miou": 0.4}
+    manifest = json.loads((tmp_path / "cam" / "manifest.json").read_text())
+    assert manifest["training_key"] == training_key(trained) and stage_status(tmp_path, "cam", rescored).state == "cached"
+    assert upstream_keys(tmp_path, ["cam"]) == {"cam": training_key(trained)}  # downstream stays valid
+
+    retrained = {**rescored, "config": {**rescored["config"], "seed": 1}}
+    with StageOutput(tmp_path, "cam", retrained) as out:
+        assert not out.reused and not (out.dir / "model.pt").exists()
+
+
+def test_a_new_cache_version_makes_the_stage_stale_once_and_says_why(tmp_path):
+    with StageOutput(tmp_path, "seg", {**INPUTS, "version": 1}):
+        pass
+    status = stage_status(tmp_path, "seg", {**INPUTS, "version": 2})
+    assert status.state == "stale" and "cache version 1 -> 2 (a new release)" in status.reason
+
+
+def test_recorded_config_merges_the_scoring_keys_back():
+    manifest = {"inputs": {"config": {"data": {"root": "d"}, "seg": {"lr": 1}},
+                           "scoring": {"config": {"data.val_split": "val", "seg.flip_predict": False}}}}
+    assert recorded_config(manifest) == {"data": {"root": "d", "val_split": "val"},
+                                         "seg": {"lr": 1, "flip_predict": False}}

@@ -116,14 +116,13 @@ def test_exponent_notation_without_a_dot_is_a_number():
         load_config(DEMO_CONFIG, ["cam.train.lr=fast"])
 
 
-def test_training_keys_at_their_off_value_leave_the_cache_key_as_before_they_existed():
+def test_every_training_key_is_in_the_cache_key_at_every_value():
+    # No key is left out at its default to keep older caches valid: the stage's cache version
+    # makes those stale once instead.
     plain = section_for_cache(config_from_dict({}), "cam")["cam"]["train"]
-    assert "steps" not in plain and "color_jitter" not in plain
-    trained_all = config_from_dict({"refine": {"affinity": {"freeze_batchnorm": False, "frozen_levels": []}}})
-    affinity = section_for_cache(trained_all, "refine")["refine"]["affinity"]
-    assert "freeze_batchnorm" not in affinity and "frozen_levels" not in affinity
-    default = section_for_cache(config_from_dict({}), "refine")["refine"]["affinity"]
-    assert default["frozen_levels"] == ["stem", "layer1"]
+    assert plain["steps"] == 0 and plain["color_jitter"] == [] and plain["amp"] == "auto"
+    affinity = section_for_cache(config_from_dict({}), "refine")["refine"]["affinity"]
+    assert affinity["frozen_levels"] == ["stem", "layer1"] and affinity["freeze_batchnorm"] is True
     tuned = config_from_dict({"cam": {"train": {"steps": 100, "color_jitter": [0.3, 0.3, 0.3, 0.1]}}})
     assert section_for_cache(tuned, "cam")["cam"]["train"]["steps"] == 100
     assert section_for_cache(tuned, "cam")["cam"]["train"]["color_jitter"] == [0.3, 0.3, 0.3, 0.1]
@@ -164,3 +163,12 @@ def test_mixed_precision_is_off_on_the_cpu_and_fp16_needs_cuda():
     assert amp_dtype("bf16", cpu) == torch.bfloat16
     with pytest.raises(ConfigError, match="'train.amp' is fp16"):
         amp_dtype("fp16", cpu)
+
+
+def test_every_refine_method_the_config_accepts_has_a_module():
+    import dataclasses
+
+    from pipeline.core.config import RefineConfig
+    from pipeline.refinement import METHODS
+    choices = next(f for f in dataclasses.fields(RefineConfig) if f.name == "method").metadata["choices"]
+    assert sorted(choices) == sorted(METHODS)

@@ -264,7 +264,7 @@ def test_volume_problems_stop_before_any_work(tmp_path, sizes, overrides, messag
 
 
 def test_volume_scoring_keys_leave_cam_and_refine_cached(tmp_path):
-    from pipeline.core.cache import cache_key
+    from pipeline.core.cache import cache_key, training_key
     from stages import expected_inputs
 
     root = _slices_folder(tmp_path, [(8, 8)] * 2)
@@ -273,3 +273,5 @@ def test_volume_scoring_keys_leave_cam_and_refine_cached(tmp_path):
         prepare_data(cfg)
     for stage, same in (("cam", True), ("refine", True), ("seg", False)):
         assert (cache_key(expected_inputs(before, stage)) == cache_key(expected_inputs(after, stage))) == same
+    # seg scores differently, but its network is the same: it rescores, it does not retrain
+    assert training_key(expected_inputs(before, "seg")) == training_key(expected_inputs(after, "seg"))

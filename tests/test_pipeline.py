@@ -4,8 +4,8 @@ import re
 import shutil
 
 import pytest
-from conftest import DEMO_CONFIG, TINY, run
 
+from conftest import DEMO_CONFIG, TINY, run
 from pipeline.core.config_file import load_config
 from run_pipeline import main
 
@@ -66,6 +66,31 @@ def test_changed_seed_makes_upstream_stale_and_stops_before_work(weak_run, capsy
     assert "stage cam" in error and "stale" in error and "seed 0 -> 1" in error and "--stages cam,refine" in error
     assert len(error.strip().splitlines()) == 1
     assert manifest_time(weak_run, "refine") == refine_before
+
+
+@pytest.mark.e2e
+def test_a_scoring_change_rescores_the_cached_outputs_without_training(weak_run, capsys):
+    run_dir = weak_run / "run"
+    models = {stage: (run_dir / stage / "model.pt").read_bytes() for stage in ("cam", "seg")}
+    before = {stage: json.loads((run_dir / stage / "metrics.json").read_text()) for stage in ("cam", "seg")}
+    refine_before = manifest_time(weak_run, "refine")
+    # cam's scoring threshold and seg's flip at prediction: neither changes what a network learns
+    scoring = ["--set", "cam.bg_threshold=0.3", "--set", "seg.flip_predict=false"]
+    assert run(weak_run, "--dry-run", *scoring) == 0
+    out = capsys.readouterr().out
+    assert "cam     stale" in out and "only its scoring changed (cam.bg_threshold" in out
+    assert "refine  cached" in out and "seg     stale" in out
+    assert run(weak_run, *scoring) == 0
+    assert " epoch " not in capsys.readouterr().out  # nothing trained
+    after = {stage: json.loads((run_dir / stage / "metrics.json").read_text()) for stage in ("cam", "seg")}
+    assert all((run_dir / stage / "model.pt").read_bytes() == models[stage] for stage in models)
+    assert after["cam"]["bg_threshold"] == 0.3
+    assert round(after["cam"]["miou"], 4) == before["cam"]["miou_by_bg_threshold"]["0.3"]
+    assert all(after[stage]["train_loss_by_epoch"] == before[stage]["train_loss_by_epoch"] for stage in after)
+    assert manifest_time(weak_run, "refine") == refine_before  # cam's CAMs are the same: refine stays
+    assert run(weak_run) == 0  # back to the config: scored as at first
+    assert json.loads((run_dir / "seg" / "metrics.json").read_text())["miou"] == before["seg"]["miou"]
+    assert json.loads((run_dir / "cam" / "metrics.json").read_text())["miou"] == before["cam"]["miou"]
 
 
 @pytest.mark.e2e
@@ -288,6 +313,7 @@ def test_refine_speed_benchmark_times_the_crf_and_the_walk_and_saves_the_stages_
     import sys
 
     import numpy as np
+
     from conftest import ROOT
     from pipeline.core.io import load_mask
 
@@ -345,9 +371,9 @@ def test_train_split_scoring_reloads_the_seg_model_and_rejects_a_mismatched_conf
     import sys
 
     import torch
+
     from conftest import ROOT
     from pipeline.core.training import load_checkpoint
-
     from pipeline.data.dataset import open_dataset
     from stages.seg import predict_and_score, segmentation_network
 
@@ -442,11 +468,11 @@ def _interrupt(monkeypatch, module, name, after):
 @pytest.mark.e2e
 def test_an_interrupted_run_resumes_every_stage_and_ends_bit_identical(tmp_path, monkeypatch, capsys):
     import numpy as np
-    from pipeline.core.io import load_arrays
 
+    import pipeline.refinement.masks
     import stages.cam
-    import stages.refine
     import stages.seg
+    from pipeline.core.io import load_arrays
 
     two_epochs = ["--set", "cam.train.epochs=2", "--set", "seg.train.epochs=2", "--set", "refine.workers=1",
                   "--set", "seg.sr.enabled=true"]  # as the demo ships it
@@ -454,7 +480,7 @@ def test_an_interrupted_run_resumes_every_stage_and_ends_bit_identical(tmp_path,
     interruptions = [  # (module, function, calls that succeed first): 3 training steps per epoch
         (stages.cam, "classification_loss", 4),  # cam training, epoch 2
         (stages.cam, "multiscale_cams", 5),  # CAM inference
-        (stages.refine, "pseudo_mask", 5),  # CRF masks
+        (pipeline.refinement.masks, "pseudo_mask", 5),  # CRF masks
         (stages.seg, "sr_segmentation_loss", 4),  # seg training, epoch 2
         (stages.seg, "predict_batch", 3),  # seg prediction
     ]

@@ -24,9 +24,8 @@ from pipeline.core.io import load_mask, voc_palette
 from pipeline.core.training import load_checkpoint
 from pipeline.data.dataset import open_dataset
 from pipeline.data.training_set import normalize
-from pipeline.methods.cams import cam_to_label
-from stages.cam import load_cams
-from stages.refine import NETWORKS, build_relation_net
+from pipeline.methods.cams import cam_to_label, load_cams
+from pipeline.refinement import METHODS, method_for
 from tools import report_error
 
 
@@ -69,17 +68,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.every < 1 or args.height < 1:
             raise PipelineError(f"--every ({args.every}) and --height ({args.height}) must be 1 or more")
         cfg = load_config(args.config, args.overrides)
-        if cfg.refine.method not in NETWORKS:
+        method = method_for(cfg)
+        if method.network_folder is None:
+            walks = [name for name, walk in METHODS.items() if walk.network_folder]
             raise PipelineError(f"refine.method is {cfg.refine.method}: the montage shows a relation "
-                                f"network's labels and walk ({' or '.join(NETWORKS)})")
-        net_dir = args.run_dir / NETWORKS[cfg.refine.method]
+                                f"network's labels and walk ({' or '.join(walks)})")
+        net_dir = args.run_dir / method.network_folder
         checkpoint = net_dir / "model.pt"
         if not checkpoint.is_file():
             raise PipelineError(f"{checkpoint} does not exist: give the run folder of a finished refine "
                                 f"of method {cfg.refine.method}")
         dataset = open_dataset(cfg.data)
         palette = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
-        net = build_relation_net(cfg.refine)
+        net = method.build_network()
         try:
             load_checkpoint(checkpoint, net)
         except RuntimeError as error:

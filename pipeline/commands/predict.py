@@ -21,7 +21,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.commands.report import FIGURES
-from pipeline.core.cache import MANIFEST, STAGE_FOLDERS, read_json
+from pipeline.core import cache
+from pipeline.core.cache import MANIFEST, read_json
 from pipeline.core.config import Config
 from pipeline.core.config_file import config_from_dict
 from pipeline.core.errors import CacheError, DataError, PipelineError
@@ -32,6 +33,7 @@ from pipeline.data.dataset import IMAGE_SUFFIXES
 from pipeline.data.labels import read_text
 from pipeline.data.training_set import normalize
 from pipeline.models.networks import predict_batch, segmentation_network
+from stages import RUN_FOLDERS
 
 OVERLAY_ALPHA = 0.5  # share of the class colour in an overlay pixel (background pixels keep the image)
 
@@ -60,7 +62,7 @@ def recorded_config(run_dir: Path) -> tuple[Config, list[str]]:
     if manifest is None or not (seg_dir / "model.pt").is_file():
         raise CacheError(f"{run_dir} has no finished seg stage ({seg_dir / MANIFEST} and model.pt): "
                          "run the pipeline's seg stage first")
-    recorded = manifest["inputs"]["config"]
+    recorded = cache.recorded_config(manifest)
     cfg = config_from_dict({key: recorded[key] for key in ("mode", "data", "seg", "mixed") if key in recorded})
     cfg.seg.backbone.weights = None  # every weight comes from model.pt; no ImageNet file is needed
     classes_file = seg_dir / "classes.txt"
@@ -96,7 +98,7 @@ def output_names(images: list[Path], out: Path, run_dir: Path) -> list[str]:
     folders, or the run folder itself)."""
     target, run = out.resolve(), run_dir.resolve()
     inside = target.relative_to(run).parts if target.is_relative_to(run) else None
-    if inside is not None and (not inside or inside[0] in STAGE_FOLDERS + (FIGURES,) or inside[0].startswith(".")):
+    if inside is not None and (not inside or inside[0] in RUN_FOLDERS + (FIGURES,) or inside[0].startswith(".")):
         raise DataError(f"--out {out} is the run folder or one of the folders a run rewrites ({run_dir}/"
                         f"{inside[0] if inside else ''}): choose another output folder, e.g. {run_dir / 'predicted'}")
     seen = {}

@@ -28,12 +28,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.core.cache import MANIFEST, METRICS, STAGE_FOLDERS, RunLock, read_json
+from pipeline.core.cache import MANIFEST, METRICS, RunLock, read_json, recorded_config
 from pipeline.core.config_file import config_from_dict
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_bytes, load_arrays, load_mask, voc_palette
 from pipeline.core.metrics import confusion_matrix, iou_scores
 from pipeline.data.dataset import IGNORE, VOCDataset, open_dataset
+from stages import RUN_FOLDERS
 
 REPORT = "report.html"
 
@@ -53,7 +54,7 @@ WORST_POOL = 300  # ids scored to find the worst ones (a seeded sample on large 
 THUMB = 160  # gallery cell height in pixels
 
 
-SCORED_ON = {"cam": "train", "affinitynet": "train", "irn": "train", "refine": "train", "seg": "val"}  # the split a stage scores
+SCORED_ON = {name: "val" if name == "seg" else "train" for name in RUN_FOLDERS}  # the split a stage scores
 
 
 def _png(figure_or_array) -> bytes:
@@ -83,10 +84,10 @@ def _heat(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
 
 def _stage_data(run_dir: Path) -> dict:
     stages = {}
-    for name in STAGE_FOLDERS:
+    for name in RUN_FOLDERS:
         metrics, manifest = read_json(run_dir / name / METRICS), read_json(run_dir / name / MANIFEST)
         if metrics is not None and manifest is not None:
-            stages[name] = {"metrics": metrics, "config": manifest.get("inputs", {}).get("config", {})}
+            stages[name] = {"metrics": metrics, "config": recorded_config(manifest)}
     return stages
 
 
@@ -225,9 +226,10 @@ def write_report(run_dir: Path) -> Path:
         body.append("<h2>Gallery</h2><p>The run's data folder is not readable from here: no gallery.</p>")
     elif stages:
         gallery = []
-        data_cfg = next(s["config"]["data"] for s in stages.values() if "data" in s["config"])
+        # seg's record has the val split (cam's and refine's never read it).
+        data_cfg = next(s["config"]["data"] for s in reversed(stages.values()) if "data" in s["config"])
         train_ids = dataset.split_ids(data_cfg["train_split"])
-        val_ids = dataset.split_ids(data_cfg["val_split"])
+        val_ids = dataset.split_ids(data_cfg["val_split"]) if "val_split" in data_cfg else []
         pseudo_dir = run_dir / "refine" / "pseudo"
         for split, ids, predictions in (("train", train_ids, pseudo_dir if pseudo_dir.is_dir() else None),
                                         ("val", val_ids, run_dir / "seg" / "predictions")):

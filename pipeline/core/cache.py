@@ -5,16 +5,20 @@ writes ``manifest.json`` last and renames the folder to ``<run-dir>/<stage>/``. 
 killed half-way therefore leaves only its ``.partial`` folder, which is never read as a
 result; the next run of that stage under the same key resumes from it, under another
 key deletes it. The manifest's key is a hash of the
-stage's inputs: the config values the stage depends on, a fingerprint of the data it
-reads, and the keys of its upstream stages, so a change anywhere upstream makes every
-downstream output stale. The manifest also lists every file with its size (model files
-with a content digest), so a file truncated or deleted later makes the stage "damaged".
+stage's inputs: the stage's cache version, the config values it depends on, a fingerprint
+of the data it reads, and the training keys of its upstream stages, so a change anywhere
+upstream makes every downstream output stale. What only changes how a stage is scored
+(the masks it is scored against, seg's volumes and spacing, cam's scoring threshold) sits
+apart, under the inputs' ``scoring`` entry: the *training key* leaves it out, and a stage
+whose training key still matches its finished folder reuses that folder's network and
+per-image outputs and only scores again (``StageOutput.reused``). The manifest also lists
+every file with its size (model files with a content digest), so a file truncated or deleted
+later makes the stage "damaged".
 One process at a time works in a run folder (:class:`RunLock`).
 """
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -24,14 +28,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import filelock
+
 from pipeline.core.config import Config
 from pipeline.core.errors import CacheError
 from pipeline.core.io import atomic_write_json, file_digest
 from pipeline.core.runtime import barrier, from_main_process, is_main_process
 
 MANIFEST = "manifest.json"
-
-
 LOCK = ".lock"
 
 
@@ -44,8 +48,6 @@ CHECKPOINT = "checkpoint.pt"  # in a partial folder: the training state at the e
 RESUME_FILES = (RESUME_KEY, CHECKPOINT)  # a partial folder's own files, never part of a finished stage
 
 
-# Every cached folder a run folder holds, in pipeline order (affinitynet, irn: the networks of refine's methods).
-STAGE_FOLDERS = ("cam", "affinitynet", "irn", "refine", "seg")
 
 
 METRICS = "metrics.json"
@@ -53,6 +55,12 @@ METRICS = "metrics.json"
 
 def cache_key(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def training_key(inputs: dict) -> str:
+    """The key of what a stage computes, without how it is scored: what downstream stages
+    record of it, and what lets a stage rescore its finished outputs instead of remaking them."""
+    return cache_key({name: value for name, value in inputs.items() if name != "scoring"})
 
 
 def read_json(path: Path):
@@ -73,9 +81,12 @@ def stage_status(run_dir: Path, stage: str, inputs: dict) -> StageStatus:
     manifest = read_json(folder / MANIFEST)
     if manifest is None or "key" not in manifest:
         return StageStatus("missing", f"no finished output in {folder}")
-    if manifest["key"] != cache_key(inputs):
-        return StageStatus("stale", "made under different inputs: " + describe_changes(manifest.get("inputs", {}), inputs))
     damage = check_files(folder, manifest.get("files", {}))
+    if manifest["key"] != cache_key(inputs):
+        changes = describe_changes(manifest.get("inputs", {}), inputs)
+        if manifest.get("training_key") == training_key(inputs) and not damage:
+            return StageStatus("stale", f"only its scoring changed ({changes}): rescores what is there")
+        return StageStatus("stale", "made under different inputs: " + changes)
     if damage:
         return StageStatus("damaged", damage)
     return StageStatus("cached", f"output in {folder} matches the config")
@@ -116,10 +127,13 @@ def describe_changes(old: dict, new: dict, limit: int = 4) -> str:
         if before.get(key, unset) != after.get(key, unset):
             if key.startswith("upstream."):
                 changes.append(f"{key.split('.', 1)[1]} output changed")
-            elif key == "data_fingerprint":
-                changes.append("the data files changed")
+            elif key.endswith("data_fingerprint"):
+                changes.append("the data files changed" if key == "data_fingerprint" else "the scored masks changed")
+            elif key == "version":
+                changes.append(f"cache version {before.get(key, '(none)')} -> {after.get(key)} (a new release)")
             else:
-                changes.append(f"{key} {before.get(key, '(unset)')!r} -> {after.get(key, '(unset)')!r}")
+                name = key.removeprefix("scoring.").removeprefix("config.")
+                changes.append(f"{name} {before.get(key, '(unset)')!r} -> {after.get(key, '(unset)')!r}")
     shown = ", ".join(changes[:limit]) + (f" and {len(changes) - limit} more" if len(changes) > limit else "")
     return shown or "unknown change"
 
@@ -141,7 +155,12 @@ class StageOutput:
     (or Ctrl-C) finds it and ``resumed`` is true, so the stage keeps what is there (training
     checkpoints, per-image outputs, each written atomically); under another key it starts
     over. A Python error deletes it: nothing of a failed stage is kept. Only one process works
-    in a run folder (:class:`RunLock`), so no other process's folder is ever touched."""
+    in a run folder (:class:`RunLock`), so no other process's folder is ever touched.
+
+    When the stage's finished folder was made under the same training key (only its scoring
+    changed), its files are linked into the new folder and ``reused`` is true: the stage loads
+    its network and per-image outputs from there (``previous_metrics`` holds the old metrics,
+    the training curves among them) and scores again."""
 
     def __init__(self, run_dir: Path, stage: str, inputs: dict):
         self.run_dir = Path(run_dir)
@@ -151,6 +170,8 @@ class StageOutput:
         self.dir = self.run_dir / f".{stage}.partial"
         self.metrics: dict = {}
         self.resumed = False
+        self.reused = False
+        self.previous_metrics: dict = {}
 
     def __enter__(self) -> "StageOutput":
         # Under torchrun the main process prepares the folder; the others then write their
@@ -158,7 +179,9 @@ class StageOutput:
         if is_main_process():
             self._prepare()
         barrier()
-        self.resumed = from_main_process(self.resumed)
+        self.resumed, self.reused = from_main_process((self.resumed, self.reused))
+        if self.reused:
+            self.previous_metrics = read_json(self.dir / METRICS) or {}
         self.started = time.perf_counter()
         return self
 
@@ -176,8 +199,18 @@ class StageOutput:
             for leftover in self.dir.rglob(".*.tmp"):
                 leftover.unlink()
         else:
-            self.dir.mkdir()
+            self.reused = self._trained_under_same_key()
+            if self.reused:  # hard links: the finished folder stays intact until the swap
+                shutil.copytree(self.final, self.dir, copy_function=os.link)
+                (self.dir / MANIFEST).unlink()
+            else:
+                self.dir.mkdir()
             atomic_write_json(self.dir / RESUME_KEY, {"key": key})
+
+    def _trained_under_same_key(self) -> bool:
+        manifest = read_json(self.final / MANIFEST) or {}
+        return (manifest.get("training_key") == training_key(self.inputs)
+                and check_files(self.final, manifest.get("files", {})) is None)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
@@ -198,6 +231,7 @@ class StageOutput:
         atomic_write_json(self.dir / MANIFEST, {
             "stage": self.stage,
             "key": cache_key(self.inputs),
+            "training_key": training_key(self.inputs),
             "inputs": self.inputs,
             "files": list_files(self.dir),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -214,56 +248,70 @@ class StageOutput:
 
 
 class RunLock:
-    """Exclusive use of a run folder: ``<run-dir>/.lock``, held with ``flock`` for the life of the
-    process and holding its pid. The kernel drops the lock when the process dies, however it
-    dies, so a leftover file of a killed run is simply taken over."""
+    """Exclusive use of a run folder: ``<run-dir>/.lock``, held with filelock's ``flock`` lock
+    for the life of the process, the holder's pid written in it. The kernel drops the lock
+    when the process dies, however it dies, so a leftover file of a killed run is simply taken
+    over; filelock retries when the file it locked was unlinked meanwhile (the inode check)."""
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK
-        self.file = None
+        self.lock = filelock.FileLock(self.path, timeout=0, on_acquired=_write_pid)
 
     def __enter__(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            self.file = open(self.path, "a+")
+        try:
+            self.lock.acquire()
+        except filelock.Timeout:
             try:
-                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                holder = self.path.read_text().strip() or "unknown"
             except OSError:
-                self.file.seek(0)
-                holder = self.file.read().strip() or "unknown"
-                self.file.close()
-                raise CacheError(f"run folder {self.path.parent} is in use by process {holder}") from None
-            try:  # the file locked must still be the one at the path: a finishing run deletes its own
-                if os.stat(self.path).st_ino == os.fstat(self.file.fileno()).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            self.file.close()
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(str(os.getpid()))
-        self.file.flush()
+                holder = "unknown"
+            raise CacheError(f"run folder {self.path.parent} is in use by process {holder}") from None
         return self
 
     def __exit__(self, *exc) -> bool:
-        self.path.unlink(missing_ok=True)  # while still held: no other process can be inside
-        self.file.close()
+        # Deleted while still held, so no run folder keeps a lock file; a process that opened
+        # this file meanwhile finds it unlinked once it gets the lock, and retries (filelock).
+        self.path.unlink(missing_ok=True)
+        self.lock.release()
         return False
 
 
+def _write_pid(fd: int) -> None:
+    """The new holder's pid in the lock file, for the error another process's run gives."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+
+
+def recorded_config(manifest: dict) -> dict:
+    """The config sections a finished stage recorded in its manifest, its scoring keys merged
+    back in (e.g. seg's ``data.val_split`` and ``seg.flip_predict``)."""
+    inputs = manifest.get("inputs", {})
+    config = json.loads(json.dumps(inputs.get("config", {})))  # a deep copy
+    for dotted, value in inputs.get("scoring", {}).get("config", {}).items():
+        *path, last = dotted.split(".")
+        tree = config
+        for name in path:
+            tree = tree.setdefault(name, {})
+        tree[last] = value
+    return config
+
+
 def upstream_keys(run_dir: Path, stages: list[str]) -> dict:
-    """Keys of the finished upstream outputs a stage is about to read."""
+    """Training keys of the finished upstream outputs a stage is about to read (how an upstream
+    stage is scored does not change what it hands on)."""
     keys = {}
     for stage in stages:
         manifest = read_json(Path(run_dir) / stage / MANIFEST)
-        if manifest is None:
+        if manifest is None or "training_key" not in manifest:
             raise CacheError(f"stage {stage} has no finished output in {run_dir}; run it first: --stages {stage}")
-        keys[stage] = manifest["key"]
+        keys[stage] = manifest["training_key"]
     return keys
 
 
-# How seg scores medical volumes: no concern of the cam and refine stages' caches.
-VOLUME_SCORING_KEYS = ("data.volume_pattern", "data.spacing", "data.spacing_file")
+# Data keys that only say how a stage is scored: under the inputs' "scoring" entry, never the
+# training key. (val_split is seg's to predict and score; cam and refine never read it.)
+SCORING_DATA_KEYS = ("data.score_split", "data.volume_pattern", "data.spacing", "data.spacing_file")
 
 
 # Keys that change how fast a stage runs but never what it computes; they stay out of cache keys.
@@ -272,25 +320,30 @@ EXECUTION_ONLY_KEYS = {"device", "num_threads", "refine.workers"}
 
 def section_for_cache(cfg: Config, *keys: str, omit: tuple[str, ...] = ()) -> dict:
     """The listed top-level sections/keys of ``cfg`` without execution-only keys and the dotted
-    keys in ``omit``; a switched-off feature (a section with ``enabled: false``) counts by its
+    keys in ``omit`` (at any depth); a switched-off feature (a section with ``enabled: false``) counts by its
     switch alone, so tuning its parameters while it is off does not invalidate the cache."""
     full = dataclasses.asdict(cfg)
     picked = {k: full[k] for k in keys}
     for dotted in EXECUTION_ONLY_KEYS | set(omit):
-        head, _, tail = dotted.partition(".")
-        if head in picked:
-            if tail and isinstance(picked[head], dict):
-                picked[head].pop(tail, None)
-            elif not tail:
-                picked.pop(head)
+        *path, last = dotted.split(".")
+        tree = picked
+        for name in path:
+            tree = tree.get(name) if isinstance(tree, dict) else None
+        if isinstance(tree, dict):
+            tree.pop(last, None)
     return _collapse_disabled(picked)
 
 
-# Keys added after runs were cached, at the value that leaves training as it was: left out of
-# the cache key, so those runs stay cached.
-# amp: auto follows the device, which is not part of the cache key either.
-UNSET_KEYS = {"steps": 0, "color_jitter": [], "sync_batchnorm": False, "amp": "auto",
-              "freeze_batchnorm": False, "frozen_levels": [], "w_main_cls": None}
+def config_values(cfg: Config, *dotted: str) -> dict:
+    """The values of the listed dotted keys, e.g. ``{"data.spacing": None}``."""
+    full = dataclasses.asdict(cfg)
+    values = {}
+    for key in dotted:
+        value = full
+        for name in key.split("."):
+            value = value[name]
+        values[key] = value
+    return values
 
 
 def _collapse_disabled(tree):
@@ -298,5 +351,4 @@ def _collapse_disabled(tree):
         return tree
     if tree.get("enabled") is False:
         return {"enabled": False}
-    return {key: _collapse_disabled(value) for key, value in tree.items()
-            if not (key in UNSET_KEYS and value == UNSET_KEYS[key])}
+    return {key: _collapse_disabled(value) for key, value in tree.items()}

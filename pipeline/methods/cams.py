@@ -1,10 +1,15 @@
 """Class Activation Maps: multi-scale, flip-averaged, max-normalised per class."""
 from __future__ import annotations
 
+import zipfile
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.core.errors import CacheError
+from pipeline.core.io import load_arrays
 from pipeline.models.networks import CAMNet
 
 
@@ -45,3 +50,15 @@ def cam_to_label(cams: np.ndarray, classes: np.ndarray, bg_threshold: float) -> 
     """Class-index mask (0 = background) from the CAMs of an image's classes."""
     keys = np.concatenate([[0], classes]).astype(np.uint8)
     return keys[cam_argmax(cams, bg_threshold)]
+
+
+def load_cams(cam_dir: Path, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """The CAMs (K x H x W float32, one per class in the image label) and the K class indices
+    that the cam stage wrote for an image."""
+    path = cam_dir / f"{image_id}.npz"
+    try:
+        arrays = load_arrays(path)
+        return arrays["cams"].astype(np.float32), arrays["classes"].astype(np.int64)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        raise CacheError(f"CAM file {path} is missing or unreadable ({type(error).__name__}); "
+                         "recompute it: --stages cam --force") from None
