@@ -164,7 +164,10 @@ def train(model: nn.Module, loader, compute_loss: LossFn, cfg: TrainConfig, devi
         counts: dict[str, int] = {}  # diagnostics may be undefined (NaN) in a batch: averaged where defined
         bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{num_epochs}", leave=False, disable=not is_main_process())
         for batch_index, batch in enumerate(bar, start=1):
-            for group in optimizer.param_groups:  # poly schedule, as in DeepLab
+            # The poly schedule, as in DeepLab, in closed form: torch's PolynomialLR multiplies the
+            # rate step by step, which differs in the last bits (at 285 of 300 steps) and so
+            # would move every recorded result; this form also resumes at any step as it is.
+            for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * (1 - step / total_steps) ** 0.9
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
