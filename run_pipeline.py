@@ -42,13 +42,16 @@ COMMANDS = {"predict": predict.main, "report": report.main}
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: %(default)s)")
-    parser.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)} (default: all of the mode)")
+    parser.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)} "
+                        "(default: all of the mode)")
     parser.add_argument("--mode", choices=MODES, help="weak: image labels only; full: ground-truth masks; "
                         "mixed: a few full masks plus weak labels (default: the config's mode, weak)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value (YAML-parsed), e.g. --set seg.train.epochs=2; repeatable")
+                        help="override a config value (YAML-parsed), e.g. --set seg.train.epochs=2; "
+                        "repeatable")
     parser.add_argument("--run-dir", help="where stage outputs go (default: runs/<config stem>-<mode>)")
     parser.add_argument("--force", action="store_true", help="recompute the listed stages even if cached")
     parser.add_argument("--dry-run", action="store_true", help="print what each stage would do, then exit")
@@ -60,7 +63,8 @@ def write_report(run_dir: Path) -> Path | None:
     try:
         return report.write_report(run_dir)
     except Exception as error:  # noqa: BLE001 - whatever breaks the page must not hide the results table
-        print(f"warning: report.html not written ({type(error).__name__}: {' '.join(str(error).split())[:300]}); "
+        print("warning: report.html not written "
+              f"({type(error).__name__}: {' '.join(str(error).split())[:300]}); "
               f"retry with: python run_pipeline.py report --run-dir {run_dir}", file=sys.stderr)
         return None
 
@@ -133,11 +137,13 @@ def main(argv=None) -> int:
             destroy_process_group()
     if not is_main_process():
         return 0
-    print(f"\nrun folder: {run_dir}   mode: {cfg.mode}   report: {page or 'not written (see the warning above)'}")
+    print(f"\nrun folder: {run_dir}   mode: {cfg.mode}   "
+          f"report: {page or 'not written (see the warning above)'}")
     print(f"{'stage':<8}{'mIoU':>8}{'time (s)':>11}  status")
     for result in results:
         miou = "-" if result.miou is None or math.isnan(result.miou) else f"{100 * result.miou:.1f}"
-        status = ("ran" if result.ran else "cached") + (f", not scored ({result.not_scored})" if result.not_scored else "")
+        status = (("ran" if result.ran else "cached")
+                  + (f", not scored ({result.not_scored})" if result.not_scored else ""))
         if result.teacher_miou is not None:  # mixed mode: the mIoU column is the student's
             status += f"; teacher branch {100 * result.teacher_miou:.1f}"
         print(f"{result.name:<8}{miou:>8}{result.wall_time_s:>11.1f}  {status}")

@@ -54,7 +54,8 @@ def parse_stages(text: str | None, cfg: Config) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in STAGES]
     if unknown or not names:
-        raise ConfigError(f"--stages: unknown stage {unknown[0] if unknown else text!r}; stages: {', '.join(STAGES)}")
+        raise ConfigError(f"--stages: unknown stage {unknown[0] if unknown else text!r}; "
+                          f"stages: {', '.join(STAGES)}")
     unused = [name for name in names if name not in mode_stages(cfg)]
     if unused:
         raise ConfigError(f"--stages: {', '.join(unused)} not used in --mode {cfg.mode} "
@@ -75,8 +76,9 @@ def plan(cfg: Config, run_dir: Path, requested: list[str], force: bool) -> list[
                 continue
             status = stage_status(run_dir, needed, expected_inputs(cfg, needed))
             if status.state != "cached":
-                raise CacheError(f"stage {stage.name} needs the output of stage {needed}, which is {status.state} "
-                                 f"({status.reason}); run it first: --stages {needed},{stage.name}")
+                raise CacheError(f"stage {stage.name} needs the output of stage {needed}, "
+                                 f"which is {status.state} ({status.reason}); "
+                                 f"run it first: --stages {needed},{stage.name}")
     return planned
 
 
@@ -98,6 +100,6 @@ def execute(cfg: Config, run_dir: Path, planned: list[PlannedStage]) -> list[Sta
         else:
             metrics = read_json(run_dir / stage.name / METRICS) or {}
         results.append(StageResult(stage.name, metrics.get("miou", float("nan")),
-                                   metrics.get("wall_time_s", float("nan")), stage.will_run, metrics.get("not_scored"),
-                                   (metrics.get("teacher") or {}).get("miou")))
+                                   metrics.get("wall_time_s", float("nan")), stage.will_run,
+                                   metrics.get("not_scored"), (metrics.get("teacher") or {}).get("miou")))
     return results

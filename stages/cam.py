@@ -109,7 +109,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
         cam_dir.mkdir(exist_ok=True)
         thresholds = sorted(set(THRESHOLD_SWEEP) | {cfg.cam.bg_threshold})
         confusions = {t: np.zeros((dataset.num_classes,) * 2, dtype=np.int64) for t in thresholds}
-        for image_id in tqdm(shard(train_ids), desc="cam inference", leave=False, disable=not is_main_process()):
+        for image_id in tqdm(shard(train_ids), desc="cam inference", leave=False,
+                             disable=not is_main_process()):
             classes = dataset.image_labels(image_id)
             # Written, hence complete, before a kill; or made by the same classifier (reused).
             if (out.resumed or out.reused) and (cam_dir / f"{image_id}.npz").is_file():
@@ -124,7 +125,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
             stored = cams.astype(np.float32)
             gt = dataset.load_mask(image_id)
             for t in thresholds:
-                confusions[t] = confusions[t] + confusion_matrix(gt, cam_to_label(stored, classes, t), dataset.num_classes)
+                confusions[t] = confusions[t] + confusion_matrix(gt, cam_to_label(stored, classes, t),
+                                                                 dataset.num_classes)
 
         confusions = {t: sum_across_ranks(confusion) for t, confusion in confusions.items()}
         barrier()  # every process's CAMs are written

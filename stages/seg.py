@@ -78,7 +78,8 @@ def own_inputs(cfg: Config) -> dict:
     dataset = open_dataset(cfg.data)
     mixed = cfg.mode == "mixed"
     spacing_file = Path(cfg.data.root) / cfg.data.spacing_file if cfg.data.spacing_file else None
-    scoring_keys = ("data.val_split", "data.volume_pattern", "data.spacing", "data.spacing_file", "seg.flip_predict")
+    scoring_keys = ("data.val_split", "data.volume_pattern", "data.spacing", "data.spacing_file",
+                    "seg.flip_predict")
     return {"version": VERSION,
             "config": section_for_cache(cfg, "seed", "mode", "data", "seg", *(["mixed"] if mixed else []),
                                         omit=SCORING_DATA_KEYS + scoring_keys),
@@ -102,8 +103,8 @@ def check_training_masks(cfg: Config, dataset: VOCDataset) -> None:
         return
     missing = [image_id for image_id in needed if not dataset.has_mask(image_id, cfg.data.train_masks)]
     if missing:
-        raise DataError(f"--mode {cfg.mode} trains on masks, but {len(missing)} of the {len(needed)} images it "
-                        f"trains on have none in {dataset.root / cfg.data.train_masks}/, e.g. "
+        raise DataError(f"--mode {cfg.mode} trains on masks, but {len(missing)} of the {len(needed)} "
+                        f"images it trains on have none in {dataset.root / cfg.data.train_masks}/, e.g. "
                         f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
 
 
@@ -113,7 +114,8 @@ def segmentation_loss(model, batch, epoch) -> dict:
 
 def sr_segmentation_loss(model, batch, epoch, sr: SRConfig) -> dict:
     """Self-Regulation with the pixel labels; the image labels are the data set's (the tags in weak mode)."""
-    return self_regulation_loss(model.forward_exits(batch["image"]), batch["labels"], sr, epoch, mask=batch["mask"])
+    return self_regulation_loss(model.forward_exits(batch["image"]), batch["labels"], sr, epoch,
+                                mask=batch["mask"])
 
 
 def training_loss(sr: SRConfig) -> LossFn:
@@ -127,13 +129,15 @@ def training_loader(cfg: Config, dataset: VOCDataset, run_dir: Path, generator: 
     crop, scales = cfg.seg.train.crop_size, cfg.seg.train.scale_range
     pseudo_masks = MaskFolder(run_dir / "refine" / "pseudo")
     if cfg.mode == "mixed":
-        train_set = MixedTrainingSet(dataset, train_ids, full_ids, weak_labels(cfg.mixed, dataset, pseudo_masks),
+        train_set = MixedTrainingSet(dataset, train_ids, full_ids,
+                                     weak_labels(cfg.mixed, dataset, pseudo_masks),
                                      crop, scales, cfg.seg.train.color_jitter)
         full = set(full_ids)
         sampler = MixedBatchSampler([i for i, x in enumerate(train_ids) if x in full],
                                     [i for i, x in enumerate(train_ids) if x not in full],
                                     cfg.seg.train.batch_size, cfg.mixed.weak_per_full, generator)
-        return make_train_loader(train_set, cfg.seg.train, cfg.data.loader_workers, generator, batch_sampler=sampler)
+        return make_train_loader(train_set, cfg.seg.train, cfg.data.loader_workers, generator,
+                                 batch_sampler=sampler)
     labels = pseudo_masks if cfg.mode == "weak" else dataset.load_train_mask
     train_set = TrainingSet(dataset, train_ids, crop, scales, pixel_labels={"mask": labels},
                             color_jitter=cfg.seg.train.color_jitter)
@@ -169,7 +173,8 @@ def predict_and_score(model: DeepLab, dataset: VOCDataset, ids: list[str], flip:
         image = None
         for folder, forward in forwards.items():
             written = out_dir / folder / f"{image_id}.png" if out_dir is not None else None
-            if resume and written is not None and written.is_file():  # complete: written atomically before a kill
+            # Complete: written atomically before a kill.
+            if resume and written is not None and written.is_file():
                 mask = load_mask(written)
             else:
                 image = normalize(dataset.load_image(image_id)).to(device) if image is None else image
@@ -214,14 +219,14 @@ def run(cfg: Config, run_dir: Path) -> dict:
         atomic_write_bytes(out.dir / CLASSES, "".join(f"{name}\n" for name in dataset.classes).encode())
         val_ids = dataset.split_ids(cfg.data.val_split)
         volumes = Volumes(cfg.data, dataset.root) if cfg.data.volume_pattern else None
-        scores = predict_and_score(model, dataset, val_ids, cfg.seg.flip_predict, device, out.dir if val_ids else None,
-                                   volumes, out.resumed)
+        scores = predict_and_score(model, dataset, val_ids, cfg.seg.flip_predict, device,
+                                   out.dir if val_ids else None, volumes, out.resumed)
         if world_size() > 1 and val_ids:
             # Per-image HD95 and 3-D volumes do not split across processes: once every share is
             # written, each process scores the whole split from the files (nothing is predicted again).
             barrier()
-            scores = predict_and_score(model, dataset, val_ids, cfg.seg.flip_predict, device, out.dir, volumes,
-                                       resume=True, share=False)
+            scores = predict_and_score(model, dataset, val_ids, cfg.seg.flip_predict, device, out.dir,
+                                       volumes, resume=True, share=False)
         reason = "no masks" if val_ids else "no val split"
         out.metrics = scored(scores["predictions"], reason) | {
             "mode": cfg.mode,

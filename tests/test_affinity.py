@@ -189,8 +189,9 @@ def test_affinitynet_gives_embeddings_at_its_feature_stride(stride, size):
     assert model(torch.randn(2, 3, 96, 100)).shape == (2, 32) + size
 
 
-@pytest.mark.parametrize("backbone, deep_conv", [("resnet18", "backbone.body.layer2.0.conv1.weight"),
-                                                  ("efficientnet_lite0", "backbone.body.layer2.0.conv_pw.weight")])
+@pytest.mark.parametrize("backbone, deep_conv",
+                         [("resnet18", "backbone.body.layer2.0.conv1.weight"),
+                          ("efficientnet_lite0", "backbone.body.layer2.0.conv_pw.weight")])
 def test_affinitynet_trains_neither_its_fixed_batchnorm_nor_its_frozen_levels(backbone, deep_conv):
     """PSA's backbone: BatchNorm in eval mode with fixed parameters, the first blocks fixed."""
     torch.manual_seed(0)
@@ -204,9 +205,11 @@ def test_affinitynet_trains_neither_its_fixed_batchnorm_nor_its_frozen_levels(ba
     optimizer.step()
     after = model.state_dict()
     unchanged = {name for name in before if torch.equal(before[name], after[name])}
-    assert {name for name in before if name.startswith(("backbone.body.stem.", "backbone.body.layer1."))} <= unchanged
+    assert {name for name in before
+            if name.startswith(("backbone.body.stem.", "backbone.body.layer1."))} <= unchanged
     norms = {name for name, module in model.named_modules() if isinstance(module, torch.nn.BatchNorm2d)}
-    assert norms and {name for name in before if name.rsplit(".", 1)[0] in norms} <= unchanged  # weights, statistics
+    # Weights, statistics.
+    assert norms and {name for name in before if name.rsplit(".", 1)[0] in norms} <= unchanged
     assert deep_conv not in unchanged and "embed.0.weight" not in unchanged
 
     plain = AffinityNet(BackboneConfig(name=backbone, output_stride=16), 8, 16).train()
@@ -316,7 +319,8 @@ def test_irn_walk_matches_irnet_reference_code():
     boundary = torch.from_numpy(reference["edge"])[None]
     offsets = walk_offsets(radius)
     weights = normalized_transitions(path_affinities(boundary, offsets), offsets, beta, radius, "all")
-    walked = random_walk(torch.from_numpy(reference["cams"])[None] * (1 - boundary), weights, offsets, 2 ** exp_times)[0]
+    walked = random_walk(torch.from_numpy(reference["cams"])[None] * (1 - boundary), weights, offsets,
+                         2 ** exp_times)[0]
     np.testing.assert_allclose(walked.numpy(), reference["rw"][:, 0], rtol=1e-4, atol=1e-5)
     normalised = walked / walked.max()
     np.testing.assert_allclose(normalised.numpy(), reference["rw_norm"], rtol=1e-4, atol=1e-5)

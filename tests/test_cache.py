@@ -99,13 +99,15 @@ def test_a_change_of_scoring_only_reuses_the_finished_outputs_and_keeps_the_trai
     rescored["scoring"]["config"]["cam.bg_threshold"] = 0.3
     assert training_key(rescored) == training_key(trained) and cache_key(rescored) != cache_key(trained)
     status = stage_status(tmp_path, "cam", rescored)
-    assert status.state == "stale" and "only its scoring changed (cam.bg_threshold 0.5 -> 0.3)" in status.reason
+    assert (status.state == "stale"
+            and "only its scoring changed (cam.bg_threshold 0.5 -> 0.3)" in status.reason)
     with StageOutput(tmp_path, "cam", rescored) as out:
         assert out.reused and out.previous_metrics["train_loss_by_epoch"] == [1.0, 0.5]
         assert (out.dir / "model.pt").read_bytes() == b"weights"
         out.metrics = {"miou": 0.4}
     manifest = json.loads((tmp_path / "cam" / "manifest.json").read_text())
-    assert manifest["training_key"] == training_key(trained) and stage_status(tmp_path, "cam", rescored).state == "cached"
+    assert (manifest["training_key"] == training_key(trained)
+            and stage_status(tmp_path, "cam", rescored).state == "cached")
     assert upstream_keys(tmp_path, ["cam"]) == {"cam": training_key(trained)}  # downstream stays valid
 
     retrained = {**rescored, "config": {**rescored["config"], "seed": 1}}

@@ -128,9 +128,11 @@ def describe_changes(old: dict, new: dict, limit: int = 4) -> str:
             if key.startswith("upstream."):
                 changes.append(f"{key.split('.', 1)[1]} output changed")
             elif key.endswith("data_fingerprint"):
-                changes.append("the data files changed" if key == "data_fingerprint" else "the scored masks changed")
+                changes.append("the data files changed" if key == "data_fingerprint"
+                               else "the scored masks changed")
             elif key == "version":
-                changes.append(f"cache version {before.get(key, '(none)')} -> {after.get(key)} (a new release)")
+                changes.append(f"cache version {before.get(key, '(none)')} -> {after.get(key)} "
+                               "(a new release)")
             else:
                 name = key.removeprefix("scoring.").removeprefix("config.")
                 changes.append(f"{name} {before.get(key, '(unset)')!r} -> {after.get(key, '(unset)')!r}")
@@ -214,7 +216,8 @@ class StageOutput:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
-            if not issubclass(exc_type, KeyboardInterrupt):  # an interrupted stage resumes; a failed one restarts
+            # An interrupted stage resumes; a failed one restarts.
+            if not issubclass(exc_type, KeyboardInterrupt):
                 shutil.rmtree(self.dir, ignore_errors=True)
             return False
         barrier()  # every process has written its share
@@ -304,7 +307,8 @@ def upstream_keys(run_dir: Path, stages: list[str]) -> dict:
     for stage in stages:
         manifest = read_json(Path(run_dir) / stage / MANIFEST)
         if manifest is None or "training_key" not in manifest:
-            raise CacheError(f"stage {stage} has no finished output in {run_dir}; run it first: --stages {stage}")
+            raise CacheError(f"stage {stage} has no finished output in {run_dir}; "
+                             f"run it first: --stages {stage}")
         keys[stage] = manifest["training_key"]
     return keys
 

@@ -63,34 +63,41 @@ def config_from_dict(raw: dict) -> Config:
         try:
             re.compile(cfg.data.volume_pattern)
         except re.error as error:
-            raise ConfigError(f"config key 'data.volume_pattern' is not a regular expression ({error})") from None
+            raise ConfigError("config key 'data.volume_pattern' is not a regular expression "
+                              f"({error})") from None
     if cfg.data.spacing is not None and (len(cfg.data.spacing) != 3 or min(cfg.data.spacing) <= 0):
-        raise ConfigError("config key 'data.spacing' must be 3 positive numbers: [between slices, rows, columns]")
+        raise ConfigError("config key 'data.spacing' must be 3 positive numbers: "
+                          "[between slices, rows, columns]")
     if cfg.data.spacing is not None and cfg.data.spacing_file is not None:
-        raise ConfigError("config keys 'data.spacing' and 'data.spacing_file' both give the spacing: keep one")
-    if (cfg.data.spacing is not None or cfg.data.spacing_file is not None) and cfg.data.volume_pattern is None:
+        raise ConfigError("config keys 'data.spacing' and 'data.spacing_file' both give the spacing: "
+                          "keep one")
+    if ((cfg.data.spacing is not None or cfg.data.spacing_file is not None)
+            and cfg.data.volume_pattern is None):
         raise ConfigError("config key 'data.spacing' or 'data.spacing_file' needs 'data.volume_pattern'")
     if cfg.demo is not None and cfg.demo.min_size > cfg.demo.max_size:
         raise ConfigError("demo.min_size must not exceed demo.max_size")
-    for section, train in (("cam", cfg.cam.train), ("seg", cfg.seg.train), ("refine.affinity", cfg.refine.affinity.train),
+    for section, train in (("cam", cfg.cam.train), ("seg", cfg.seg.train),
+                           ("refine.affinity", cfg.refine.affinity.train),
                            ("refine.irn", cfg.refine.irn.train)):
         scale_range = train.scale_range
         if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
-            raise ConfigError(f"config key '{section}.train.scale_range' must be [low, high] with 0 < low <= high")
+            raise ConfigError(f"config key '{section}.train.scale_range' must be [low, high] "
+                              "with 0 < low <= high")
         jitter = train.color_jitter
         if jitter and (len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5):
-            raise ConfigError(f"config key '{section}.train.color_jitter' must be [] or [brightness, contrast, "
-                              "saturation, hue], each >= 0, hue <= 0.5")
+            raise ConfigError(f"config key '{section}.train.color_jitter' must be [] or "
+                              "[brightness, contrast, saturation, hue], each >= 0, hue <= 0.5")
     # Fixed layers of a randomly initialised backbone would stay random: a config error, not a silent waste.
     affinity, irn = cfg.refine.affinity, cfg.refine.irn
     if (cfg.refine.method == "affinity" and affinity.backbone.weights is None
             and (affinity.freeze_batchnorm or affinity.frozen_levels)):
-        raise ConfigError("config keys 'refine.affinity.freeze_batchnorm' and 'frozen_levels' fix layers of a backbone "
-                          "without pretrained weights ('refine.affinity.backbone.weights' is null): give weights, or "
-                          "set freeze_batchnorm: false and frozen_levels: []")
+        raise ConfigError("config keys 'refine.affinity.freeze_batchnorm' and 'frozen_levels' fix layers "
+                          "of a backbone without pretrained weights ('refine.affinity.backbone.weights' "
+                          "is null): give weights, or set freeze_batchnorm: false and frozen_levels: []")
     if cfg.refine.method == "irn" and irn.backbone.weights is None and irn.freeze_backbone:
-        raise ConfigError("config key 'refine.irn.freeze_backbone' fixes a backbone without pretrained weights "
-                          "('refine.irn.backbone.weights' is null): give weights, or set freeze_backbone: false")
+        raise ConfigError("config key 'refine.irn.freeze_backbone' fixes a backbone without pretrained "
+                          "weights ('refine.irn.backbone.weights' is null): give weights, or set "
+                          "freeze_backbone: false")
     _check_levels("refine.affinity.frozen_levels", cfg.refine.affinity.frozen_levels)
     powers = affinity.label_powers
     if len(powers) != 2 or not 0 < powers[0] < powers[1]:
@@ -102,10 +109,11 @@ def config_from_dict(raw: dict) -> Config:
         if len(set(exits)) != len(exits):
             raise ConfigError(f"config key '{section}.sr.exits' lists a level twice: {exits}")
         if getattr(cfg, section).sr.enabled and not exits:
-            raise ConfigError(f"config key '{section}.sr.exits' must list at least one level when SR is enabled")
+            raise ConfigError(f"config key '{section}.sr.exits' must list at least one level "
+                              "when SR is enabled")
     if cfg.seg.sr.exit_classifier == "pooled":
-        raise ConfigError("config key 'seg.sr.exit_classifier' is pooled, which needs one map per foreground class: "
-                          "only the cam stage has that")
+        raise ConfigError("config key 'seg.sr.exit_classifier' is pooled, which needs one map per "
+                          "foreground class: only the cam stage has that")
     if not cfg.cam.scales or any(s <= 0 for s in cfg.cam.scales):
         raise ConfigError("cam.scales must be a non-empty list of positive numbers")
     if cfg.refine.bg_threshold > cfg.refine.fg_threshold:
@@ -121,8 +129,8 @@ def _build(cls, raw: Any, prefix: str, defaults=None):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a section of keys, got {raw!r}" if prefix
-                          else f"the config must be a mapping of keys, got {raw!r}")
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a section of keys, got {raw!r}"
+                          if prefix else f"the config must be a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
@@ -186,7 +194,8 @@ def _check(metadata, value, key):
     if value is None:  # an optional key left unset
         return
     if "choices" in metadata and value not in metadata["choices"]:
-        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, metadata['choices']))}; got {value!r}")
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, metadata['choices']))}; "
+                          f"got {value!r}")
     if "low" in metadata and value < metadata["low"]:
         raise ConfigError(f"config key '{key}' must be >= {metadata['low']}, got {value!r}")
     if "above" in metadata and value <= metadata["above"]:

@@ -44,7 +44,8 @@ LossFn = Callable[[nn.Module, dict, int], dict]
 TRAINING_ONLY_PREFIX = "sr_heads."
 
 
-def make_train_loader(dataset, cfg: TrainConfig, workers: int, generator: torch.Generator, batch_sampler=None):
+def make_train_loader(dataset, cfg: TrainConfig, workers: int, generator: torch.Generator,
+                      batch_sampler=None):
     """Shuffled full batches, or the batches of ``batch_sampler`` (mixed mode's fixed composition);
     under torchrun this process's share of each."""
     if len(dataset) < cfg.batch_size:
@@ -57,9 +58,9 @@ def make_train_loader(dataset, cfg: TrainConfig, workers: int, generator: torch.
     if world_size() > 1:
         sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=generator.initial_seed(),
                                                       drop_last=True)
-        return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size // world_size(), sampler=sampler,
-                                           num_workers=workers, generator=generator, drop_last=True,
-                                           pin_memory=torch.cuda.is_available())
+        return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size // world_size(),
+                                           sampler=sampler, num_workers=workers, generator=generator,
+                                           drop_last=True, pin_memory=torch.cuda.is_available())
     return torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, generator=generator,
         pin_memory=torch.cuda.is_available(),
@@ -109,7 +110,8 @@ class DistributedModel:
     def __init__(self, model: nn.Module, device: torch.device):
         self.model = model
         # SR heads and the mixed teacher are unused by some forwards: DDP must not wait for them.
-        self.ddp = nn.parallel.DistributedDataParallel(Methods(model), device_ids=[device] if device.type == "cuda" else None,
+        self.ddp = nn.parallel.DistributedDataParallel(Methods(model),
+                                                       device_ids=[device] if device.type == "cuda" else None,
                                                        find_unused_parameters=True)
 
     def __call__(self, *args, **kwargs):
@@ -126,7 +128,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     new = {id(p) for p in model.new_parameters()}
     pretrained = [p for p in model.parameters() if id(p) not in new]
     groups = [{"params": pretrained, "lr": cfg.lr, "base_lr": cfg.lr},
-              {"params": model.new_parameters(), "lr": cfg.lr * cfg.head_lr_mult, "base_lr": cfg.lr * cfg.head_lr_mult}]
+              {"params": model.new_parameters(), "lr": cfg.lr * cfg.head_lr_mult,
+               "base_lr": cfg.lr * cfg.head_lr_mult}]
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.momentum, 0.99), weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -144,7 +147,8 @@ def train(model: nn.Module, loader, compute_loss: LossFn, cfg: TrainConfig, devi
         model = convert_sync_batchnorm(model)
     optimizer = make_optimizer(model, cfg)
     precision = amp_dtype(cfg.amp, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == torch.float16)  # fp16 gradients underflow unscaled
+    # fp16 gradients underflow unscaled.
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == torch.float16)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     net = DistributedModel(model, device) if distributed() else model
@@ -162,7 +166,8 @@ def train(model: nn.Module, loader, compute_loss: LossFn, cfg: TrainConfig, devi
             loader.sampler.set_epoch(epoch)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}  # diagnostics may be undefined (NaN) in a batch: averaged where defined
-        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{num_epochs}", leave=False, disable=not is_main_process())
+        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{num_epochs}", leave=False,
+                   disable=not is_main_process())
         for batch_index, batch in enumerate(bar, start=1):
             # The poly schedule, as in DeepLab, in closed form: torch's PolynomialLR multiplies the
             # rate step by step, which differs in the last bits (at 285 of 300 steps) and so
@@ -185,15 +190,18 @@ def train(model: nn.Module, loader, compute_loss: LossFn, cfg: TrainConfig, devi
                 value = loss if name == "loss" else value.item()
                 if math.isfinite(value):
                     sums[name], counts[name] = sums.get(name, 0.0) + value, counts.get(name, 0) + 1
-            bar.set_postfix({k: f"{v.item():.3f}" for k, v in terms.items()} | {"avg": f"{sums['loss'] / batch_index:.3f}"})
-        sums = {name: sum_across_ranks(sums.get(name, 0.0)) for name in terms}  # the same names in every process
+            bar.set_postfix({k: f"{v.item():.3f}" for k, v in terms.items()}
+                            | {"avg": f"{sums['loss'] / batch_index:.3f}"})
+        # The same names in every process.
+        sums = {name: sum_across_ranks(sums.get(name, 0.0)) for name in terms}
         counts = {name: sum_across_ranks(counts.get(name, 0)) for name in terms}
         history.append({name: sums[name] / counts[name] if counts[name] else math.nan for name in terms})
         if is_main_process():
             tqdm.write(f"{desc} epoch {epoch + 1}/{num_epochs}: "
                        + ", ".join(f"{name} {value:.4f}" for name, value in history[-1].items()))
         if checkpoint is not None and is_main_process():
-            atomic_write_bytes(checkpoint, _to_bytes(training_state(model, optimizer, loader, history, scaler)))
+            atomic_write_bytes(checkpoint,
+                               _to_bytes(training_state(model, optimizer, loader, history, scaler)))
     model.eval()
     if world_size() > 1:  # every process says so: training ran on each of them
         tqdm.write(f"{desc}: process {rank()} of {world_size()} trained {step} steps of "
@@ -206,7 +214,8 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
     if amp == "fp16" and device.type != "cuda":
-        raise ConfigError("config key 'train.amp' is fp16, which needs a CUDA device; use bf16 or off on the CPU")
+        raise ConfigError("config key 'train.amp' is fp16, which needs a CUDA device; "
+                          "use bf16 or off on the CPU")
     if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return torch.float16

@@ -12,7 +12,14 @@ from PIL import Image
 
 from pipeline.core.cache import read_json
 from pipeline.core.errors import DataError
-from pipeline.core.io import atomic_write_json, file_identity, known_digests, load_mask, read_rgb, remember_digests
+from pipeline.core.io import (
+    atomic_write_json,
+    file_identity,
+    known_digests,
+    load_mask,
+    read_rgb,
+    remember_digests,
+)
 
 
 class FileChecks:
@@ -60,8 +67,8 @@ def image_check(path: Path) -> list:
     try:
         height, width = read_rgb(path).shape[:2]
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise DataError(f"image {path} cannot be decoded ({' '.join(str(error).split()) or type(error).__name__})") \
-            from None
+        raise DataError(f"image {path} cannot be decoded "
+                        f"({' '.join(str(error).split()) or type(error).__name__})") from None
     return [width, height]
 
 

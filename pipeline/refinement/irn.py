@@ -36,7 +36,8 @@ class IrnWalk(LearnedWalk):
 
     def training_loss(self):
         net = self.cfg.refine.irn
-        return functools.partial(_boundary_training_loss, radius=net.radius, label_downsample=net.label_downsample)
+        return functools.partial(_boundary_training_loss, radius=net.radius,
+                                 label_downsample=net.label_downsample)
 
     def network_batch(self, image: torch.Tensor) -> torch.Tensor:
         """What the walk feeds the network: the image and its mirror (the boundary map averages both)."""
@@ -57,7 +58,8 @@ def _boundary_training_loss(model, batch, epoch, radius: int, label_downsample: 
 
 
 @torch.no_grad()
-def boundary_scores(model: BoundaryNet, image: torch.Tensor, cams: np.ndarray, cfg: IrnWalkConfig) -> np.ndarray:
+def boundary_scores(model: BoundaryNet, image: torch.Tensor, cams: np.ndarray,
+                    cfg: IrnWalkConfig) -> np.ndarray:
     """IRNet's walk on one 3 x H x W image (make_sem_seg_labels.py:37-49, misc/indexing.py:141-167):
     the boundary map (the mean of the image's and its mirror's logits, then a sigmoid), the CAMs
     pooled to it and multiplied by (1 - boundary), walked along the path affinities, upsampled,
@@ -65,7 +67,8 @@ def boundary_scores(model: BoundaryNet, image: torch.Tensor, cams: np.ndarray, c
     ``bg_threshold``, the K CAMs following, at the image's size."""
     logits = model(torch.stack([image, image.flip(-1)]))
     boundary = torch.sigmoid((logits[0] + logits[1].flip(-1)) / 2)[None]
-    maps = F.adaptive_avg_pool2d(torch.from_numpy(cams).to(image.device, torch.float32)[None], boundary.shape[-2:])
+    maps = F.adaptive_avg_pool2d(torch.from_numpy(cams).to(image.device, torch.float32)[None],
+                                 boundary.shape[-2:])
     offsets = walk_offsets(cfg.radius)
     weights = normalized_transitions(path_affinities(boundary, offsets), offsets, cfg.beta, cfg.radius, "all")
     maps = random_walk(maps * (1 - boundary), weights, offsets, cfg.iterations)

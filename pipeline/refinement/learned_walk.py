@@ -115,7 +115,8 @@ class LearnedWalk(RefineMethod):
         return inputs
 
     def network_status(self, run_dir: Path, refine_inputs: dict) -> tuple[str, StageStatus] | None:
-        return self.network_folder, stage_status(run_dir, self.network_folder, self.network_inputs(refine_inputs))
+        return self.network_folder, stage_status(run_dir, self.network_folder,
+                                                 self.network_inputs(refine_inputs))
 
     def prepare(self, run_dir: Path, refine_inputs: dict) -> None:
         """The trained network, from the cache when its key matches, else made now (CRF masks,
@@ -132,7 +133,8 @@ class LearnedWalk(RefineMethod):
         if stage_status(run_dir, self.network_folder, inputs).state == "cached":
             load_checkpoint(self.network_dir / "model.pt", model)
             if is_main_process():
-                print(f"refine: reusing the network in {self.network_dir} (its inputs are unchanged)", file=sys.stderr)
+                print(f"refine: reusing the network in {self.network_dir} (its inputs are unchanged)",
+                      file=sys.stderr)
             self.model = model.to(self.device).eval()
             return
         net_cfg: TrainConfig = self.network_cfg.train

@@ -58,5 +58,6 @@ class CrfMasks(RefineMethod):
 
     def make_masks(self, run_dir: Path, out: StageOutput, ids: list[str], cam_miou: float | None) -> dict:
         scores = write_crf_masks(self.cfg, run_dir, ids, out.dir / "pseudo", keep=out.resumed or out.reused)
-        thresholds = {"fg_threshold": self.cfg.refine.fg_threshold, "bg_threshold": self.cfg.refine.bg_threshold}
+        thresholds = {"fg_threshold": self.cfg.refine.fg_threshold,
+                      "bg_threshold": self.cfg.refine.bg_threshold}
         return with_gain(scores | thresholds, cam_miou)

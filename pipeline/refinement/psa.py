@@ -43,12 +43,13 @@ class PsaWalk(LearnedWalk):
 
     def build_network(self) -> AffinityNet:
         net = self.cfg.refine.affinity
-        return AffinityNet(net.backbone, net.feature_stride, net.embedding_channels, net.head, net.freeze_batchnorm,
-                           net.frozen_levels)
+        return AffinityNet(net.backbone, net.feature_stride, net.embedding_channels, net.head,
+                           net.freeze_batchnorm, net.frozen_levels)
 
     def training_loss(self):
         net = self.cfg.refine.affinity
-        return functools.partial(_affinity_training_loss, radius=net.radius, label_downsample=net.label_downsample)
+        return functools.partial(_affinity_training_loss, radius=net.radius,
+                                 label_downsample=net.label_downsample)
 
     def label_masks(self) -> MaskMaker | None:
         if self.cfg.refine.affinity.labels == "psa":
@@ -73,7 +74,8 @@ def _affinity_training_loss(model, batch, epoch, radius: int, label_downsample: 
     return affinity_loss(model(batch["image"]), batch["mask"], radius, label_downsample)
 
 
-def psa_label_mask(image: np.ndarray, cams: np.ndarray, classes: np.ndarray, cfg: AffinityNetConfig) -> np.ndarray:
+def psa_label_mask(image: np.ndarray, cams: np.ndarray, classes: np.ndarray,
+                   cfg: AffinityNetConfig) -> np.ndarray:
     """PSA's pair-label mask (psa@9493e59 infer_cls.py:88-107, voc12/data.py VOC12AffDataset):
     the CRF on [(1 - max CAM)^alpha, CAMs] at the low and at the high ``label_powers``; a
     class where the low-alpha (strong background) CRF's argmax says so, background where the
@@ -90,7 +92,8 @@ def psa_label_mask(image: np.ndarray, cams: np.ndarray, classes: np.ndarray, cfg
 
 
 @torch.no_grad()
-def propagated_scores(model: AffinityNet, image: torch.Tensor, cams: np.ndarray, cfg: RandomWalkConfig) -> np.ndarray:
+def propagated_scores(model: AffinityNet, image: torch.Tensor, cams: np.ndarray,
+                      cfg: RandomWalkConfig) -> np.ndarray:
     """The walked score maps of one 3 x H x W image, at its size: the background map(s), then
     the K CAMs. Rule ``argmax`` (PSA, infer_aff.py:96-118): one background (1 - max CAM)^bg_power,
     made at the image's resolution and pooled with the CAMs to the embedding map, the walk,
