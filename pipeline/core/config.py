@@ -31,7 +31,8 @@ def _opt(default, **checks):
 class DataConfig:
     root: str = "data/VOC2012"  # relative paths are relative to the working directory
     train_split: str = "train"  # ImageSets/Segmentation/<split>.txt: the ids every network trains on
-    # Folder (under root) of the train split's masks: image labels come from them, and full mode trains on them.
+    # Folder (under root) of the train split's masks: image labels come from them, and full mode
+    # trains on them.
     train_masks: str = "SegmentationClass"
     # Used instead, with SegmentationClass, when train_split's list or train_masks' folder is missing
     # (VOC: train_aug + SegmentationClassAug, else train); null: a missing one is an error.
@@ -44,7 +45,10 @@ class DataConfig:
     tags: Optional[str] = None
     # Or IRNet's cls_labels.npy (relative to root): a pickle, so only read with allow_pickle: true.
     image_labels: Optional[str] = None
+    # Lets image_labels read a pickle (.npy): unpickling can run code, so only for files you trust.
     allow_pickle: bool = False
+    # ImageSets/Segmentation/<split>.txt: the held-out ids that seg predicts and is scored on
+    # (never trained on); without split files (a tags file only) there are none.
     val_split: str = "val"
     # Medical stacks of 2-D slices: a regex whose match on an id (its group 1 if it has one)
     # names the id's 3-D volume; seg then also scores Dice and HD95 per volume (slices stacked
@@ -53,7 +57,7 @@ class DataConfig:
     # Voxel spacing of every volume, [between slices, rows, columns] in mm (HD95 in mm), or a CSV
     # (relative to root) with the header volume,slice,row,column; neither: HD95 in pixels.
     spacing: Optional[list[float]] = None
-    spacing_file: Optional[str] = None
+    spacing_file: Optional[str] = None  # the spacing CSV (see spacing), relative to root; not with spacing
     # DataLoader worker processes; 0 = load in the main process. Part of the cache key: workers
     # draw augmentations from their own seeds, so the trained model depends on it.
     loader_workers: int = _opt(0, low=0)
@@ -61,33 +65,42 @@ class DataConfig:
 
 @dataclass
 class DemoConfig:
-    """Parameters of the generated demo data set (see pipeline/demo_data.py)."""
-    num_train: int = _opt(400, low=1)
-    num_val: int = _opt(100, low=1)
-    min_size: int = _opt(96, low=16)
-    max_size: int = _opt(128, low=16)
-    seed: int = _opt(0, low=0, high=2**32 - 1)
+    """Parameters of the generated demo data set (see pipeline/data/demo.py); changing any of
+    them regenerates data.root."""
+    num_train: int = _opt(400, low=1)  # images of the train split (train_0000, ...)
+    num_val: int = _opt(100, low=1)  # images of the val split (val_0000, ...)
+    min_size: int = _opt(96, low=16)  # each image's height and width are drawn from min_size..max_size px
+    max_size: int = _opt(128, low=16)  # at least min_size
+    seed: int = _opt(0, low=0, high=2**32 - 1)  # the data's own seed: the same keys, the same files
 
 
 @dataclass
 class BackboneConfig:
-    name: str = _opt("resnet50", choices=BACKBONES)
+    name: str = _opt("resnet50", choices=BACKBONES)  # the feature extractor (docs/methods.md, "Backbones")
     # null: random initialisation; imagenet: the published ImageNet weights; or the path of a local state_dict
     weights: Optional[str] = None
+    # Input size over the deepest feature map's size: 16 and 8 dilate the last levels instead of
+    # striding them (a finer map, more compute); 32 is the plain network.
     output_stride: int = _opt(16, choices=(8, 16, 32))
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _opt(5, low=1)
+    epochs: int = _opt(5, low=1)  # passes over the training set
     # A budget in SGD steps instead (0: use epochs): rounded up to whole epochs over the data set.
     steps: int = _opt(0, low=0)
     batch_size: int = _opt(16, low=2)  # >= 2: BatchNorm needs more than one sample
-    optimizer: str = _opt("sgd", choices=("sgd", "adam"))  # adam: betas (momentum, 0.99), as the mixed-supervision authors
+    # adam: betas (momentum, 0.99), as the mixed-supervision authors
+    optimizer: str = _opt("sgd", choices=("sgd", "adam"))
+    # The backbone's learning rate (new layers: lr x head_lr_mult), decayed at every step by the
+    # poly schedule lr * (1 - step / total_steps)^0.9 (pipeline/core/training.py).
     lr: float = _opt(0.01, low=0.0)
     head_lr_mult: float = _opt(10.0, low=0.0)  # new layers learn faster than a pretrained backbone
-    momentum: float = _opt(0.9, low=0.0, high=1.0)
-    weight_decay: float = _opt(1e-4, low=0.0)
+    momentum: float = _opt(0.9, low=0.0, high=1.0)  # SGD's momentum; adam: its first beta
+    weight_decay: float = _opt(1e-4, low=0.0)  # the optimiser's L2 weight decay, on every parameter
+    # Side of the square training crop, in pixels: each image is rescaled by a random factor
+    # within scale_range, flipped left-right at random, padded where smaller than the crop
+    # (mean colour, unlabelled), then cropped at a random position.
     crop_size: int = _opt(512, low=16)
     scale_range: list[float] = _opt([0.5, 1.5])  # random rescaling before the crop
     # Under torchrun: BatchNorm statistics over every process's share of the batch (SyncBatchNorm).
@@ -102,15 +115,18 @@ class TrainConfig:
 
 @dataclass
 class SRConfig:
-    """Self-Regulation losses (Zhang et al., ICCV 2021), training only; see pipeline/self_regulation.py.
+    """Self-Regulation losses (Zhang et al., ICCV 2021), training only; see
+    pipeline/methods/self_regulation.py.
     Defaults are the authors' (dongzhang89/SR-SS@90a8e86 deeplab.py, trainval.py, losses.py)."""
+    # false: exactly the baseline network and loss; true: the exits and SR's losses in training.
     enabled: bool = False
     # Levels that get an auxiliary exit (checked in config_from_dict); the main head is the
     # deepest exit. The authors': stem, layer1, layer2, layer3 (deeplab.py:43-46); an exit on
     # layer4 would duplicate the main head, which sits on it.
     exits: list[str] = _opt(list(BACKBONE_LEVELS[:-1]))
     # Exit segmenters' width: the authors' ClassLayer has 256 (deeplab.py:9-31); at stride 2 that
-    # costs more than a small backbone itself, so the shipped configs set their own (README).
+    # costs more than a small backbone itself, so the shipped configs set their own (docs/results.md,
+    # "Self-Regulation: what it costs").
     head_channels: int = _opt(256, low=1)
     w_cls: float = _opt(0.2, low=0.0)  # Operation I, image-level BCE over exits
     # Operation I's image-level BCE of the main exit alone; null: w_cls like every other exit, as
@@ -147,13 +163,13 @@ class CamConfig:
 @dataclass
 class CrfConfig:
     """Dense CRF (Kraehenbuehl & Koltun) on label maps; defaults from IRNet."""
-    iterations: int = _opt(10, low=1)
+    iterations: int = _opt(10, low=1)  # mean-field inference steps
     gt_prob: float = _opt(0.7, above=0.0, below=1.0)  # confidence given to the input labels
-    gaussian_sxy: float = _opt(3.0, above=0.0)
-    gaussian_compat: float = _opt(3.0, low=0.0)
-    bilateral_sxy: float = _opt(50.0, above=0.0)
-    bilateral_srgb: float = _opt(5.0, above=0.0)
-    bilateral_compat: float = _opt(10.0, low=0.0)
+    gaussian_sxy: float = _opt(3.0, above=0.0)  # smoothness kernel: its width in pixels (positions only)
+    gaussian_compat: float = _opt(3.0, low=0.0)  # smoothness kernel: its weight
+    bilateral_sxy: float = _opt(50.0, above=0.0)  # appearance kernel: its width in pixels
+    bilateral_srgb: float = _opt(5.0, above=0.0)  # appearance kernel: its width in colour (RGB, 0-255)
+    bilateral_compat: float = _opt(10.0, low=0.0)  # appearance kernel: its weight
 
 
 @dataclass
@@ -164,10 +180,11 @@ class AffinityNetConfig:
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(output_stride=16))
     # PSA: batch 8, 8 epochs, lr 0.1 (new layers x10), weight decay 5e-4, crop 448, no rescale,
     # colour jitter. Its SGD gets the weight decay in momentum's place (tool/torchutils.py:12-16),
-    # so it runs with momentum 5e-4: that is the default here too (README, "Stages").
+    # so it runs with momentum 5e-4: that is the default here too (docs/methods.md, "PSA's
+    # AffinityNet and random walk (`refine.method: affinity`)").
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=8, batch_size=8, lr=0.1, momentum=5e-4, weight_decay=5e-4, crop_size=448, scale_range=[1.0, 1.0],
-        color_jitter=[0.3, 0.3, 0.3, 0.1]))
+        epochs=8, batch_size=8, lr=0.1, momentum=5e-4, weight_decay=5e-4, crop_size=448,
+        scale_range=[1.0, 1.0], color_jitter=[0.3, 0.3, 0.3, 0.1]))
     feature_stride: int = _opt(8, choices=(4, 8))  # of the embedding map the affinities live on (PSA: 8)
     embedding_channels: int = _opt(448, low=1)  # PSA: 448
     # psa: 1x1 convs without bias, ELU, kaiming init, and an ELU output layer with xavier gain 4
@@ -181,6 +198,8 @@ class AffinityNetConfig:
     # so (that wins), unsure elsewhere. thresholds: the CRF masks of refine's fg_threshold and
     # bg_threshold (refine.crf), as the crf method and IRNet make them.
     labels: str = _opt("psa", choices=("psa", "thresholds"))
+    # labels psa: [low, high] powers of the background score (1 - max CAM)^power: strong at the
+    # low one, weak at the high one (PSA's low_alpha, high_alpha).
     label_powers: list[float] = _opt([4.0, 32.0])
     label_crf: CrfConfig = field(default_factory=lambda: CrfConfig(bilateral_sxy=80.0, bilateral_srgb=13.0))
     # How the pseudo mask reaches the embedding map for the pair labels: pool (PSA: average
@@ -193,7 +212,7 @@ class AffinityNetConfig:
     # stride 4; here stem and layer1). For a backbone without pretrained weights, train them all
     # (false and []): random fixed features have nothing to say.
     freeze_batchnorm: bool = True
-    frozen_levels: list[str] = _opt(["stem", "layer1"])
+    frozen_levels: list[str] = _opt(["stem", "layer1"])  # backbone levels kept fixed; []: all train
 
 
 @dataclass
@@ -205,7 +224,7 @@ class RandomWalkConfig:
     beta: float = _opt(8.0, above=0.0)  # affinities are raised to this power: sharper region borders
     iterations: int = _opt(256, low=1)  # t, the number of transition steps (PSA: 2^logt = 2^8)
     # psa: only the pairs PSA's index function makes (none start near the left, right and bottom
-    # borders; pipeline/affinity.py); all: every pair within the radius inside the image.
+    # borders; pipeline/methods/affinity.py); all: every pair within the radius inside the image.
     pairs: str = _opt("psa", choices=("psa", "all"))
     # argmax (PSA): the background (1 - max CAM)^bg_power walks with the CAMs, and each pixel takes
     # the highest walked score: no unsure pixels. two_backgrounds: every walked map is divided by
@@ -244,9 +263,12 @@ class IrnWalkConfig:
     """IRNet's walk (make_sem_seg_labels.py:37-49, misc/indexing.py:141-167): the CAMs, times
     (1 - boundary), walked along 1 - (the highest boundary value between two pixels), then
     divided by their overall maximum; a pixel is background where no class reaches ``bg_threshold``."""
+    # Transitions between pixels closer than this, in pixels of the stride-4 boundary map.
     radius: int = _opt(5, low=2)
-    beta: float = _opt(10.0, above=0.0)
+    beta: float = _opt(10.0, above=0.0)  # the path affinities are raised to this power
     iterations: int = _opt(256, low=1)  # IRNet: exp_times 8, 2^8 steps
+    # The constant background score set against the walked CAMs (divided by their maximum):
+    # background where no class reaches it (IRNet's sem_seg_bg_thres).
     bg_threshold: float = _opt(0.25, low=0.0, high=1.0)
 
 
@@ -260,7 +282,7 @@ class RefineConfig:
     # foreground even against a high background score, confidently background when the
     # CRF calls it background even against a low one; everything between is unsure (255).
     fg_threshold: float = _opt(0.30, low=0.0, high=1.0)
-    bg_threshold: float = _opt(0.05, low=0.0, high=1.0)
+    bg_threshold: float = _opt(0.05, low=0.0, high=1.0)  # the low background score (see fg_threshold)
     crf: CrfConfig = field(default_factory=CrfConfig)
     affinity: AffinityNetConfig = field(default_factory=AffinityNetConfig)
     random_walk: RandomWalkConfig = field(default_factory=RandomWalkConfig)
@@ -271,7 +293,8 @@ class RefineConfig:
 
 @dataclass
 class SegConfig:
-    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(name="resnet101", output_stride=16))
+    backbone: BackboneConfig = field(
+        default_factory=lambda: BackboneConfig(name="resnet101", output_stride=16))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, lr=0.007, crop_size=512))
     # aspp: DeepLab-v3's head on the deepest level; unet: a decoder with skips from every level,
     # predicting at stride 2 (thin structures: the myocardium ring); mixed mode's two branches both use it.
@@ -284,7 +307,7 @@ class SegConfig:
 @dataclass
 class MixedConfig:
     """--mode mixed: a dual-branch teacher-student segmenter (Dolz, Desrosiers, Ben Ayed, IPMI 2021);
-    see pipeline/mixed.py. Defaults are the authors' code's."""
+    see pipeline/methods/mixed.py. Defaults are the authors' code's."""
     # Share of the train split that keeps its full mask, picked by ``seed``; or the ids in full_list.
     full_fraction: float = _opt(0.1, above=0.0, high=1.0)
     full_list: Optional[str] = None  # a file of ids, one per line (relative to the working directory)
@@ -292,13 +315,16 @@ class MixedConfig:
     # erode (each foreground region of the full mask eroded to a core of erode_keep of its pixels;
     # the background stays unlabelled, as in the authors' code).
     weak_source: str = _opt("pseudo", choices=("pseudo", "scribble", "erode"))
+    # erode: the share of each region's pixels kept as its core, those farthest from its border.
     erode_keep: float = _opt(0.05, above=0.0, high=1.0)
-    # true: the background gets an eroded core too (95% of the labels on acdc-dev; the student collapses).
+    # true: the background gets an eroded core too (not the authors' protocol); where it is the
+    # largest region, as on ACDC, it then holds most of the weak labels.
     erode_background: bool = False
     # The authors' main.py (josedolz/MSL-student-becomes-master @68b98c2) is the reference for
     # every default here: argparse defaults xtimes_weak 1, weight_KL 20, weight_Weakly 0.1,
     # weight_Entropy 1, temperature 2; the loss lines of runTraining for the rest.
-    weak_per_full: int = _opt(1, low=0)  # weak images per full image in a batch (xtimes_weak 1); 0: the full subset alone
+    # Weak images per full image in a batch (xtimes_weak 1); 0: the full subset alone.
+    weak_per_full: int = _opt(1, low=0)
     w_partial: float = _opt(0.1, low=0.0)  # lambda_w, the student's partial cross-entropy (weight_Weakly)
     w_kl: float = _opt(20.0, low=0.0)  # lambda_kl, KL(student || teacher) on the full images (weight_KL)
     w_entropy: float = _opt(1.0, low=0.0)  # lambda_ent, the student's entropy (weight_Entropy); 0: "KL only"
@@ -317,8 +343,10 @@ class MixedConfig:
 @dataclass
 class Config:
     seed: int = _opt(0, low=0, high=2**32 - 1)  # NumPy seeds must fit in 32 bits
+    # weak: seg learns from refine's pseudo masks (image labels only); full: from the ground-truth
+    # masks (seg alone); mixed: a few full masks and weak labels (the mixed section). --mode sets it.
     mode: str = _opt("weak", choices=MODES)
-    device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
+    device: str = _opt("auto", choices=("auto", "cpu", "cuda"))  # auto: CUDA when available, else the CPU
     num_threads: int = _opt(0, low=0)  # torch CPU threads; 0 = torch's default
     data: DataConfig = field(default_factory=DataConfig)
     demo: Optional[DemoConfig] = None  # set: generate the demo data set into data.root
