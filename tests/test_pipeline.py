@@ -4,8 +4,8 @@ import re
 import shutil
 
 import pytest
-
 from conftest import DEMO_CONFIG, TINY, run
+
 from pipeline.core.config_file import load_config
 from run_pipeline import main
 
@@ -63,7 +63,8 @@ def test_changed_seed_makes_upstream_stale_and_stops_before_work(weak_run, capsy
     refine_before = manifest_time(weak_run, "refine")
     assert run(weak_run, "--stages", "refine", "--set", "seed=1") == 2
     error = capsys.readouterr().err
-    assert "stage cam" in error and "stale" in error and "seed 0 -> 1" in error and "--stages cam,refine" in error
+    assert "stage cam" in error and "stale" in error and "seed 0 -> 1" in error
+    assert "--stages cam,refine" in error
     assert len(error.strip().splitlines()) == 1
     assert manifest_time(weak_run, "refine") == refine_before
 
@@ -99,7 +100,8 @@ def test_dry_run_reports_stale_stages_and_writes_nothing(weak_run, capsys):
     old = load_config(DEMO_CONFIG).refine.fg_threshold  # the demo's tuned value, whatever it is
     assert run(weak_run, "--dry-run", "--set", "refine.fg_threshold=0.95") == 0
     out = capsys.readouterr().out
-    assert "cam     cached" in out and "refine  stale" in out and f"refine.fg_threshold {old!r} -> 0.95" in out
+    assert "cam     cached" in out and "refine  stale" in out
+    assert f"refine.fg_threshold {old!r} -> 0.95" in out
     assert "seg     stale" in out and "refine output changed" in out
     assert sorted(p.name for p in (weak_run / "run").iterdir()) == before
 
@@ -139,12 +141,14 @@ def test_mixed_mode_scores_student_and_teacher_and_caches_on_the_full_subset(wea
     assert stage_folders(mixed_dir) == ["seg"]
     seg_dir = mixed_dir / "seg"
     metrics = json.loads((seg_dir / "metrics.json").read_text())
-    summary = f"{100 * metrics['miou']:.1f}" + r"\s+[0-9.]+  ran; teacher branch " + f"{100 * metrics['teacher']['miou']:.1f}"
+    summary = (f"{100 * metrics['miou']:.1f}" + r"\s+[0-9.]+  ran; teacher branch "
+               + f"{100 * metrics['teacher']['miou']:.1f}")
     assert re.search(r"seg\s+" + summary, capsys.readouterr().out)  # the mIoU column is the student's
     assert metrics["mode"] == "mixed" and metrics["full_images"] == 6
     assert len((seg_dir / "full_ids.txt").read_text().split()) == 6
     for scores in (metrics, metrics["teacher"]):
-        assert 0.0 <= scores["miou"] <= 1.0 and 0.0 <= scores["mean_dice"] <= 1.0 and "per_class_hd95" in scores
+        assert 0.0 <= scores["miou"] <= 1.0 and 0.0 <= scores["mean_dice"] <= 1.0
+        assert "per_class_hd95" in scores
     assert len(list((seg_dir / "predictions_teacher").glob("*.png"))) == 8
     capsys.readouterr()
     assert run(weak_run, *erode, "--set", "mixed.full_fraction=0.5", "--dry-run") == 0
@@ -180,8 +184,9 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
         ["--config", str(tmp_path / "none.yaml")],
         ["--set", f"data.root={tmp_path / 'demo'}", "--set", "demo.num_train=4", "--set", "demo.num_val=2",
          "--set", "demo.min_size=32", "--set", "demo.max_size=32"],  # batch 16 > 4 train images
-        sum((["--set", item] for item in TINY), []) + ["--set", f"data.root={tmp_path / 'demo'}",
-                                                       "--set", f"cam.backbone.weights={tmp_path / 'none.pth'}"],
+        sum((["--set", item] for item in TINY), [])
+        + ["--set", f"data.root={tmp_path / 'demo'}",
+           "--set", f"cam.backbone.weights={tmp_path / 'none.pth'}"],
     ]
     for extra in cases:
         assert main(["--config", DEMO_CONFIG, "--run-dir", str(run_dir)] + extra) == 2
@@ -191,7 +196,8 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
 
 
 def test_affinitynet_batch_larger_than_the_train_split_stops_before_any_stage(tmp_path, capsys):
-    assert run(tmp_path, "--set", "refine.method=affinity", "--set", "refine.affinity.train.batch_size=32") == 2
+    assert run(tmp_path, "--set", "refine.method=affinity",
+               "--set", "refine.affinity.train.batch_size=32") == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "'refine.affinity.train.batch_size' is 32" in error
     assert not (tmp_path / "run").exists()
@@ -225,8 +231,9 @@ def test_imagenet_weights_that_cannot_be_fetched_stop_before_any_stage(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
-AFFINITY = ["refine.method=affinity", "refine.affinity.backbone.name=resnet18", "refine.affinity.train.epochs=1",
-            "refine.affinity.train.batch_size=8", "refine.affinity.train.crop_size=48",
+AFFINITY = ["refine.method=affinity", "refine.affinity.backbone.name=resnet18",
+            "refine.affinity.train.epochs=1", "refine.affinity.train.batch_size=8",
+            "refine.affinity.train.crop_size=48",
             "refine.affinity.train.head_lr_mult=1", "refine.affinity.embedding_channels=16",
             "refine.random_walk.iterations=8"]
 
@@ -306,30 +313,33 @@ def test_irn_refine_learns_a_boundary_map_and_walks_with_it(weak_run, irn_run, c
 
 
 @pytest.mark.e2e
-def test_refine_speed_benchmark_times_the_crf_and_the_walk_and_saves_the_stages_masks(weak_run, irn_run, tmp_path):
+def test_refine_speed_benchmark_times_the_crf_and_the_walk_and_saves_the_stages_masks(weak_run, irn_run,
+                                                                                      tmp_path):
     """benchmarks/refine_speed.py on an IRN run: both CRF timings, the walk's, and walked masks
     equal to the ones the stage wrote."""
     import subprocess
     import sys
 
     import numpy as np
-
     from conftest import ROOT
+
     from pipeline.core.io import load_mask
 
     run_dir = irn_run
     settings = TINY + IRN + [f"data.root={weak_run / 'demo'}"]
     command = [sys.executable, str(ROOT / "benchmarks" / "refine_speed.py"), "--config", DEMO_CONFIG,
                "--run-dir", str(run_dir), "--images", "6", "--save-masks", str(tmp_path / "masks")]
-    done = subprocess.run(command + [arg for item in settings for arg in ("--set", item)], capture_output=True,
-                          text=True)
+    command += [arg for item in settings for arg in ("--set", item)]
+    done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "CRF masks, 1 worker(s)" in done.stdout and "CRF masks, 2 worker(s)" in done.stdout
-    assert re.search(r"irn walk \(8 steps, radius 5\), cpu, \d+ images: [0-9.]+ s/image", done.stdout), done.stdout
+    walk = r"irn walk \(8 steps, radius 5\), cpu, \d+ images: [0-9.]+ s/image"
+    assert re.search(walk, done.stdout), done.stdout
     saved = sorted((tmp_path / "masks").glob("*.png"))
     assert saved
     for path in saved:
-        assert np.array_equal(load_mask(path), load_mask(run_dir / "refine" / "pseudo" / path.name)), path.name
+        stage_mask = load_mask(run_dir / "refine" / "pseudo" / path.name)
+        assert np.array_equal(load_mask(path), stage_mask), path.name
 
 
 @pytest.mark.e2e
@@ -359,7 +369,8 @@ def test_refine_montage_draws_a_row_per_image_and_refuses_a_crf_run(weak_run, ir
 
 @pytest.mark.e2e
 def test_crf_refine_ignores_affinity_settings(weak_run, capsys):
-    assert run(weak_run, "--dry-run", "--set", "refine.random_walk.beta=3", "--set", "refine.affinity.radius=2") == 0
+    assert run(weak_run, "--dry-run", "--set", "refine.random_walk.beta=3",
+               "--set", "refine.affinity.radius=2") == 0
     assert "refine  cached" in capsys.readouterr().out
 
 
@@ -371,8 +382,8 @@ def test_train_split_scoring_reloads_the_seg_model_and_rejects_a_mismatched_conf
     import sys
 
     import torch
-
     from conftest import ROOT
+
     from pipeline.core.training import load_checkpoint
     from pipeline.data.dataset import open_dataset
     from stages.seg import predict_and_score, segmentation_network
@@ -382,28 +393,33 @@ def test_train_split_scoring_reloads_the_seg_model_and_rejects_a_mismatched_conf
     dataset = open_dataset(cfg.data)
     model = segmentation_network(cfg, dataset.num_classes, training=False)
     load_checkpoint(weak_run / "run" / "seg" / "model.pt", model)
-    scores = predict_and_score(model, dataset, dataset.split_ids("val"), cfg.seg.flip_predict, torch.device("cpu"), None)
+    scores = predict_and_score(model, dataset, dataset.split_ids("val"), cfg.seg.flip_predict,
+                               torch.device("cpu"), None)
     metrics = json.loads((weak_run / "run" / "seg" / "metrics.json").read_text())
     assert list(scores) == ["predictions"]
     assert scores["predictions"].result()["miou"] == pytest.approx(metrics["miou"])
 
     command = [sys.executable, str(ROOT / "tools" / "score_seg_on_train.py"), "--config", DEMO_CONFIG,
                "--run-dir", str(weak_run / "run")] + [arg for item in overrides for arg in ("--set", item)]
-    done = subprocess.run(command + ["--json", str(weak_run / "train_score.json")], capture_output=True, text=True)
+    done = subprocess.run(command + ["--json", str(weak_run / "train_score.json")], capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("predictions ") and "train mIoU" in done.stdout
     written = json.loads((weak_run / "train_score.json").read_text())["predictions"]
-    assert f"train mIoU {100 * written['miou']:.1f} " in done.stdout and set(written["per_class_iou"]) == set(dataset.classes)
+    assert f"train mIoU {100 * written['miou']:.1f} " in done.stdout
+    assert set(written["per_class_iou"]) == set(dataset.classes)
     mismatched = subprocess.run(command + ["--mode", "mixed"], capture_output=True, text=True)
     assert mismatched.returncode == 2
-    assert mismatched.stderr.strip().count("\n") == 0 and "does not match the config's network" in mismatched.stderr
+    assert mismatched.stderr.strip().count("\n") == 0
+    assert "does not match the config's network" in mismatched.stderr
 
 
 @pytest.mark.e2e
 def test_a_loss_that_stops_being_finite_stops_the_stage_and_caches_nothing(tmp_path, capsys):
     assert run(tmp_path, "--stages", "cam", "--set", "cam.train.lr=1e30") == 2
     error = capsys.readouterr().err.strip()
-    assert error.count("\n") == 0 and re.search(r"error: cam: the loss is (nan|inf) at epoch 1, step \d", error), error
+    assert error.count("\n") == 0, error
+    assert re.search(r"error: cam: the loss is (nan|inf) at epoch 1, step \d", error), error
     assert "nothing was cached" in error
     assert not (tmp_path / "run" / "cam").exists() and not list((tmp_path / "run").glob(".cam*"))
 
@@ -496,21 +512,61 @@ def test_an_interrupted_run_resumes_every_stage_and_ends_bit_identical(tmp_path,
     for folder, pattern in (("cam", "model.pt"), ("seg", "model.pt"), ("refine/pseudo", "*.png"),
                             ("seg/predictions", "*.png")):
         files = sorted((reference / folder).glob(pattern))
-        assert files and all((resumed / folder / f.name).read_bytes() == f.read_bytes() for f in files), folder
+        assert files, folder
+        assert all((resumed / folder / f.name).read_bytes() == f.read_bytes() for f in files), folder
     for path in sorted((reference / "cam" / "cams").glob("*.npz")):
         a, b = load_arrays(path), load_arrays(resumed / "cam" / "cams" / path.name)
         assert all(np.array_equal(a[k], b[k]) for k in a)
     for stage in ("cam", "refine", "seg"):
         before, after = (json.loads((d / stage / "metrics.json").read_text()) for d in (reference, resumed))
-        assert after["miou"] == before["miou"] and after.get("train_loss_by_epoch") == before.get("train_loss_by_epoch")
+        assert after["miou"] == before["miou"]
+        assert after.get("train_loss_by_epoch") == before.get("train_loss_by_epoch")
     assert json.loads((resumed / "seg" / "metrics.json").read_text())["resumed"] is True
     assert not list(resumed.glob(".*")) and not (resumed / "seg" / "checkpoint.pt").exists()
 
 
+@pytest.mark.e2e
+def test_an_affinitynet_interrupted_in_training_or_in_its_walk_resumes_bit_identical(weak_run, monkeypatch,
+                                                                                     capsys):
+    """The two phases of refine.method affinity the test above leaves out: its network's
+    training (epoch 2) and the random walk, each interrupted, then the same command again."""
+    import pipeline.refinement.psa
+    from pipeline.refinement.psa import PsaWalk
+
+    settings = sum((["--set", item] for item in AFFINITY + ["refine.affinity.train.epochs=2",
+                                                             "refine.workers=1"]), ["--stages", "refine"])
+    reference, resumed = weak_run / "affinity-reference", weak_run / "affinity-resumed"
+    for run_dir in (reference, resumed):
+        shutil.copytree(weak_run / "run" / "cam", run_dir / "cam")
+    assert run(weak_run, *settings, "--run-dir", str(reference)) == 0
+    interruptions = [  # (owner, function, calls that succeed first): 3 training steps per epoch
+        (pipeline.refinement.psa, "_affinity_training_loss", 4),  # AffinityNet training, epoch 2
+        (PsaWalk, "walked_scores", 5),  # the random walk
+    ]
+    for owner, name, after in interruptions:
+        with monkeypatch.context() as patch:
+            _interrupt(patch, owner, name, after)
+            with pytest.raises(KeyboardInterrupt):
+                run(weak_run, *settings, "--run-dir", str(resumed))
+    capsys.readouterr()
+    assert run(weak_run, *settings, "--run-dir", str(resumed)) == 0
+    assert "reusing the network in" in capsys.readouterr().err  # trained before the walk's interruption
+    outputs = (("affinitynet", "model.pt"), ("affinitynet/crf", "*.png"), ("refine/pseudo", "*.png"))
+    for folder, pattern in outputs:
+        files = sorted((reference / folder).glob(pattern))
+        assert files, folder
+        assert all((resumed / folder / f.name).read_bytes() == f.read_bytes() for f in files), folder
+    for folder in ("affinitynet", "refine"):
+        before, after = (json.loads((d / folder / "metrics.json").read_text()) for d in (reference, resumed))
+        assert after.get("miou") == before.get("miou")
+        assert after.get("train_loss_by_epoch") == before.get("train_loss_by_epoch")
+    assert not list(resumed.glob(".*"))
+
+
 def test_fp16_on_the_cpu_stops_before_any_work(tmp_path, capsys):
     assert run(tmp_path, "--set", "device=cpu", "--set", "seg.train.amp=fp16") == 2
-    assert capsys.readouterr().err.strip() == ("error: config key 'seg.train.amp' is fp16, which needs a CUDA "
-                                               "device; use bf16 or off on the CPU")
+    assert capsys.readouterr().err.strip() == ("error: config key 'seg.train.amp' is fp16, which needs a "
+                                               "CUDA device; use bf16 or off on the CPU")
     assert not (tmp_path / "run").exists()
 
 
@@ -532,7 +588,8 @@ def test_train_loop_benchmark_trains_ours_and_the_bare_loop_alike(weak_run):
     assert re.search(r"ratio ours/bare [0-9.]+$", done.stdout.strip()), done.stdout
     refused = subprocess.run(command + ["--set", "cam.sr.enabled=true"], capture_output=True, text=True)
     assert refused.returncode == 2 and refused.stderr.strip() == (
-        "error: config key 'cam.sr.enabled' is true: the bare loop has no Self-Regulation loss to compare with")
+        "error: config key 'cam.sr.enabled' is true: the bare loop has no Self-Regulation loss "
+        "to compare with")
 
 
 @pytest.mark.e2e
@@ -541,10 +598,13 @@ def test_bf16_autocast_trains_every_network_on_the_cpu(weak_run):
     classifier, both SR losses, the AffinityNet, IRNet's boundary network and the mixed-mode
     segmenter train to finite losses and write their outputs. The cam network trained in bf16
     differs from the weak run's float32 one, which shares every other setting: autocast was on."""
-    bf16 = ["cam.train.amp=bf16", "seg.train.amp=bf16", "refine.affinity.train.amp=bf16", "refine.irn.train.amp=bf16"]
+    bf16 = ["cam.train.amp=bf16", "seg.train.amp=bf16", "refine.affinity.train.amp=bf16",
+            "refine.irn.train.amp=bf16"]
     cam_only = weak_run / "bf16-cam"
-    assert run(weak_run, "--run-dir", str(cam_only), "--stages", "cam", *sum((["--set", s] for s in bf16), [])) == 0
-    assert (cam_only / "cam" / "model.pt").read_bytes() != (weak_run / "run" / "cam" / "model.pt").read_bytes()
+    bf16_settings = sum((["--set", s] for s in bf16), [])
+    assert run(weak_run, "--run-dir", str(cam_only), "--stages", "cam", *bf16_settings) == 0
+    float32_model = (weak_run / "run" / "cam" / "model.pt").read_bytes()
+    assert (cam_only / "cam" / "model.pt").read_bytes() != float32_model
 
     run_dir = weak_run / "bf16-mixed"
     settings = sum((["--set", s] for s in bf16 + AFFINITY + ["cam.sr.enabled=true", "seg.sr.enabled=true"]),
@@ -556,6 +616,7 @@ def test_bf16_autocast_trains_every_network_on_the_cpu(weak_run):
     assert all(curve and all(value is not None for value in curve) for curve in losses), losses
     assert len(list((run_dir / "seg" / "predictions").glob("*.png"))) == 8
 
-    irn = sum((["--set", s] for s in bf16 + IRN + ["cam.sr.enabled=true"]), ["--run-dir", str(run_dir), "--stages", "refine"])
+    irn = sum((["--set", s] for s in bf16 + IRN + ["cam.sr.enabled=true"]),
+              ["--run-dir", str(run_dir), "--stages", "refine"])
     assert run(weak_run, *irn) == 0
     assert json.loads((run_dir / "irn" / "metrics.json").read_text())["train_loss_by_epoch"][0] is not None

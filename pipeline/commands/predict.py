@@ -43,8 +43,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", required=True, help="a run folder with a finished seg stage")
     parser.add_argument("--images", required=True,
-                        help="a folder of images (not its subfolders), one image, or a .txt list of image paths "
-                             "(one per line, relative to the list's folder)")
+                        help="a folder of images (not its subfolders), one image, or a .txt list of image "
+                             "paths (one per line, relative to the list's folder)")
     parser.add_argument("--out", required=True, help="output folder (created; must not be an input folder)")
     parser.add_argument("--overlay", action="store_true", help="also write <name>_overlay.jpg")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -63,7 +63,8 @@ def recorded_config(run_dir: Path) -> tuple[Config, list[str]]:
         raise CacheError(f"{run_dir} has no finished seg stage ({seg_dir / MANIFEST} and model.pt): "
                          "run the pipeline's seg stage first")
     recorded = cache.recorded_config(manifest)
-    cfg = config_from_dict({key: recorded[key] for key in ("mode", "data", "seg", "mixed") if key in recorded})
+    cfg = config_from_dict({key: recorded[key] for key in ("mode", "data", "seg", "mixed")
+                            if key in recorded})
     cfg.seg.backbone.weights = None  # every weight comes from model.pt; no ImageNet file is needed
     classes_file = seg_dir / "classes.txt"
     if not classes_file.is_file():  # runs made before seg wrote its classes: the data folder's
@@ -84,8 +85,8 @@ def list_images(source: Path) -> list[Path]:
         raise DataError(f"--images {source} does not exist")
     if source.suffix.lower() in IMAGE_SUFFIXES:
         return [source]
-    images = [source.parent / line.strip() for line in read_text(source, 'one image path per line').splitlines()
-              if line.strip()]
+    lines = read_text(source, 'one image path per line').splitlines()
+    images = [source.parent / line.strip() for line in lines if line.strip()]
     if not images:
         raise DataError(f"--images {source}: the list names no images")
     return images
@@ -98,15 +99,20 @@ def output_names(images: list[Path], out: Path, run_dir: Path) -> list[str]:
     folders, or the run folder itself)."""
     target, run = out.resolve(), run_dir.resolve()
     inside = target.relative_to(run).parts if target.is_relative_to(run) else None
-    if inside is not None and (not inside or inside[0] in RUN_FOLDERS + (FIGURES,) or inside[0].startswith(".")):
+    rewritten = inside is not None and (not inside or inside[0] in RUN_FOLDERS + (FIGURES,)
+                                        or inside[0].startswith("."))
+    if rewritten:
         raise DataError(f"--out {out} is the run folder or one of the folders a run rewrites ({run_dir}/"
-                        f"{inside[0] if inside else ''}): choose another output folder, e.g. {run_dir / 'predicted'}")
+                        f"{inside[0] if inside else ''}): choose another output folder, "
+                        f"e.g. {run_dir / 'predicted'}")
     seen = {}
     for image in images:
         if image.parent.resolve() == out.resolve():
-            raise DataError(f"--out {out} is the folder of the input image {image}: choose another output folder")
+            raise DataError(f"--out {out} is the folder of the input image {image}: "
+                            "choose another output folder")
         if image.stem in seen:
-            raise DataError(f"--images: {seen[image.stem]} and {image} would both be written as {image.stem}.png")
+            raise DataError(f"--images: {seen[image.stem]} and {image} would both be written as "
+                            f"{image.stem}.png")
         seen[image.stem] = image
     return list(seen)
 
@@ -145,7 +151,8 @@ def main(argv: list[str]) -> int:
     started, failed, pending = time.perf_counter(), [], []
 
     def flush():
-        masks = predict_batch(model.forward, [tensor.to(device) for _, _, tensor in pending], cfg.seg.flip_predict)
+        masks = predict_batch(model.forward, [tensor.to(device) for _, _, tensor in pending],
+                              cfg.seg.flip_predict)
         for (name, pixels, _), mask in zip(pending, masks):
             save_mask(out / f"{name}.png", mask)
             if args.overlay:
@@ -156,8 +163,8 @@ def main(argv: list[str]) -> int:
         try:
             pixels = read_rgb(path)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            tqdm.write(f"error: cannot read image {path} ({' '.join(str(error).split()) or type(error).__name__})",
-                       file=sys.stderr)
+            reason = " ".join(str(error).split()) or type(error).__name__
+            tqdm.write(f"error: cannot read image {path} ({reason})", file=sys.stderr)
             failed.append(path)
             continue
         if pending and (len(pending) == batch_size or pending[0][1].shape != pixels.shape):

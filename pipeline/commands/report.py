@@ -140,7 +140,8 @@ def _per_image_miou(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> float
     return iou_scores(confusion_matrix(gt, pred, num_classes), [str(i) for i in range(num_classes)])["miou"]
 
 
-def _gallery_ids(ids: list[str], dataset: VOCDataset, prediction_dir: Path | None, seed: int) -> list[tuple[str, str]]:
+def _gallery_ids(ids: list[str], dataset: VOCDataset, prediction_dir: Path | None,
+                 seed: int) -> list[tuple[str, str]]:
     """(id, why) pairs: a seeded sample, then the worst-scored of the ids with a mask and a prediction."""
     rng = random.Random(seed)
     picked = [(i, "sample") for i in rng.sample(ids, min(SAMPLE, len(ids)))]
@@ -148,8 +149,12 @@ def _gallery_ids(ids: list[str], dataset: VOCDataset, prediction_dir: Path | Non
         return picked
     pool = [i for i in ids if dataset.has_mask(i) and (prediction_dir / f"{i}.png").is_file()]
     pool = rng.sample(pool, min(WORST_POOL, len(pool)))
-    scored = sorted(pool, key=lambda i: _per_image_miou(dataset.load_mask(i), load_mask(prediction_dir / f"{i}.png"),
-                                                        dataset.num_classes))
+
+    def miou(image_id: str) -> float:
+        predicted = load_mask(prediction_dir / f"{image_id}.png")
+        return _per_image_miou(dataset.load_mask(image_id), predicted, dataset.num_classes)
+
+    scored = sorted(pool, key=miou)
     shown = {i for i, _ in picked}
     worst = [i for i in scored if i not in shown][:WORST]
     return picked + [(i, "worst") for i in worst]
@@ -174,7 +179,8 @@ def _gallery_row(run_dir: Path, out: Path, dataset: VOCDataset, split: str, imag
     for k, (title, array) in enumerate(cells):
         name = f"{split}_{image_id}_{k}.png"
         atomic_write_bytes(out / "gallery" / name, _png(array))
-        html_cells.append(f'<figure><img src="{FIGURES}/gallery/{html.escape(quote(name))}" alt="{html.escape(title)}">'
+        source = f"{FIGURES}/gallery/{html.escape(quote(name))}"
+        html_cells.append(f'<figure><img src="{source}" alt="{html.escape(title)}">'
                           f"<figcaption>{html.escape(title)}</figcaption></figure>")
     label = f"{split} · {html.escape(image_id)}" + (" · worst scored" if why == "worst" else "")
     return f'<div class="row"><div class="id">{label}</div>{"".join(html_cells)}</div>'
@@ -198,24 +204,32 @@ def write_report(run_dir: Path) -> Path:
     (out / "gallery").mkdir(parents=True)
     body = [f"<h1>Run {html.escape(run_dir.name)}</h1>"]
     if classes:
-        swatches = "".join(f'<span class="swatch"><i style="background: rgb{tuple(int(c) for c in _colours()[k])}"></i>'
+        swatches = "".join(f'<span class="swatch"><i style="background: '
+                           f'rgb{tuple(int(c) for c in _colours()[k])}"></i>'
                            f"{k} {html.escape(name)}</span>" for k, name in enumerate(classes))
         body.append(f'<h2>Classes</h2><p class="legend">{swatches}'
-                    '<span class="swatch"><i style="background: rgb(224, 224, 192)"></i>255 unsure</span></p>')
+                    '<span class="swatch"><i style="background: rgb(224, 224, 192)"></i>255 unsure</span>'
+                    '</p>')
     rows = []
     for name, stage in stages.items():
         metrics = stage["metrics"]
-        score = (f"{_fmt(metrics['miou'])}" if metrics.get("miou") is not None
-                 else html.escape(f"not scored ({metrics.get('not_scored', 'no masks')})" if "miou" in metrics else "–"))
+        if metrics.get("miou") is not None:
+            score = f"{_fmt(metrics['miou'])}"
+        elif "miou" in metrics:
+            score = html.escape(f"not scored ({metrics.get('not_scored', 'no masks')})")
+        else:
+            score = "–"
         rows.append(f"<tr><td>{name}</td><td>{score}</td><td>{SCORED_ON[name]}</td>"
-                    f"<td>{metrics.get('scored_images', '–')}</td><td>{metrics.get('wall_time_s', 0):.1f}</td></tr>")
-    body.append("<h2>Stages</h2><table><tr><th>stage</th><th>mIoU (%)</th><th>scored on</th><th>images scored</th>"
-                f"<th>wall time (s)</th></tr>{''.join(rows)}</table>")
+                    f"<td>{metrics.get('scored_images', '–')}</td>"
+                    f"<td>{metrics.get('wall_time_s', 0):.1f}</td></tr>")
+    body.append("<h2>Stages</h2><table><tr><th>stage</th><th>mIoU (%)</th><th>scored on</th>"
+                f"<th>images scored</th><th>wall time (s)</th></tr>{''.join(rows)}</table>")
     per_class = [(name, s["metrics"]["per_class_iou"]) for name, s in stages.items()
                  if s["metrics"].get("per_class_iou")]
     if per_class and classes:
         header = "".join(f"<th>{name} ({SCORED_ON[name]})</th>" for name, _ in per_class)
-        lines = "".join(f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{_fmt(ious.get(c))}</td>" for _, ious in per_class)
+        lines = "".join(f"<tr><td>{html.escape(c)}</td>"
+                        + "".join(f"<td>{_fmt(ious.get(c))}</td>" for _, ious in per_class)
                         + "</tr>" for c in classes)
         body.append(f"<h2>IoU per class (%)</h2><table><tr><th>class</th>{header}</tr>{lines}</table>")
     for title, figure in (("scores", _score_figure(stages, classes)), ("losses", _loss_figure(stages))):

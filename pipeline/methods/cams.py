@@ -42,7 +42,8 @@ def multiscale_cams(model: CAMNet, image: torch.Tensor, classes: np.ndarray,
 
 def cam_argmax(cams: np.ndarray, bg_score: float) -> np.ndarray:
     """Per pixel, 0 where every CAM is below ``bg_score``, else 1 + the index of the strongest CAM."""
-    padded = np.concatenate([np.full((1,) + cams.shape[1:], bg_score, dtype=np.float32), cams.astype(np.float32)])
+    background = np.full((1,) + cams.shape[1:], bg_score, dtype=np.float32)
+    padded = np.concatenate([background, cams.astype(np.float32)])
     return np.argmax(padded, axis=0)
 
 
