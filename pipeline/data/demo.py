@@ -55,24 +55,18 @@ from PIL import Image
 from pipeline.core.errors import DataError
 from pipeline.core.io import atomic_write_bytes, atomic_write_json, save_mask
 from pipeline.data.demo_drawing import (
+    add_clutter,
+    background,
     convex_polygon,
-    cool_colour,
     disk,
-    ellipse,
     grid,
     hsv,
     luminance,
-    muted_colour,
-    rotated_grid,
     rotated_rectangle,
-    segment,
     shaded,
-    smooth_noise,
-    stripes,
     texture_bus_house,
     texture_plate_tile,
     vivid_colour,
-    warm_colour,
     wood,
     wood_colour,
 )
@@ -208,78 +202,6 @@ _OBJECT_DRAWERS: dict[str, Callable[[np.random.Generator, int, int], _Shape]] = 
 assert list(_OBJECT_DRAWERS) == DEMO_CLASSES[1:]
 
 
-def _background_region(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A full-frame fill for one background region: colour, gradient, texture."""
-    rgb = shaded(rng, np.broadcast_to(muted_colour(rng), (h, w, 3)), rng.uniform(0.05, 0.3))
-    kind = rng.integers(3)
-    if kind == 0:  # cloudy
-        rgb = rgb + rng.uniform(8.0, 25.0) * smooth_noise(rng, h, w, rng.uniform(2.0, 8.0))[..., None]
-    elif kind == 1:  # faint fine stripes (grass, fabric, wallpaper)
-        _, v = rotated_grid(h, w, rng.uniform(0.0, np.pi))
-        rgb = rgb + rng.uniform(6.0, 15.0) * np.sin(2 * np.pi * v / rng.uniform(2.0, 5.0))[..., None]
-    return rgb + rng.normal(0.0, rng.uniform(2.0, 8.0), size=(h, w, 3))
-
-
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Two or three regions split by parallel, slightly wavy boundaries."""
-    if rng.random() < 0.5:
-        angle = rng.uniform(-0.25, 0.25)  # a horizon
-    else:
-        angle = rng.uniform(0.0, np.pi)  # any diagonal
-    along, across = rotated_grid(h, w, angle)
-    across = across + rng.uniform(0.0, 0.06 * h) * np.sin(
-        2 * np.pi * along / rng.uniform(0.5 * w, 2.0 * w) + rng.uniform(0.0, 2 * np.pi))
-    n_regions = int(rng.integers(2, 4))
-    cuts = np.sort(rng.uniform(np.quantile(across, 0.2), np.quantile(across, 0.8), n_regions - 1))
-    region = np.digitize(across, cuts)
-    rgb = np.empty((h, w, 3))
-    for k in range(n_regions):
-        rgb[region == k] = _background_region(rng, h, w)[region == k]
-    return rgb
-
-
-def _clutter_colour(rng: np.random.Generator) -> np.ndarray:
-    # Half the clutter borrows object colours so colour alone does not identify objects.
-    if rng.random() < 0.5:
-        sampler = (warm_colour, cool_colour, wood_colour, vivid_colour)[rng.integers(4)]
-        return sampler(rng)
-    return muted_colour(rng)
-
-
-def _clutter_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    side = min(h, w)
-    centre = rng.uniform((0.0, 0.0), (h, w))
-    kind = rng.integers(3)
-    if kind == 0:  # a short line, as thin as a lamp pole or table leg
-        angle = rng.uniform(0.0, 2 * np.pi)
-        end = centre + rng.uniform(0.1, 0.35) * side * np.array([np.sin(angle), np.cos(angle)])
-        return segment(h, w, centre, end, thickness=rng.uniform(1.0, 2.5))
-    if kind == 1:  # an elongated blob, so it is never mistaken for a ball
-        radius = rng.uniform(0.03, 0.1) * side + 1.0
-        return ellipse(h, w, *centre, radius, radius * rng.uniform(1.8, 3.0), rng.uniform(0.0, np.pi))
-    half = rng.uniform(0.02, 0.1, size=2) * side + 1.0  # a rectangle
-    return rotated_rectangle(h, w, *centre, *half, rng.uniform(0.0, np.pi))
-
-
-def _add_clutter(rng: np.random.Generator, rgb: np.ndarray) -> None:
-    """Paint small background clutter in place.
-
-    Clutter is smaller than any confusable object and never uses the pair
-    textures (bricks, checker, dots), so its label "background" is not
-    ambiguous; it only uses plain, noisy or striped fills.
-    """
-    h, w = rgb.shape[:2]
-    for _ in range(int(rng.integers(3, 10))):
-        mask = _clutter_mask(rng, h, w)
-        colour = _clutter_colour(rng)
-        if rng.random() < 0.3:
-            striped = stripes(h, w, colour, colour * rng.uniform(0.4, 0.7), rng.uniform(2.0, 5.0),
-                                rng.uniform(0.0, np.pi))
-            rgb[mask] = striped[mask]
-        else:
-            rgb[mask] = colour + rng.normal(0.0, 6.0, size=(int(mask.sum()), 3))
-
-
 def _place(rng: np.random.Generator, mask: np.ndarray, occupied: np.ndarray,
            tries: int = 20) -> tuple[int, int]:
     """Top-left corner for `mask` inside the image, preferring little overlap.
@@ -318,8 +240,8 @@ def _with_contrast(shape: _Shape, under: np.ndarray) -> np.ndarray:
 def _render(rng: np.random.Generator, min_size: int, max_size: int) -> tuple[np.ndarray, np.ndarray]:
     """One (RGB uint8 image, uint8 label map) pair."""
     h, w = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
-    rgb = _background(rng, h, w)
-    _add_clutter(rng, rgb)
+    rgb = background(rng, h, w)
+    add_clutter(rng, rgb)
     label = np.zeros((h, w), dtype=np.uint8)
 
     n_objects = 0 if rng.random() < _NO_OBJECT_PROBABILITY else int(rng.integers(1, _MAX_OBJECTS + 1))

@@ -1,5 +1,5 @@
 """Drawing helpers of the synthetic demo data set (pipeline/data/demo.py): colours,
-textures, shading, and the primitive shapes objects are made of.
+textures, shading, the primitive shapes objects are made of, and the cluttered backgrounds.
 """
 
 from __future__ import annotations
@@ -183,3 +183,75 @@ def ellipse(h: int, w: int, cy: float, cx: float, radius_y: float, radius_x: flo
              angle: float) -> np.ndarray:
     u, v = centred_coords(h, w, cy, cx, angle)
     return (u / radius_x) ** 2 + (v / radius_y) ** 2 <= 1.0
+
+
+def background_region(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A full-frame fill for one background region: colour, gradient, texture."""
+    rgb = shaded(rng, np.broadcast_to(muted_colour(rng), (h, w, 3)), rng.uniform(0.05, 0.3))
+    kind = rng.integers(3)
+    if kind == 0:  # cloudy
+        rgb = rgb + rng.uniform(8.0, 25.0) * smooth_noise(rng, h, w, rng.uniform(2.0, 8.0))[..., None]
+    elif kind == 1:  # faint fine stripes (grass, fabric, wallpaper)
+        _, v = rotated_grid(h, w, rng.uniform(0.0, np.pi))
+        rgb = rgb + rng.uniform(6.0, 15.0) * np.sin(2 * np.pi * v / rng.uniform(2.0, 5.0))[..., None]
+    return rgb + rng.normal(0.0, rng.uniform(2.0, 8.0), size=(h, w, 3))
+
+
+def background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Two or three regions split by parallel, slightly wavy boundaries."""
+    if rng.random() < 0.5:
+        angle = rng.uniform(-0.25, 0.25)  # a horizon
+    else:
+        angle = rng.uniform(0.0, np.pi)  # any diagonal
+    along, across = rotated_grid(h, w, angle)
+    across = across + rng.uniform(0.0, 0.06 * h) * np.sin(
+        2 * np.pi * along / rng.uniform(0.5 * w, 2.0 * w) + rng.uniform(0.0, 2 * np.pi))
+    n_regions = int(rng.integers(2, 4))
+    cuts = np.sort(rng.uniform(np.quantile(across, 0.2), np.quantile(across, 0.8), n_regions - 1))
+    region = np.digitize(across, cuts)
+    rgb = np.empty((h, w, 3))
+    for k in range(n_regions):
+        rgb[region == k] = background_region(rng, h, w)[region == k]
+    return rgb
+
+
+def clutter_colour(rng: np.random.Generator) -> np.ndarray:
+    # Half the clutter borrows object colours so colour alone does not identify objects.
+    if rng.random() < 0.5:
+        sampler = (warm_colour, cool_colour, wood_colour, vivid_colour)[rng.integers(4)]
+        return sampler(rng)
+    return muted_colour(rng)
+
+
+def clutter_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    side = min(h, w)
+    centre = rng.uniform((0.0, 0.0), (h, w))
+    kind = rng.integers(3)
+    if kind == 0:  # a short line, as thin as a lamp pole or table leg
+        angle = rng.uniform(0.0, 2 * np.pi)
+        end = centre + rng.uniform(0.1, 0.35) * side * np.array([np.sin(angle), np.cos(angle)])
+        return segment(h, w, centre, end, thickness=rng.uniform(1.0, 2.5))
+    if kind == 1:  # an elongated blob, so it is never mistaken for a ball
+        radius = rng.uniform(0.03, 0.1) * side + 1.0
+        return ellipse(h, w, *centre, radius, radius * rng.uniform(1.8, 3.0), rng.uniform(0.0, np.pi))
+    half = rng.uniform(0.02, 0.1, size=2) * side + 1.0  # a rectangle
+    return rotated_rectangle(h, w, *centre, *half, rng.uniform(0.0, np.pi))
+
+
+def add_clutter(rng: np.random.Generator, rgb: np.ndarray) -> None:
+    """Paint small background clutter in place.
+
+    Clutter is smaller than any confusable object and never uses the pair
+    textures (bricks, checker, dots), so its label "background" is not
+    ambiguous; it only uses plain, noisy or striped fills.
+    """
+    h, w = rgb.shape[:2]
+    for _ in range(int(rng.integers(3, 10))):
+        mask = clutter_mask(rng, h, w)
+        colour = clutter_colour(rng)
+        if rng.random() < 0.3:
+            striped = stripes(h, w, colour, colour * rng.uniform(0.4, 0.7), rng.uniform(2.0, 5.0),
+                                rng.uniform(0.0, np.pi))
+            rgb[mask] = striped[mask]
+        else:
+            rgb[mask] = colour + rng.normal(0.0, 6.0, size=(int(mask.sum()), 3))
