@@ -4,6 +4,7 @@ that a stage would otherwise trip over half-way (one ``error:`` line, exit 2).
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from pipeline.core.config import DataConfig
 from pipeline.core.errors import ConfigError, DataError
 from pipeline.core.runtime import world_size
 from pipeline.data.checks import FileChecks
@@ -20,11 +22,14 @@ from pipeline.data.volumes import Volumes
 
 
 def prepare_data(cfg, checks: Optional[FileChecks] = None) -> VOCDataset:
-    """Generates the demo data set when the config asks for it, then checks every listed id
-    (``checks`` remembers what was checked, so a rerun skips unchanged files, and times it)."""
+    """Generates the demo data set when the config asks for it, sets ``cfg.data`` to the train
+    split in use (:func:`train_split_in_use`), then checks every listed id (``checks``
+    remembers what was checked, so a rerun skips unchanged files, and times it)."""
     if cfg.demo is not None:
         ensure_demo_data(Path(cfg.data.root), cfg.demo)
-    _fall_back_if_missing(cfg.data)
+    # The one place the config changes after loading, visibly: before any cache key is computed,
+    # so the keys record the split that is used.
+    cfg.data = train_split_in_use(cfg.data)
     forget_opened_datasets()  # the folder as it is now, not as an earlier run in this process saw it
     dataset = open_dataset(cfg.data)
     data = cfg.data
@@ -61,17 +66,17 @@ def prepare_data(cfg, checks: Optional[FileChecks] = None) -> VOCDataset:
     return dataset
 
 
-def _fall_back_if_missing(data) -> None:
-    """Switches to ``fallback_train_split`` with SegmentationClass when the configured train
-    split's list or mask folder is missing (VOC without the SBD augmentation); says so on stderr.
-    The switch happens before any cache key is computed, so the keys record what was used."""
+def train_split_in_use(data: DataConfig) -> DataConfig:
+    """``data``, or a copy switched to ``fallback_train_split`` with SegmentationClass when the
+    configured train split's list or mask folder is missing (VOC without the SBD
+    augmentation), which it says on stderr."""
     root = Path(data.root)
     # With tags the train masks are for scores only: whether they exist must not change the training set.
     needed = [root / SPLITS / f"{data.train_split}.txt"] + ([] if data.tags or data.image_labels else
                                                              [root / data.train_masks])
     missing = [str(p) for p in needed if not p.exists()]
     if data.fallback_train_split is None or not missing or data.train_split == data.fallback_train_split:
-        return
+        return data
     print(f"note: {missing[0]} not found; training on split {data.fallback_train_split!r} with "
           "SegmentationClass (data.fallback_train_split)", file=sys.stderr)
-    data.train_split, data.train_masks = data.fallback_train_split, "SegmentationClass"
+    return dataclasses.replace(data, train_split=data.fallback_train_split, train_masks="SegmentationClass")
