@@ -104,11 +104,20 @@ def test_a_change_of_scoring_only_reuses_the_finished_outputs_and_keeps_the_trai
     with StageOutput(tmp_path, "cam", rescored) as out:
         assert out.reused and out.previous_metrics["train_loss_by_epoch"] == [1.0, 0.5]
         assert (out.dir / "model.pt").read_bytes() == b"weights"
-        out.metrics = {"miou": 0.4}
+        out.metrics = {"miou": 0.4, "train_loss_by_epoch": out.previous_metrics["train_loss_by_epoch"]}
     manifest = json.loads((tmp_path / "cam" / "manifest.json").read_text())
     assert (manifest["training_key"] == training_key(trained)
             and stage_status(tmp_path, "cam", rescored).state == "cached")
     assert upstream_keys(tmp_path, ["cam"]) == {"cam": training_key(trained)}  # downstream stays valid
+
+    # A rescoring killed half-way resumes as a rescoring: the network is not trained again.
+    again = json.loads(json.dumps(trained))
+    with pytest.raises(KeyboardInterrupt):
+        with StageOutput(tmp_path, "cam", again) as out:
+            raise KeyboardInterrupt
+    with StageOutput(tmp_path, "cam", again) as out:
+        assert out.resumed and out.reused and out.previous_metrics["train_loss_by_epoch"] == [1.0, 0.5]
+        out.metrics = {"miou": 0.5}
 
     retrained = {**rescored, "config": {**rescored["config"], "seed": 1}}
     with StageOutput(tmp_path, "cam", retrained) as out:

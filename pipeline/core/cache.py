@@ -194,7 +194,10 @@ class StageOutput:
             shutil.rmtree(leftover, ignore_errors=True)
         key = cache_key(self.inputs)
         if self.dir.is_dir():
-            self.resumed = (read_json(self.dir / RESUME_KEY) or {}).get("key") == key
+            state = read_json(self.dir / RESUME_KEY) or {}
+            self.resumed = state.get("key") == key
+            # A killed rescoring resumes as one: its network is the finished folder's.
+            self.reused = self.resumed and state.get("reused", False)
             if not self.resumed:
                 shutil.rmtree(self.dir)
         if self.resumed:  # what a kill left half-written: temporary files of atomic writes
@@ -207,7 +210,7 @@ class StageOutput:
                 (self.dir / MANIFEST).unlink()
             else:
                 self.dir.mkdir()
-            atomic_write_json(self.dir / RESUME_KEY, {"key": key})
+            atomic_write_json(self.dir / RESUME_KEY, {"key": key, "reused": self.reused})
 
     def _trained_under_same_key(self) -> bool:
         manifest = read_json(self.final / MANIFEST) or {}
