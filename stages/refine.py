@@ -55,5 +55,5 @@ def run(cfg: Config, run_dir: Path) -> dict:
     cam_miou = (read_json(run_dir / "cam" / METRICS) or {}).get("miou")
     method.prepare(run_dir, inputs)
     with StageOutput(run_dir, NAME, inputs) as out:
-        out.metrics = {"method": cfg.refine.method} | method.make_masks(run_dir, out, train_ids, cam_miou)
+        out.metrics = {"method": method.name} | method.make_masks(run_dir, out, train_ids, cam_miou)
     return out.metrics
