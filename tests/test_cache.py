@@ -6,7 +6,7 @@ from pipeline.core.cache import (
     StageOutput,
     cache_key,
     describe_changes,
-    recorded_config,
+    manifest_config,
     stage_status,
     training_key,
     upstream_keys,
@@ -134,5 +134,5 @@ def test_a_new_cache_version_makes_the_stage_stale_once_and_says_why(tmp_path):
 def test_recorded_config_merges_the_scoring_keys_back():
     manifest = {"inputs": {"config": {"data": {"root": "d"}, "seg": {"lr": 1}},
                            "scoring": {"config": {"data.val_split": "val", "seg.flip_predict": False}}}}
-    assert recorded_config(manifest) == {"data": {"root": "d", "val_split": "val"},
+    assert manifest_config(manifest) == {"data": {"root": "d", "val_split": "val"},
                                          "seg": {"lr": 1, "flip_predict": False}}

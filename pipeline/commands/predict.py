@@ -21,8 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.commands.report import FIGURES
-from pipeline.core import cache
-from pipeline.core.cache import MANIFEST, read_json
+from pipeline.core.cache import MANIFEST, manifest_config, read_json
 from pipeline.core.config import Config
 from pipeline.core.config_file import config_from_dict
 from pipeline.core.errors import CacheError, DataError, PipelineError
@@ -62,7 +61,7 @@ def recorded_config(run_dir: Path) -> tuple[Config, list[str]]:
     if manifest is None or not (seg_dir / "model.pt").is_file():
         raise CacheError(f"{run_dir} has no finished seg stage ({seg_dir / MANIFEST} and model.pt): "
                          "run the pipeline's seg stage first")
-    recorded = cache.recorded_config(manifest)
+    recorded = manifest_config(manifest)
     cfg = config_from_dict({key: recorded[key] for key in ("mode", "data", "seg", "mixed")
                             if key in recorded})
     cfg.seg.backbone.weights = None  # every weight comes from model.pt; no ImageNet file is needed

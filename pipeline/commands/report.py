@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.core.cache import MANIFEST, METRICS, RunLock, read_json, recorded_config
+from pipeline.core.cache import MANIFEST, METRICS, RunLock, manifest_config, read_json
 from pipeline.core.config_file import config_from_dict
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_bytes, load_arrays, load_mask, voc_palette
@@ -87,7 +87,7 @@ def _stage_data(run_dir: Path) -> dict:
     for name in RUN_FOLDERS:
         metrics, manifest = read_json(run_dir / name / METRICS), read_json(run_dir / name / MANIFEST)
         if metrics is not None and manifest is not None:
-            stages[name] = {"metrics": metrics, "config": recorded_config(manifest)}
+            stages[name] = {"metrics": metrics, "config": manifest_config(manifest)}
     return stages
 
 

@@ -37,19 +37,9 @@ from pipeline.core.runtime import barrier, from_main_process, is_main_process
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
-
-
 RESUME_KEY = "resume-key.json"  # in a partial folder: the key it is made under
-
-
 CHECKPOINT = "checkpoint.pt"  # in a partial folder: the training state at the end of the last epoch
-
-
 RESUME_FILES = (RESUME_KEY, CHECKPOINT)  # a partial folder's own files, never part of a finished stage
-
-
-
-
 METRICS = "metrics.json"
 
 
@@ -81,12 +71,14 @@ def stage_status(run_dir: Path, stage: str, inputs: dict) -> StageStatus:
     manifest = read_json(folder / MANIFEST)
     if manifest is None or "key" not in manifest:
         return StageStatus("missing", f"no finished output in {folder}")
-    damage = check_files(folder, manifest.get("files", {}))
     if manifest["key"] != cache_key(inputs):
         changes = describe_changes(manifest.get("inputs", {}), inputs)
-        if manifest.get("training_key") == training_key(inputs) and not damage:
+        # The files (model digests included) are read only where a rescoring would use them.
+        if (manifest.get("training_key") == training_key(inputs)
+                and check_files(folder, manifest.get("files", {})) is None):
             return StageStatus("stale", f"only its scoring changed ({changes}): rescores what is there")
         return StageStatus("stale", "made under different inputs: " + changes)
+    damage = check_files(folder, manifest.get("files", {}))
     if damage:
         return StageStatus("damaged", damage)
     return StageStatus("cached", f"output in {folder} matches the config")
@@ -289,7 +281,7 @@ def _write_pid(fd: int) -> None:
     os.pwrite(fd, str(os.getpid()).encode(), 0)
 
 
-def recorded_config(manifest: dict) -> dict:
+def manifest_config(manifest: dict) -> dict:
     """The config sections a finished stage recorded in its manifest, its scoring keys merged
     back in (e.g. seg's ``data.val_split`` and ``seg.flip_predict``)."""
     inputs = manifest.get("inputs", {})
