@@ -5,18 +5,29 @@ Outputs in ``<run-dir>/cam/``: ``model.pt`` (state_dict), ``cams/<id>.npz`` with
 ``classes`` (the K class indices), and ``metrics.json`` scoring the CAMs on the train
 images that have ground truth (used for this score only; without any: "not scored").
 With ``cam.sr.enabled`` the classifier trains with Self-Regulation exits
-(pipeline/self_regulation.py); the CAMs still come from its main classifier alone.
+(pipeline/methods/self_regulation.py); the CAMs still come from its main classifier alone.
+With ``cam.recam.enabled`` ReCAM's extra epochs follow, and the CAMs are ReCAM's.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn as nn
 from tqdm import tqdm
 
-from pipeline.core.cache import CHECKPOINT, SCORING_DATA_KEYS, StageOutput, config_values, section_for_cache
-from pipeline.core.config import Config, SRConfig
+from pipeline.core.cache import (
+    CHECKPOINT,
+    RECAM_CHECKPOINT,
+    SCORING_DATA_KEYS,
+    StageOutput,
+    config_values,
+    section_for_cache,
+)
+from pipeline.core.config import CamConfig, Config, SRConfig, TrainConfig
 from pipeline.core.io import save_arrays
 from pipeline.core.metrics import confusion_matrix, iou_scores, not_scored
 from pipeline.core.runtime import (
@@ -38,7 +49,7 @@ from pipeline.core.training import (
 from pipeline.data.dataset import open_dataset, score_ids, score_split
 from pipeline.data.training_set import TrainingSet, normalize
 from pipeline.methods.cams import cam_to_label, load_cams, multiscale_cams
-from pipeline.methods.losses import multilabel_loss
+from pipeline.methods.losses import multilabel_loss, recam_loss
 from pipeline.methods.self_regulation import self_regulation_loss
 from pipeline.models.backbones import weights_fingerprint
 from pipeline.models.networks import CAMNet
@@ -84,6 +95,52 @@ def training_loss(sr: SRConfig) -> LossFn:
     return functools.partial(sr_classification_loss, sr=sr) if sr.enabled else classification_loss
 
 
+class ReCamTraining(nn.Module):
+    """What ReCAM's extra epochs train: the whole CAM network, with ReCAM's classifier as the
+    new layer (its learning rate ten times the network's, train_recam.py:72-74)."""
+
+    def __init__(self, model: CAMNet):
+        super().__init__()
+        self.model = model
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        return list(self.model.recam.parameters())
+
+    def forward_recam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.forward_recam(x)
+
+
+def recam_training_loss(model, batch, epoch, loss_weight: float) -> dict:
+    """ReCAM's loss (train_recam.py:91-95): the multi-label loss plus the weighted softmax one."""
+    logits, class_logits = model.forward_recam(batch["image"])
+    multilabel = multilabel_loss(logits, batch["labels"])
+    softmax = recam_loss(class_logits, batch["labels"])
+    return {"loss": multilabel + loss_weight * softmax, "multilabel": multilabel, "ce": softmax}
+
+
+def recam_train_config(cam: CamConfig) -> TrainConfig:
+    """cam.train's batches, crops and weight decay with ReCAM's epochs, rates and momentum."""
+    return dataclasses.replace(cam.train, epochs=cam.recam.epochs, steps=0, optimizer="sgd",
+                               lr=cam.recam.lr / 10, head_lr_mult=10.0, momentum=cam.recam.momentum)
+
+
+def train_cam_network(cfg: Config, model: CAMNet, loader, device, folder: Path) -> dict:
+    """Trains ``model`` in place (and then ReCAM's epochs, with ``cam.recam.enabled``); the
+    losses per epoch for metrics.json."""
+    history = train(model, loader, training_loss(cfg.cam.sr), cfg.cam.train, device, "cam",
+                    folder / CHECKPOINT)
+    curves = {"train_loss_by_epoch": loss_curve(history)}
+    if cfg.cam.recam.enabled:
+        model.attach_recam()
+        model.recam.to(device)
+        history = train(ReCamTraining(model), loader,
+                        functools.partial(recam_training_loss, loss_weight=cfg.cam.recam.loss_weight),
+                        recam_train_config(cfg.cam), device, "recam", folder / RECAM_CHECKPOINT)
+        curves |= {"recam_" + name + "_by_epoch": loss_curve(history, name)
+                   for name in ("loss", "multilabel", "ce")}
+    return curves
+
+
 def run(cfg: Config, run_dir: Path) -> dict:
     dataset = open_dataset(cfg.data)
     device = select_device(cfg.device)
@@ -92,18 +149,16 @@ def run(cfg: Config, run_dir: Path) -> dict:
     scored = score_ids(cfg.data, dataset)
     with StageOutput(run_dir, NAME, own_inputs(cfg) | {"upstream": {}}) as out:
         if out.reused:  # only the scoring changed: the classifier and its CAMs are the ones there
-            model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1).to(device)
+            model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1, recam=cfg.cam.recam.enabled).to(device)
             load_checkpoint(out.dir / "model.pt", model)
-            loss_by_epoch = out.previous_metrics["train_loss_by_epoch"]
+            curves = {k: v for k, v in out.previous_metrics.items() if k.endswith("_by_epoch")}
         else:
             model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1, cfg.cam.sr).to(device)
             train_set = TrainingSet(dataset, train_ids, cfg.cam.train.crop_size, cfg.cam.train.scale_range,
                                     color_jitter=cfg.cam.train.color_jitter)
             loader = make_train_loader(train_set, cfg.cam.train, cfg.data.loader_workers, generator)
-            history = train(model, loader, training_loss(cfg.cam.sr), cfg.cam.train, device, "cam",
-                            out.dir / CHECKPOINT)
+            curves = train_cam_network(cfg, model, loader, device, out.dir)
             save_checkpoint(out.dir / "model.pt", model)
-            loss_by_epoch = loss_curve(history)
 
         cam_dir = out.dir / "cams"
         cam_dir.mkdir(exist_ok=True)
@@ -130,7 +185,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
 
         confusions = {t: sum_across_ranks(confusion) for t, confusion in confusions.items()}
         barrier()  # every process's CAMs are written
-        out.metrics = {"train_loss_by_epoch": loss_by_epoch,
+        out.metrics = curves | {
                        "cam_bytes_per_image": round(sum(f.stat().st_size for f in cam_dir.glob("*.npz"))
                                                     / max(len(train_ids), 1))}
         if not scored:

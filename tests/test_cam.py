@@ -3,6 +3,7 @@ import torch
 
 from pipeline.core.config import BackboneConfig
 from pipeline.methods.cams import cam_to_label, multiscale_cams
+from pipeline.methods.losses import recam_loss
 from pipeline.models.networks import CAMNet
 
 
@@ -50,3 +51,39 @@ def test_cam_to_label_uses_the_background_threshold():
     cams = np.array([[[0.9, 0.1, 0.3]], [[0.2, 0.05, 0.6]]], dtype=np.float32)
     np.testing.assert_array_equal(cam_to_label(cams, np.array([2, 5]), 0.25), [[2, 0, 5]])
     np.testing.assert_array_equal(cam_to_label(cams, np.array([2, 5]), 0.95), [[0, 0, 0]])
+
+
+def test_recam_loss_is_the_authors_per_image_loop():
+    """ReCAM's Net_CAM_Feature + Class_Predictor (net/resnet50_cam.py:81-100,147-172), written
+    as the authors loop over images, against forward_recam + recam_loss."""
+    model = tiny_camnet(num_fg=5)
+    model.attach_recam()
+    images = torch.randn(3, 3, 64, 64)
+    labels = torch.tensor([[1.0, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 0]])
+    logits, class_logits = model.forward_recam(images)
+    features = model.backbone(images)[-1]
+    cams = torch.relu(torch.nn.functional.conv2d(features, model.classifier.weight))
+    cams = cams / (torch.nn.functional.adaptive_max_pool2d(cams, (1, 1)) + 1e-5)
+    class_features = (cams.unsqueeze(2) * features.unsqueeze(1)).flatten(3).mean(-1)
+    expected = 0
+    for i in range(len(images)):
+        present = labels[i].nonzero().squeeze(1)
+        if len(present):
+            predicted = model.recam(class_features[i][present][..., None, None]).flatten(1)
+            expected = expected + torch.nn.functional.cross_entropy(predicted, present)
+    torch.testing.assert_close(recam_loss(class_logits, labels), expected / len(images))
+    torch.testing.assert_close(logits, model(images))
+
+
+def test_recam_cams_use_the_product_of_both_classifiers():
+    model = tiny_camnet(num_fg=2)
+    image = torch.randn(1, 3, 32, 32)
+    plain = model.cams(image)
+    model.attach_recam()
+    with torch.no_grad():
+        model.recam.weight.fill_(1.0)
+    torch.testing.assert_close(model.cams(image), plain)  # a weight of 1 leaves the CAMs as they were
+    with torch.no_grad():
+        model.recam.weight[1].fill_(-1.0)  # class 2's weights flipped: its CAM is the other side's ReLU
+    own_map = torch.nn.functional.conv2d(model.backbone(image)[-1], model.classifier.weight[1:2])
+    torch.testing.assert_close(model.cams(image)[:, 1], torch.relu(-own_map)[:, 0])

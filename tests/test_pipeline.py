@@ -526,6 +526,36 @@ def test_an_interrupted_run_resumes_every_stage_and_ends_bit_identical(tmp_path,
 
 
 @pytest.mark.e2e
+def test_recam_trains_after_the_cam_network_and_resumes_bit_identical(weak_run, tmp_path, monkeypatch,
+                                                                       capsys):
+    import torch
+
+    import stages.cam
+
+    recam = ["--stages", "cam", "--set", "cam.recam.enabled=true", "--set", "cam.recam.epochs=2",
+             "--set", f"data.root={weak_run / 'demo'}"]
+    assert run(tmp_path, *recam, "--run-dir", str(tmp_path / "reference")) == 0
+    with monkeypatch.context() as patch:
+        _interrupt(patch, stages.cam, "recam_training_loss", 4)  # 3 steps per epoch: ReCAM's epoch 2
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path, *recam)
+    assert run(tmp_path, *recam) == 0
+    assert "recam: resuming after epoch 1/2" in capsys.readouterr().out
+    reference, resumed = tmp_path / "reference" / "cam", tmp_path / "run" / "cam"
+    assert (resumed / "model.pt").read_bytes() == (reference / "model.pt").read_bytes()
+    assert [p.read_bytes() for p in sorted(resumed.glob("cams/*"))] == \
+        [p.read_bytes() for p in sorted(reference.glob("cams/*"))]
+    metrics = json.loads((resumed / "metrics.json").read_text())
+    plain = json.loads((weak_run / "run" / "cam" / "metrics.json").read_text())
+    # The CAM network trains exactly as without ReCAM; then ReCAM's two epochs, with its terms.
+    assert metrics["train_loss_by_epoch"] == plain["train_loss_by_epoch"]
+    assert len(metrics["recam_ce_by_epoch"]) == len(metrics["recam_multilabel_by_epoch"]) == 2
+    assert "recam.weight" in torch.load(resumed / "model.pt", weights_only=True)
+    assert metrics["miou"] != plain["miou"]
+    assert not list(resumed.glob("checkpoint*"))
+
+
+@pytest.mark.e2e
 def test_an_affinitynet_interrupted_in_training_or_in_its_walk_resumes_bit_identical(weak_run, monkeypatch,
                                                                                      capsys):
     """The two phases of refine.method affinity the test above leaves out: its network's

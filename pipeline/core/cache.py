@@ -39,7 +39,9 @@ MANIFEST = "manifest.json"
 LOCK = ".lock"
 RESUME_KEY = "resume-key.json"  # in a partial folder: the key it is made under
 CHECKPOINT = "checkpoint.pt"  # in a partial folder: the training state at the end of the last epoch
-RESUME_FILES = (RESUME_KEY, CHECKPOINT)  # a partial folder's own files, never part of a finished stage
+RECAM_CHECKPOINT = "checkpoint-recam.pt"  # the same for cam's second training (cam.recam)
+# A partial folder's own files, never part of a finished stage.
+RESUME_FILES = (RESUME_KEY, CHECKPOINT, RECAM_CHECKPOINT)
 METRICS = "metrics.json"
 
 

@@ -151,6 +151,25 @@ class SRConfig:
 
 
 @dataclass
+class ReCamConfig:
+    """ReCAM (Chen et al., CVPR 2022): after its own training the CAM network trains a few more
+    epochs with a softmax cross-entropy on each image class's CAM-weighted feature, through a
+    second 1x1 classifier; the CAMs then come from the product of the two classifiers' weights.
+    Defaults are the authors' (zhaozhengChen/ReCAM@2bdbcd2 run_sample.py:47-49,
+    step/train_recam.py:64-95, net/resnet50_cam.py:76-100,134-172, step/make_recam.py:39).
+    Batch, crop, rescaling and weight decay are cam.train's, as theirs are the CAM training's."""
+    enabled: bool = False
+    epochs: int = _opt(4, low=1)  # extra passes over the training set (the authors': 4)
+    # The second classifier's learning rate; the CAM network itself (backbone and classifier)
+    # learns at a tenth of it (train_recam.py:72-74), poly-decayed like every training here.
+    lr: float = _opt(5e-4, low=0.0)
+    # The authors' PolyOptimizer hands the weight decay to SGD in momentum's place
+    # (misc/torchutils.py:11-12), so their ReCAM runs with momentum 1e-4.
+    momentum: float = _opt(1e-4, low=0.0, high=1.0)
+    loss_weight: float = _opt(1.0, low=0.0)  # of the softmax cross-entropy beside the multi-label loss
+
+
+@dataclass
 class CamConfig:
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(output_stride=16))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.01, crop_size=512))
@@ -158,6 +177,8 @@ class CamConfig:
     flip: bool = True  # add the horizontally flipped image at every scale
     bg_threshold: float = _opt(0.15, low=0.0, high=1.0)  # CAM score below which a pixel is background
     sr: SRConfig = field(default_factory=SRConfig)
+    # After the training (with or without SR): ReCAM's extra epochs, and the CAMs it defines.
+    recam: ReCamConfig = field(default_factory=ReCamConfig)
 
 
 @dataclass

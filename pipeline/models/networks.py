@@ -24,7 +24,8 @@ from pipeline.models.layers import conv_bn_relu
 class CAMNet(nn.Module):
     """Multi-label classifier whose 1x1 classifier weights give Class Activation Maps."""
 
-    def __init__(self, backbone_cfg: BackboneConfig, num_foreground: int, sr: SRConfig | None = None):
+    def __init__(self, backbone_cfg: BackboneConfig, num_foreground: int, sr: SRConfig | None = None,
+                 recam: bool = False):
         super().__init__()
         self.backbone = Backbone(backbone_cfg, "cam.backbone")
         # No bias: a CAM is then exactly the classifier applied at every location.
@@ -32,6 +33,15 @@ class CAMNet(nn.Module):
         self.sr_heads = (SRHeads(sr, self.backbone.channels, num_foreground, num_foreground,
                                  main_classifier=False)
                          if sr is not None and sr.enabled else None)
+        self.recam = None
+        if recam:
+            self.attach_recam()
+
+    def attach_recam(self) -> None:
+        """ReCAM's second classifier (cam.recam): trained after the network (attached then, so
+        that the network trains exactly as without it), it rescales the CAM classifier's
+        weights, class by class and channel by channel, in ``cams``."""
+        self.recam = nn.Conv2d(self.classifier.in_channels, self.classifier.out_channels, 1, bias=False)
 
     def new_parameters(self) -> list[nn.Parameter]:
         return [p for head in (self.classifier, self.sr_heads) if head is not None for p in head.parameters()]
@@ -42,8 +52,22 @@ class CAMNet(nn.Module):
         return self.classifier(F.adaptive_avg_pool2d(features, 1)).flatten(1)
 
     def cams(self, x: torch.Tensor) -> torch.Tensor:
-        """ReLU of the classifier applied to the last feature map: (B, C-1, h, w)."""
-        return F.relu(self.classifier(self.backbone(x)[-1]))
+        """ReLU of the classifier applied to the last feature map: (B, C-1, h, w). With ReCAM's
+        classifier, of the product of both classifiers' weights (ReCAM's make_recam.py:39)."""
+        weight = self.classifier.weight if self.recam is None else self.recam.weight * self.classifier.weight
+        return F.relu(F.conv2d(self.backbone(x)[-1], weight))
+
+    def forward_recam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ReCAM's training pass: the image-level logits (B, C-1) and ReCAM's classifier's logits
+        (B, C-1, C-1) for each class's feature: the mean of the features weighted by the class's
+        ReLU'd CAM over its maximum (ReCAM's Net_CAM_Feature and Class_Predictor,
+        net/resnet50_cam.py:81-100,147-159)."""
+        features = self.backbone(x)[-1]
+        logits = self.classifier(F.adaptive_avg_pool2d(features, 1)).flatten(1)
+        cams = F.relu(self.classifier(features)).flatten(2)
+        cams = cams / (cams.max(dim=2, keepdim=True).values + 1e-5)
+        class_features = torch.einsum("bcn,bdn->bcd", cams, features.flatten(2)) / cams.shape[-1]
+        return logits, F.linear(class_features, self.recam.weight.flatten(1))
 
     def forward_exits(self, x: torch.Tensor) -> list[Exit]:
         """Training with SR: every exit's (maps, logits), shallow -> deep; the main exit's maps
