@@ -27,7 +27,7 @@ from pipeline.core.cache import (
     section_for_cache,
     upstream_keys,
 )
-from pipeline.core.config import Config, SRConfig
+from pipeline.core.config import Config, CrfConfig, SRConfig
 from pipeline.core.errors import DataError
 from pipeline.core.io import atomic_write_bytes, file_digest, load_mask, save_mask
 from pipeline.core.metrics import SegmentationScores, not_scored
@@ -54,7 +54,7 @@ from pipeline.methods.mixed import (
 )
 from pipeline.methods.self_regulation import self_regulation_loss
 from pipeline.models.backbones import weights_fingerprint
-from pipeline.models.networks import DeepLab, predict_batch, segmentation_network
+from pipeline.models.networks import DeepLab, predict_batch, predict_with_crf, segmentation_network
 
 NAME = "seg"
 # The cache version: raised when a release changes what seg computes from the same config and
@@ -79,7 +79,7 @@ def own_inputs(cfg: Config) -> dict:
     mixed = cfg.mode == "mixed"
     spacing_file = Path(cfg.data.root) / cfg.data.spacing_file if cfg.data.spacing_file else None
     scoring_keys = ("data.val_split", "data.volume_pattern", "data.spacing", "data.spacing_file",
-                    "seg.flip_predict")
+                    "seg.flip_predict", "seg.crf_predict") + (("refine.crf",) if cfg.seg.crf_predict else ())
     return {"version": VERSION,
             "config": section_for_cache(cfg, "seed", "mode", "data", "seg", *(["mixed"] if mixed else []),
                                         omit=SCORING_DATA_KEYS + scoring_keys),
@@ -153,11 +153,12 @@ def branches(model: DeepLab) -> dict:
 
 def predict_and_score(model: DeepLab, dataset: VOCDataset, ids: list[str], flip: bool, device: torch.device,
                       out_dir: Path | None, volumes: Volumes | None = None,
-                      resume: bool = False, share: bool = True) -> dict[str, SegmentationScores]:
+                      resume: bool = False, share: bool = True,
+                      crf: CrfConfig | None = None) -> dict[str, SegmentationScores]:
     """Predictions of ``ids`` (with ``share``, this process's share of them) per branch, scored
     against the masks of the ids that have one (and per 3-D volume with ``volumes``). With
     ``out_dir`` each branch's masks are also written to the folder of that name; ``resume``
-    reads back the ones there."""
+    reads back the ones there. With ``crf`` each prediction goes through the dense CRF."""
     forwards = branches(model)
     if volumes is not None:
         volumes = volumes.complete(ids, dataset)
@@ -170,15 +171,20 @@ def predict_and_score(model: DeepLab, dataset: VOCDataset, ids: list[str], flip:
     for image_id in tqdm(shard(ids) if share else ids, desc="seg prediction", leave=False,
                          disable=not is_main_process()):
         gt = dataset.load_mask(image_id) if dataset.has_mask(image_id) else None
-        image = None
+        rgb = image = None
         for folder, forward in forwards.items():
             written = out_dir / folder / f"{image_id}.png" if out_dir is not None else None
             # Complete: written atomically before a kill.
             if resume and written is not None and written.is_file():
                 mask = load_mask(written)
             else:
-                image = normalize(dataset.load_image(image_id)).to(device) if image is None else image
-                (mask,) = predict_batch(forward, [image], flip)
+                if image is None:
+                    rgb = dataset.load_image(image_id)
+                    image = normalize(rgb).to(device)
+                if crf is not None:
+                    mask = predict_with_crf(forward, image, rgb, flip, crf)
+                else:
+                    (mask,) = predict_batch(forward, [image], flip)
                 if written is not None:
                     save_mask(written, mask)
             if gt is not None:
@@ -219,14 +225,15 @@ def run(cfg: Config, run_dir: Path) -> dict:
         atomic_write_bytes(out.dir / CLASSES, "".join(f"{name}\n" for name in dataset.classes).encode())
         val_ids = dataset.split_ids(cfg.data.val_split)
         volumes = Volumes(cfg.data, dataset.root) if cfg.data.volume_pattern else None
+        crf = cfg.refine.crf if cfg.seg.crf_predict else None
         scores = predict_and_score(model, dataset, val_ids, cfg.seg.flip_predict, device,
-                                   out.dir if val_ids else None, volumes, out.resumed)
+                                   out.dir if val_ids else None, volumes, out.resumed, crf=crf)
         if world_size() > 1 and val_ids:
             # Per-image HD95 and 3-D volumes do not split across processes: once every share is
             # written, each process scores the whole split from the files (nothing is predicted again).
             barrier()
             scores = predict_and_score(model, dataset, val_ids, cfg.seg.flip_predict, device, out.dir,
-                                       volumes, resume=True, share=False)
+                                       volumes, resume=True, share=False, crf=crf)
         reason = "no masks" if val_ids else "no val split"
         out.metrics = scored(scores["predictions"], reason) | {
             "mode": cfg.mode,

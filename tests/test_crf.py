@@ -1,7 +1,9 @@
 import numpy as np
+import torch
 
 from pipeline.core.config import CrfConfig
 from pipeline.methods.crf import crf_refine_labels, crf_refine_scores
+from pipeline.models.networks import predict_batch, predict_with_crf
 
 
 def test_crf_moves_a_shifted_label_boundary_onto_the_colour_edge():
@@ -49,3 +51,22 @@ def test_crf_on_scores_moves_a_shifted_score_boundary_onto_the_colour_edge():
     scores[1, :, 36:] = 0.6
     refined = crf_refine_scores(image, scores, CrfConfig(bilateral_sxy=20))
     assert (refined[:, :30] == 0).mean() > 0.97 and (refined[:, 30:] == 1).mean() > 0.97
+
+
+def test_seg_prediction_through_the_crf_snaps_a_blurred_boundary_to_the_colour_edge():
+    image = np.zeros((40, 60, 3), np.uint8)
+    image[:, :30] = (200, 40, 40)
+    image[:, 30:] = (40, 40, 200)
+    logits = torch.zeros(1, 2, 40, 60)
+    logits[0, 1, :, 36:] = 1.0  # the network's boundary 6 px off the edge, not confident
+    logits[0, 0, :, :36] = 1.0
+
+    def forward(batch):  # the same logits for the image and its mirror (mirrored back)
+        return torch.cat([logits, logits.flip(-1)])[:len(batch)]
+
+    tensor = torch.zeros(3, 40, 60)
+    plain = predict_batch(forward, [tensor], flip=True)[0]
+    unary_only = CrfConfig(gaussian_compat=0, bilateral_compat=0)
+    np.testing.assert_array_equal(predict_with_crf(forward, tensor, image, True, unary_only), plain)
+    snapped = predict_with_crf(forward, tensor, image, True, CrfConfig(bilateral_sxy=20))
+    assert (plain[:, 30:36] == 0).all() and (snapped[:, 31:36] == 1).all()

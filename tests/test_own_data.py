@@ -324,6 +324,23 @@ def test_predict_on_the_val_images_reproduces_the_seg_stage(runs, capsys):
 
 
 @pytest.mark.e2e
+def test_predict_follows_a_seg_stage_that_predicts_through_the_crf(runs, capsys):
+    run_dir, demo = runs / "run-crf", runs / "demo"
+    shutil.copytree(runs / "run", run_dir)
+    assert run(runs, "--run-dir", str(run_dir), "--set", "seg.crf_predict=true") == 0  # rescored only
+    out = runs / "predicted-crf"
+    assert main(["predict", "--run-dir", str(run_dir), "--images", str(demo / "JPEGImages"),
+                 "--out", str(out)]) == 0
+    predictions = sorted((run_dir / "seg" / "predictions").glob("*.png"))
+    assert len(predictions) == 8
+    assert all(np.array_equal(load_mask(out / p.name), load_mask(p)) for p in predictions)
+    # The tiny run's network predicts too little for the CRF to move (tests/test_crf.py shows it
+    # moving a boundary); the manifest records what the predictions went through.
+    scoring = json.loads((run_dir / "seg" / "manifest.json").read_text())["inputs"]["scoring"]["config"]
+    assert scoring["seg.crf_predict"] is True and scoring["refine.crf"]["bilateral_sxy"] == 20
+
+
+@pytest.mark.e2e
 def test_predict_names_unreadable_images_and_still_writes_the_others(runs, capsys):
     images = runs / "mixed-bag"
     images.mkdir()

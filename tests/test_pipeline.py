@@ -75,8 +75,9 @@ def test_a_scoring_change_rescores_the_cached_outputs_without_training(weak_run,
     models = {stage: (run_dir / stage / "model.pt").read_bytes() for stage in ("cam", "seg")}
     before = {stage: json.loads((run_dir / stage / "metrics.json").read_text()) for stage in ("cam", "seg")}
     refine_before = manifest_time(weak_run, "refine")
-    # cam's scoring threshold and seg's flip at prediction: neither changes what a network learns
-    scoring = ["--set", "cam.bg_threshold=0.3", "--set", "seg.flip_predict=false"]
+    # cam's scoring threshold, seg's flip and CRF at prediction: none changes what a network learns
+    scoring = ["--set", "cam.bg_threshold=0.3", "--set", "seg.flip_predict=false",
+               "--set", "seg.crf_predict=true"]
     assert run(weak_run, "--dry-run", *scoring) == 0
     out = capsys.readouterr().out
     assert "cam     stale" in out and "only its scoring changed (cam.bg_threshold" in out

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             detail = " ".join(str(error).split())  # torch's message spans lines; the error is one line
             raise PipelineError(f"{checkpoint} does not match the config's network: {detail[:300]}") from None
         ids = sorted(score_ids(cfg.data, dataset))
-        scores = predict_and_score(model.to(device), dataset, ids, cfg.seg.flip_predict, device, None)
+        scores = predict_and_score(model.to(device), dataset, ids, cfg.seg.flip_predict, device, None,
+                                   crf=cfg.refine.crf if cfg.seg.crf_predict else None)
     except (PipelineError, OSError, ValueError) as error:
         return report_error(error)
     results = {branch: score.result() for branch, score in scores.items()}

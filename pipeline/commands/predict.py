@@ -31,7 +31,7 @@ from pipeline.core.training import load_checkpoint
 from pipeline.data.dataset import IMAGE_SUFFIXES
 from pipeline.data.labels import read_text
 from pipeline.data.training_set import normalize
-from pipeline.models.networks import predict_batch, segmentation_network
+from pipeline.models.networks import predict_batch, predict_with_crf, segmentation_network
 from stages import RUN_FOLDERS
 
 OVERLAY_ALPHA = 0.5  # share of the class colour in an overlay pixel (background pixels keep the image)
@@ -62,7 +62,8 @@ def recorded_config(run_dir: Path) -> tuple[Config, list[str]]:
         raise CacheError(f"{run_dir} has no finished seg stage ({seg_dir / MANIFEST} and model.pt): "
                          "run the pipeline's seg stage first")
     recorded = manifest_config(manifest)
-    cfg = config_from_dict({key: recorded[key] for key in ("mode", "data", "seg", "mixed")
+    # refine: its crf kernels, recorded with seg's scoring keys where seg.crf_predict is on.
+    cfg = config_from_dict({key: recorded[key] for key in ("mode", "data", "seg", "mixed", "refine")
                             if key in recorded})
     cfg.seg.backbone.weights = None  # every weight comes from model.pt; no ImageNet file is needed
     classes_file = seg_dir / "classes.txt"
@@ -150,8 +151,12 @@ def main(argv: list[str]) -> int:
     started, failed, pending = time.perf_counter(), [], []
 
     def flush():
-        masks = predict_batch(model.forward, [tensor.to(device) for _, _, tensor in pending],
-                              cfg.seg.flip_predict)
+        if cfg.seg.crf_predict:  # as the seg stage predicted: each image's softmax through the CRF
+            masks = [predict_with_crf(model.forward, tensor.to(device), pixels, cfg.seg.flip_predict,
+                                      cfg.refine.crf) for _, pixels, tensor in pending]
+        else:
+            masks = predict_batch(model.forward, [tensor.to(device) for _, _, tensor in pending],
+                                  cfg.seg.flip_predict)
         for (name, pixels, _), mask in zip(pending, masks):
             save_mask(out / f"{name}.png", mask)
             if args.overlay:

@@ -322,6 +322,9 @@ class SegConfig:
     decoder: str = _opt("aspp", choices=("aspp", "unet"))
     aspp_rates: list[int] = _opt([6, 12, 18])  # at output stride 16; double them at stride 8
     flip_predict: bool = True  # average the prediction with that of the flipped image
+    # The predictions' softmax through the dense CRF with refine.crf's kernels (sized for the data
+    # set's images; its gt_prob is unused), as DeepLab v1-v2 post-process; prediction time only.
+    crf_predict: bool = False
     sr: SRConfig = field(default_factory=SRConfig)
 
 

@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
-from pipeline.core.config import BackboneConfig, Config, SRConfig
+from pipeline.core.config import BackboneConfig, Config, CrfConfig, SRConfig
+from pipeline.methods.crf import crf_refine_scores
 from pipeline.methods.self_regulation import Exit, SRHeads
 from pipeline.models.backbones import Backbone
 from pipeline.models.layers import conv_bn_relu
@@ -167,6 +168,16 @@ class UNetDecoder(nn.Module):
                 x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = block(torch.cat([x, skip], dim=1))
         return self.classifier(x)
+
+
+@torch.no_grad()
+def predict_with_crf(forward, image: torch.Tensor, rgb: np.ndarray, flip: bool, crf: CrfConfig) -> np.ndarray:
+    """The class-index mask of one 3xHxW image: its softmax (averaged with its mirror's with
+    ``flip``) as the dense CRF's unaries on the HxWx3 uint8 ``rgb``, the argmax of the marginals."""
+    batch = torch.stack([image, image.flip(-1)]) if flip else image[None]
+    probs = forward(batch).softmax(dim=1)
+    probs = (probs[0] + probs[1].flip(-1)) / 2 if flip else probs[0]
+    return crf_refine_scores(rgb, probs.float().cpu().numpy(), crf).astype(np.uint8)
 
 
 @torch.no_grad()
