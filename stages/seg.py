@@ -24,14 +24,30 @@ from pipeline.core.cache import (
     SCORING_DATA_KEYS,
     StageOutput,
     config_values,
+    read_json,
+    round_checkpoint,
     section_for_cache,
     upstream_keys,
 )
 from pipeline.core.config import Config, CrfConfig, SRConfig
 from pipeline.core.errors import DataError
-from pipeline.core.io import atomic_write_bytes, file_digest, load_mask, save_mask
-from pipeline.core.metrics import SegmentationScores, not_scored
-from pipeline.core.runtime import barrier, is_main_process, seed_everything, select_device, shard, world_size
+from pipeline.core.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    file_digest,
+    load_mask,
+    save_mask,
+)
+from pipeline.core.metrics import SegmentationScores, iou_scores, not_scored
+from pipeline.core.runtime import (
+    barrier,
+    is_main_process,
+    seed_everything,
+    select_device,
+    shard,
+    sum_across_ranks,
+    world_size,
+)
 from pipeline.core.training import (
     LossFn,
     load_checkpoint,
@@ -40,7 +56,7 @@ from pipeline.core.training import (
     save_checkpoint,
     train,
 )
-from pipeline.data.dataset import VOCDataset, open_dataset
+from pipeline.data.dataset import VOCDataset, open_dataset, score_ids
 from pipeline.data.training_set import MaskFolder, TrainingSet, normalize
 from pipeline.data.volumes import Volumes
 from pipeline.methods.losses import pixel_cross_entropy
@@ -53,6 +69,7 @@ from pipeline.methods.mixed import (
     weak_labels,
 )
 from pipeline.methods.self_regulation import self_regulation_loss
+from pipeline.methods.self_training import predict_pseudo_masks
 from pipeline.models.backbones import weights_fingerprint
 from pipeline.models.networks import DeepLab, predict_batch, predict_with_crf, segmentation_network
 
@@ -80,9 +97,11 @@ def own_inputs(cfg: Config) -> dict:
     spacing_file = Path(cfg.data.root) / cfg.data.spacing_file if cfg.data.spacing_file else None
     scoring_keys = ("data.val_split", "data.volume_pattern", "data.spacing", "data.spacing_file",
                     "seg.flip_predict", "seg.crf_predict") + (("refine.crf",) if cfg.seg.crf_predict else ())
+    # Self-training is weak mode's alone: the other modes neither use nor depend on it.
+    unused = () if cfg.mode == "weak" else ("seg.self_training",)
     return {"version": VERSION,
             "config": section_for_cache(cfg, "seed", "mode", "data", "seg", *(["mixed"] if mixed else []),
-                                        omit=SCORING_DATA_KEYS + scoring_keys),
+                                        omit=SCORING_DATA_KEYS + scoring_keys + unused),
             "data_fingerprint": dataset.fingerprint(cfg.data.train_split),
             "weights_fingerprint": weights_fingerprint(cfg.seg.backbone, "seg.backbone.weights")} | (
         {"mixed_fingerprint": mixed_fingerprint(cfg, dataset)} if mixed else {}) | {
@@ -123,11 +142,11 @@ def training_loss(sr: SRConfig) -> LossFn:
     return functools.partial(sr_segmentation_loss, sr=sr) if sr.enabled else segmentation_loss
 
 
-def training_loader(cfg: Config, dataset: VOCDataset, run_dir: Path, generator: torch.Generator,
+def training_loader(cfg: Config, dataset: VOCDataset, pseudo_folder: Path, generator: torch.Generator,
                     full_ids: list[str]):
     train_ids = dataset.split_ids(cfg.data.train_split)
     crop, scales = cfg.seg.train.crop_size, cfg.seg.train.scale_range
-    pseudo_masks = MaskFolder(run_dir / "refine" / "pseudo")
+    pseudo_masks = MaskFolder(pseudo_folder)
     if cfg.mode == "mixed":
         train_set = MixedTrainingSet(dataset, train_ids, full_ids,
                                      weak_labels(cfg.mixed, dataset, pseudo_masks),
@@ -196,6 +215,54 @@ def scored(scores: SegmentationScores, reason: str) -> dict:
     return scores.result() if scores.images else not_scored(reason)
 
 
+def train_network(cfg: Config, dataset: VOCDataset, pseudo_folder: Path, generator: torch.Generator,
+                  full_ids: list[str], device: torch.device, checkpoint: Path, desc: str):
+    """A new segmenter trained as ``cfg`` says, on ``pseudo_folder``'s masks in weak mode; the
+    network and its losses per epoch."""
+    model = segmentation_network(cfg, dataset.num_classes, training=True).to(device)
+    loader = training_loader(cfg, dataset, pseudo_folder, generator, full_ids)
+    compute_loss = (functools.partial(mixed_supervision_loss, cfg=cfg.mixed, sr=cfg.seg.sr)
+                    if cfg.mode == "mixed" else training_loss(cfg.seg.sr))
+    history = train(model, loader, compute_loss, cfg.seg.train, device, desc, checkpoint)
+    return model, loss_curve(history)
+
+
+def self_training_rounds(cfg: Config, dataset: VOCDataset, run_dir: Path, out: StageOutput,
+                         device: torch.device) -> tuple[Path, list[dict]]:
+    """Every network before the last (seg.self_training): round r trains on the previous round's
+    masks (round 0 on refine's), predicts the train split into ``round-<r>/pseudo/`` and is scored
+    on those masks (train) and on the val split. A round whose ``round.json`` is written is done
+    and is skipped on resume. Returns the last round's masks and the rounds' metrics."""
+    pseudo, rounds = run_dir / "refine" / "pseudo", []
+    train_ids, val_ids = dataset.split_ids(cfg.data.train_split), dataset.split_ids(cfg.data.val_split)
+    masked = set(score_ids(cfg.data, dataset))
+    crf = cfg.refine.crf if cfg.seg.self_training.crf else None
+    for index in range(cfg.seg.self_training.rounds):
+        folder = out.dir / f"round-{index}"
+        record = read_json(folder / "round.json") if out.resumed else None
+        if record is None:
+            # Seeded per round, so that a round after a skipped one starts as it would have.
+            generator = seed_everything(cfg.seed + index)
+            model, losses = train_network(cfg, dataset, pseudo, generator, [], device,
+                                          out.dir / round_checkpoint(index), f"seg (weak, round {index})")
+            model.eval()
+            confusion = sum_across_ranks(predict_pseudo_masks(
+                model.forward, dataset, train_ids, folder / "pseudo", cfg.seg.flip_predict, crf, device,
+                masked, out.resumed))
+            barrier()
+            val = predict_and_score(model, dataset, val_ids, cfg.seg.flip_predict, device, None, share=False)
+            record = {"round": index, "train_loss_by_epoch": losses,
+                      "pseudo_masks": (iou_scores(confusion, dataset.classes) if masked
+                                       else not_scored("no masks")),
+                      "val": scored(val["predictions"], "no masks" if val_ids else "no val split")}
+            if is_main_process():
+                atomic_write_json(folder / "round.json", record)
+            barrier()
+        rounds.append(record)
+        pseudo = folder / "pseudo"
+    return pseudo, rounds
+
+
 def run(cfg: Config, run_dir: Path) -> dict:
     dataset = open_dataset(cfg.data)
     device = select_device(cfg.device)
@@ -208,19 +275,19 @@ def run(cfg: Config, run_dir: Path) -> dict:
             model = segmentation_network(cfg, dataset.num_classes, training=False).to(device)
             load_checkpoint(out.dir / "model.pt", model)
             loss_by_epoch = out.previous_metrics["train_loss_by_epoch"]
+            rounds = out.previous_metrics.get("self_training")
             if is_main_process():
                 for folder in branches(model):
                     shutil.rmtree(out.dir / folder, ignore_errors=True)
             barrier()
         else:
-            model = segmentation_network(cfg, dataset.num_classes, training=True).to(device)
-            loader = training_loader(cfg, dataset, run_dir, generator, full_ids)
-            compute_loss = (functools.partial(mixed_supervision_loss, cfg=cfg.mixed, sr=cfg.seg.sr) if mixed
-                            else training_loss(cfg.seg.sr))
-            history = train(model, loader, compute_loss, cfg.seg.train, device, f"seg ({cfg.mode})",
-                            out.dir / CHECKPOINT)
+            pseudo, rounds = run_dir / "refine" / "pseudo", None
+            if cfg.mode == "weak" and cfg.seg.self_training.enabled:
+                pseudo, rounds = self_training_rounds(cfg, dataset, run_dir, out, device)
+                generator = seed_everything(cfg.seed + cfg.seg.self_training.rounds)  # as for every round
+            model, loss_by_epoch = train_network(cfg, dataset, pseudo, generator, full_ids, device,
+                                                 out.dir / CHECKPOINT, f"seg ({cfg.mode})")
             save_checkpoint(out.dir / "model.pt", model)
-            loss_by_epoch = loss_curve(history)
 
         atomic_write_bytes(out.dir / CLASSES, "".join(f"{name}\n" for name in dataset.classes).encode())
         val_ids = dataset.split_ids(cfg.data.val_split)
@@ -239,6 +306,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
             "mode": cfg.mode,
             "train_loss_by_epoch": loss_by_epoch,
         }
+        if rounds is not None:
+            out.metrics["self_training"] = rounds
         if mixed:
             out.metrics["teacher"] = scored(scores["predictions_teacher"], reason)
             out.metrics["full_images"] = len(full_ids)

@@ -557,6 +557,45 @@ def test_recam_trains_after_the_cam_network_and_resumes_bit_identical(weak_run, 
 
 
 @pytest.mark.e2e
+def test_self_training_round_trains_on_the_first_networks_masks_and_resumes_bit_identical(
+        weak_run, tmp_path, monkeypatch, capsys):
+    import pipeline.methods.self_training
+    import stages.seg
+
+    rounds = ["--set", "seg.self_training.enabled=true", "--set", "seg.self_training.rounds=1",
+              "--set", f"data.root={weak_run / 'demo'}"]
+    for run_dir in ("reference", "run"):  # cam and refine as the weak run made them
+        shutil.copytree(weak_run / "run" / "cam", tmp_path / run_dir / "cam")
+        shutil.copytree(weak_run / "run" / "refine", tmp_path / run_dir / "refine")
+    assert run(tmp_path, *rounds, "--run-dir", str(tmp_path / "reference")) == 0
+    for module, name, after in ((pipeline.methods.self_training, "crf_refine_scores", 5),  # round 0's masks
+                                (stages.seg, "sr_segmentation_loss", 1)):  # the last network, step 2
+        with monkeypatch.context() as patch:
+            _interrupt(patch, module, name, after)
+            with pytest.raises(KeyboardInterrupt):
+                run(tmp_path, *rounds)
+    assert run(tmp_path, *rounds) == 0
+    reference, resumed = tmp_path / "reference" / "seg", tmp_path / "run" / "seg"
+    masks = sorted((reference / "round-0" / "pseudo").glob("*.png"))
+    assert len(masks) == 24
+    for path in masks + sorted(reference.glob("predictions/*.png")) + [reference / "model.pt"]:
+        assert (resumed / path.relative_to(reference)).read_bytes() == path.read_bytes(), path
+    metrics = json.loads((resumed / "metrics.json").read_text())
+    (first,) = metrics["self_training"]
+    assert first["round"] == 0
+    assert first["pseudo_masks"]["miou"] is not None and first["val"]["miou"] is not None
+    # Round 0 is the network a run without self-training trains: the same losses.
+    plain = json.loads((weak_run / "run" / "seg" / "metrics.json").read_text())
+    assert first["train_loss_by_epoch"] == plain["train_loss_by_epoch"]
+    assert not list(resumed.glob("checkpoint*"))
+    # Other modes neither use nor depend on it.
+    full = load_config(DEMO_CONFIG, TINY + [f"data.root={weak_run / 'demo'}"], mode="full")
+    with_rounds = load_config(DEMO_CONFIG, TINY + [f"data.root={weak_run / 'demo'}",
+                                                   "seg.self_training.enabled=true"], mode="full")
+    assert stages.seg.own_inputs(full) == stages.seg.own_inputs(with_rounds)
+
+
+@pytest.mark.e2e
 def test_an_affinitynet_interrupted_in_training_or_in_its_walk_resumes_bit_identical(weak_run, monkeypatch,
                                                                                      capsys):
     """The two phases of refine.method affinity the test above leaves out: its network's

@@ -40,8 +40,17 @@ LOCK = ".lock"
 RESUME_KEY = "resume-key.json"  # in a partial folder: the key it is made under
 CHECKPOINT = "checkpoint.pt"  # in a partial folder: the training state at the end of the last epoch
 RECAM_CHECKPOINT = "checkpoint-recam.pt"  # the same for cam's second training (cam.recam)
-# A partial folder's own files, never part of a finished stage.
-RESUME_FILES = (RESUME_KEY, CHECKPOINT, RECAM_CHECKPOINT)
+
+
+def round_checkpoint(round_index: int) -> str:
+    """The same for seg's self-training rounds before the last (seg.self_training)."""
+    return f"checkpoint-round-{round_index}.pt"
+
+
+def is_resume_file(name: str) -> bool:
+    """A partial folder's own files (its key, the training checkpoints at its top level), never
+    part of a finished stage."""
+    return name == RESUME_KEY or (name.startswith("checkpoint") and name.endswith(".pt"))
 METRICS = "metrics.json"
 
 
@@ -91,7 +100,8 @@ def list_files(folder: Path) -> dict:
     (``*.pt``, which a later stage or ``predict`` loads whole) also a content digest."""
     files = {}
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != MANIFEST and path.name not in RESUME_FILES:
+        own = path.name == MANIFEST or (path.parent == folder and is_resume_file(path.name))
+        if path.is_file() and not own:
             entry = {"bytes": path.stat().st_size}
             if path.suffix == ".pt":
                 entry["digest"] = file_digest(path)
@@ -243,8 +253,10 @@ class StageOutput:
             os.replace(self.final, retired)
         os.replace(self.dir, self.final)
         shutil.rmtree(retired, ignore_errors=True)
-        for name in RESUME_FILES:  # not in the manifest's list; kept until here for a kill before the swap
-            (self.final / name).unlink(missing_ok=True)
+        # Not in the manifest's list; kept until here for a kill before the swap.
+        for path in self.final.iterdir():
+            if is_resume_file(path.name):
+                path.unlink()
 
 
 class RunLock:

@@ -313,6 +313,18 @@ class RefineConfig:
 
 
 @dataclass
+class SelfTrainingConfig:
+    """Weak mode only: after seg has trained on refine's pseudo masks, its own predictions on the
+    train images become the next pseudo masks and a fresh network trains on them, ``rounds``
+    times (pipeline/methods/self_training.py)."""
+    enabled: bool = False
+    rounds: int = _opt(1, low=1)  # networks trained after the first, each on the previous one's masks
+    # The predictions' softmax, restricted to the background and the image's tags, through the
+    # dense CRF with refine.crf's kernels before the argmax (false: the argmax alone).
+    crf: bool = True
+
+
+@dataclass
 class SegConfig:
     backbone: BackboneConfig = field(
         default_factory=lambda: BackboneConfig(name="resnet101", output_stride=16))
@@ -326,6 +338,7 @@ class SegConfig:
     # set's images; its gt_prob is unused), as DeepLab v1-v2 post-process; prediction time only.
     crf_predict: bool = False
     sr: SRConfig = field(default_factory=SRConfig)
+    self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
 
 
 @dataclass
