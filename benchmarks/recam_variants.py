@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""ReCAM's settings on a finished cam network: train CAM mIoU per variant, without retraining it.
+
+ReCAM (cam.recam) trains after the CAM network, which trains exactly as without it
+(tests/test_pipeline.py checks the losses). So each variant here loads ``<cam-run>/cam/model.pt``,
+trains ReCAM's epochs with the variant's ``cam.recam.*`` settings through the cam stage's own
+functions, computes the train CAMs as the stage does and scores them over cam's threshold sweep.
+The random state at ReCAM's start is ``seed`` freshly seeded, not what the CAM training left, so a
+variant's number can differ from the pipeline's by that draw; the chosen one is then run with the
+pipeline. Each finished variant is saved into ``--out`` at once; a rerun skips those there.
+
+    python benchmarks/recam_variants.py --config configs/msrc.yaml --set data.root=../shared/data/msrc-dev \\
+        --cam-run runs/msrc --out runs/recam-variants.json \\
+        --variant authors --variant lr0.05:cam.recam.lr=0.05 --variant ...
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.core.config_file import load_config
+from pipeline.core.io import atomic_write_json
+from pipeline.core.metrics import confusion_matrix, iou_scores
+from pipeline.core.runtime import configure_threads, seed_everything, select_device
+from pipeline.core.training import load_checkpoint, loss_curve, make_train_loader, train
+from pipeline.data.dataset import open_dataset, score_ids
+from pipeline.data.training_set import TrainingSet, normalize
+from pipeline.methods.cams import cam_to_label, multiscale_cams
+from pipeline.models.networks import CAMNet
+from stages.cam import THRESHOLD_SWEEP, ReCamTraining, recam_train_config, recam_training_loss
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--cam-run", required=True, type=Path, help="a run folder with a finished cam stage")
+    parser.add_argument("--out", required=True, type=Path, help="results JSON (read, extended, rewritten)")
+    parser.add_argument("--variant", action="append", required=True,
+                        help="NAME or NAME:KEY=VALUE,KEY=VALUE (cam.recam.* settings; 'none': no ReCAM)")
+    return parser.parse_args(argv)
+
+
+def score_cams(model, cfg, dataset, device) -> dict:
+    """The train CAMs scored as the cam stage scores them (float16 maps, the threshold sweep)."""
+    scored = score_ids(cfg.data, dataset)
+    confusions = {t: np.zeros((dataset.num_classes,) * 2, np.int64) for t in THRESHOLD_SWEEP}
+    model.eval()
+    for image_id in tqdm(sorted(scored), desc="cams", leave=False):
+        classes = dataset.image_labels(image_id)
+        image = normalize(dataset.load_image(image_id)).to(device)
+        cams = multiscale_cams(model, image, classes, cfg.cam.scales, cfg.cam.flip).astype(np.float16)
+        gt = dataset.load_mask(image_id)
+        for t in THRESHOLD_SWEEP:
+            confusions[t] += confusion_matrix(gt, cam_to_label(cams.astype(np.float32), classes, t),
+                                              dataset.num_classes)
+    sweep = {t: iou_scores(c, dataset.classes)["miou"] for t, c in confusions.items()}
+    best = max(sweep, key=sweep.get)
+    return {"best_bg_threshold": best, "best_miou": sweep[best],
+            "miou_by_bg_threshold": {str(t): round(v, 4) for t, v in sweep.items()},
+            "per_class_iou_at_best": iou_scores(confusions[best], dataset.classes)["per_class_iou"]}
+
+
+def run_variant(cfg, dataset, device, cam_run: Path) -> dict:
+    seed_everything(cfg.seed)
+    model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1).to(device)
+    load_checkpoint(cam_run / "cam" / "model.pt", model)
+    started, curves = time.perf_counter(), {}
+    if cfg.cam.recam.enabled:
+        generator = seed_everything(cfg.seed)
+        train_set = TrainingSet(dataset, dataset.split_ids(cfg.data.train_split), cfg.cam.train.crop_size,
+                                cfg.cam.train.scale_range, color_jitter=cfg.cam.train.color_jitter)
+        loader = make_train_loader(train_set, cfg.cam.train, cfg.data.loader_workers, generator)
+        model.attach_recam()
+        model.recam.to(device)
+        history = train(ReCamTraining(model), loader,
+                        functools.partial(recam_training_loss, loss_weight=cfg.cam.recam.loss_weight),
+                        recam_train_config(cfg.cam), device, "recam")
+        curves = {name: loss_curve(history, name) for name in ("multilabel", "ce")}
+    trained = time.perf_counter()
+    scores = score_cams(model, cfg, dataset, device)
+    return {"recam": dataclasses.asdict(cfg.cam.recam), "recam_train_s": round(trained - started, 1),
+            "cam_inference_s": round(time.perf_counter() - trained, 1), "losses": curves} | scores
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    for variant in args.variant:
+        name, _, settings = variant.partition(":")
+        if name in results:
+            print(f"{name}: done before, best {100 * results[name]['best_miou']:.1f}")
+            continue
+        overrides = [s for s in settings.split(",") if s]
+        enabled = "false" if name == "none" else "true"
+        cfg = load_config(args.config, args.overrides + [f"cam.recam.enabled={enabled}"] + overrides)
+        configure_threads(cfg.num_threads)
+        dataset, device = open_dataset(cfg.data), select_device(cfg.device)
+        results[name] = run_variant(cfg, dataset, device, args.cam_run) | {"overrides": overrides}
+        atomic_write_json(args.out, results)
+        r = results[name]
+        print(f"{name}: CAM best {100 * r['best_miou']:.1f} at {r['best_bg_threshold']}, "
+              f"ReCAM {r['recam_train_s']} s, CAMs {r['cam_inference_s']} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
