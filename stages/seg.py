@@ -250,7 +250,8 @@ def self_training_rounds(cfg: Config, dataset: VOCDataset, run_dir: Path, out: S
                 model.forward, dataset, train_ids, folder / "pseudo", cfg.seg.flip_predict, crf, device,
                 masked, out.resumed))
             barrier()
-            val = predict_and_score(model, dataset, val_ids, cfg.seg.flip_predict, device, None, share=False)
+            val = predict_and_score(model, dataset, val_ids, cfg.seg.flip_predict, device, None, share=False,
+                                    crf=cfg.refine.crf if cfg.seg.crf_predict else None)  # as the last one
             record = {"round": index, "train_loss_by_epoch": losses,
                       "pseudo_masks": (iou_scores(confusion, dataset.classes) if masked
                                        else not_scored("no masks")),
