@@ -73,7 +73,11 @@ def score_cams(model, cfg, dataset, device) -> dict:
 def run_variant(cfg, dataset, device, cam_run: Path) -> dict:
     seed_everything(cfg.seed)
     model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1).to(device)
-    load_checkpoint(cam_run / "cam" / "model.pt", model)
+    try:
+        load_checkpoint(cam_run / "cam" / "model.pt", model)
+    except RuntimeError:
+        sys.exit(f"error: {cam_run / 'cam' / 'model.pt'} is not a plain CAM network of this config "
+                 "(one trained with ReCAM already, or another backbone): give a run without cam.recam")
     started, curves = time.perf_counter(), {}
     if cfg.cam.recam.enabled:
         generator = seed_everything(cfg.seed)

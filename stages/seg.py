@@ -16,6 +16,7 @@ import functools
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -38,7 +39,7 @@ from pipeline.core.io import (
     load_mask,
     save_mask,
 )
-from pipeline.core.metrics import SegmentationScores, iou_scores, not_scored
+from pipeline.core.metrics import SegmentationScores, confusion_matrix, iou_scores, not_scored
 from pipeline.core.runtime import (
     barrier,
     is_main_process,
@@ -56,7 +57,7 @@ from pipeline.core.training import (
     save_checkpoint,
     train,
 )
-from pipeline.data.dataset import VOCDataset, open_dataset, score_ids
+from pipeline.data.dataset import VOCDataset, open_dataset, score_ids, score_split
 from pipeline.data.training_set import MaskFolder, TrainingSet, normalize
 from pipeline.data.volumes import Volumes
 from pipeline.methods.losses import pixel_cross_entropy
@@ -95,8 +96,14 @@ def own_inputs(cfg: Config) -> dict:
     dataset = open_dataset(cfg.data)
     mixed = cfg.mode == "mixed"
     spacing_file = Path(cfg.data.root) / cfg.data.spacing_file if cfg.data.spacing_file else None
-    scoring_keys = ("data.val_split", "data.volume_pattern", "data.spacing", "data.spacing_file",
-                    "seg.flip_predict", "seg.crf_predict") + (("refine.crf",) if cfg.seg.crf_predict else ())
+    self_training = cfg.mode == "weak" and cfg.seg.self_training.enabled
+    scoring_keys = (("data.val_split", "data.volume_pattern", "data.spacing", "data.spacing_file",
+                     "seg.crf_predict")
+                    # Self-training predicts the next masks with the flip: then it is part of training,
+                    # and the rounds' masks are scored on the score split.
+                    + (("data.score_split",) if self_training else ("seg.flip_predict",))
+                    + (("refine.crf",) if cfg.seg.crf_predict else ()))
+    scored_splits = [cfg.data.val_split] + ([score_split(cfg.data)] if self_training else [])
     # Self-training is weak mode's alone: the other modes neither use nor depend on it.
     unused = () if cfg.mode == "weak" else ("seg.self_training",)
     return {"version": VERSION,
@@ -106,7 +113,7 @@ def own_inputs(cfg: Config) -> dict:
             "weights_fingerprint": weights_fingerprint(cfg.seg.backbone, "seg.backbone.weights")} | (
         {"mixed_fingerprint": mixed_fingerprint(cfg, dataset)} if mixed else {}) | {
         "scoring": {"config": config_values(cfg, *scoring_keys),
-                    "data_fingerprint": dataset.fingerprint(scored_splits=[cfg.data.val_split]) + (
+                    "data_fingerprint": dataset.fingerprint(scored_splits=scored_splits) + (
                         f":{file_digest(spacing_file)}" if spacing_file else "")}}
 
 
@@ -250,8 +257,9 @@ def self_training_rounds(cfg: Config, dataset: VOCDataset, run_dir: Path, out: S
                 model.forward, dataset, train_ids, folder / "pseudo", cfg.seg.flip_predict, crf, device,
                 masked, out.resumed))
             barrier()
-            val = predict_and_score(model, dataset, val_ids, cfg.seg.flip_predict, device, None, share=False,
-                                    crf=cfg.refine.crf if cfg.seg.crf_predict else None)  # as the last one
+            volumes = Volumes(cfg.data, dataset.root) if cfg.data.volume_pattern else None
+            val = predict_and_score(model, dataset, val_ids, cfg.seg.flip_predict, device, None, volumes,
+                                    share=False, crf=cfg.refine.crf if cfg.seg.crf_predict else None)
             record = {"round": index, "train_loss_by_epoch": losses,
                       "pseudo_masks": (iou_scores(confusion, dataset.classes) if masked
                                        else not_scored("no masks")),
@@ -259,9 +267,26 @@ def self_training_rounds(cfg: Config, dataset: VOCDataset, run_dir: Path, out: S
             if is_main_process():
                 atomic_write_json(folder / "round.json", record)
             barrier()
+            del model  # the next round's network trains from scratch
         rounds.append(record)
         pseudo = folder / "pseudo"
     return pseudo, rounds
+
+
+def rescored_rounds(cfg: Config, dataset: VOCDataset, out: StageOutput) -> list[dict]:
+    """The rounds' records when only the scoring changed: their masks are scored again from the
+    files; their networks are not kept, so their val scores are dropped."""
+    masked, rounds = sorted(score_ids(cfg.data, dataset)), []
+    for record in out.previous_metrics["self_training"]:
+        confusion = np.zeros((dataset.num_classes,) * 2, dtype=np.int64)
+        folder = out.dir / f"round-{record['round']}" / "pseudo"
+        for image_id in masked:
+            confusion += confusion_matrix(dataset.load_mask(image_id), load_mask(folder / f"{image_id}.png"),
+                                          dataset.num_classes)
+        rounds.append(record | {
+            "pseudo_masks": iou_scores(confusion, dataset.classes) if masked else not_scored("no masks"),
+            "val": not_scored("rescored: a round's network is not kept")})
+    return rounds
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
@@ -276,7 +301,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
             model = segmentation_network(cfg, dataset.num_classes, training=False).to(device)
             load_checkpoint(out.dir / "model.pt", model)
             loss_by_epoch = out.previous_metrics["train_loss_by_epoch"]
-            rounds = out.previous_metrics.get("self_training")
+            rounds = (rescored_rounds(cfg, dataset, out) if "self_training" in out.previous_metrics
+                      and cfg.mode == "weak" and cfg.seg.self_training.enabled else None)
             if is_main_process():
                 for folder in branches(model):
                     shutil.rmtree(out.dir / folder, ignore_errors=True)

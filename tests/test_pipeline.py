@@ -588,6 +588,15 @@ def test_self_training_round_trains_on_the_first_networks_masks_and_resumes_bit_
     plain = json.loads((weak_run / "run" / "seg" / "metrics.json").read_text())
     assert first["train_loss_by_epoch"] == plain["train_loss_by_epoch"]
     assert not list(resumed.glob("checkpoint*"))
+    # The flip makes the next round's masks: part of training here, not of scoring.
+    assert run(tmp_path, *rounds, "--set", "seg.flip_predict=false", "--dry-run") == 0
+    assert "seg     stale    -> run: made under different inputs" in capsys.readouterr().out
+    # A rescoring scores the rounds' masks again from their files; their networks are gone.
+    assert run(tmp_path, *rounds, "--set", "seg.crf_predict=true") == 0
+    rescored = json.loads((resumed / "metrics.json").read_text())
+    assert rescored["train_loss_by_epoch"] == metrics["train_loss_by_epoch"]
+    (again,) = rescored["self_training"]
+    assert again["pseudo_masks"] == first["pseudo_masks"] and again["val"]["miou"] is None
     # Other modes neither use nor depend on it.
     full = load_config(DEMO_CONFIG, TINY + [f"data.root={weak_run / 'demo'}"], mode="full")
     with_rounds = load_config(DEMO_CONFIG, TINY + [f"data.root={weak_run / 'demo'}",

@@ -51,6 +51,8 @@ def is_resume_file(name: str) -> bool:
     """A partial folder's own files (its key, the training checkpoints at its top level), never
     part of a finished stage."""
     return name == RESUME_KEY or (name.startswith("checkpoint") and name.endswith(".pt"))
+
+
 METRICS = "metrics.json"
 
 
@@ -255,7 +257,7 @@ class StageOutput:
         shutil.rmtree(retired, ignore_errors=True)
         # Not in the manifest's list; kept until here for a kill before the swap.
         for path in self.final.iterdir():
-            if is_resume_file(path.name):
+            if path.is_file() and is_resume_file(path.name):
                 path.unlink()
 
 

@@ -157,7 +157,7 @@ class ReCamConfig:
     epochs with a softmax cross-entropy on each image class's CAM-weighted feature, through a
     second 1x1 classifier; the CAMs then come from the product of the two classifiers' weights.
     Defaults are the authors' (zhaozhengChen/ReCAM@2bdbcd2 run_sample.py:47-49,
-    step/train_recam.py:64-95, net/resnet50_cam.py:76-100,134-172, step/make_recam.py:39).
+    step/train_recam.py:64-95, net/resnet50_cam.py:76-100,134-173, step/make_recam.py:39).
     Batch, crop, rescaling and weight decay are cam.train's, as theirs are the CAM training's."""
     enabled: bool = False
     epochs: int = _opt(4, low=1)  # extra passes over the training set (the authors': 4)

@@ -21,7 +21,7 @@ def pixel_cross_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
 
 def recam_loss(class_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """ReCAM's softmax cross-entropy (net/resnet50_cam.py:153-172): each class of an image has
+    """ReCAM's softmax cross-entropy (net/resnet50_cam.py:153-173): each class of an image has
     its feature's logits over all classes (B, C, C), the class itself the target; the mean over
     an image's classes, summed over the images, over the batch size."""
     batch, classes = labels.nonzero(as_tuple=True)
