@@ -94,9 +94,9 @@ def test_a_partly_given_section_keeps_its_parents_defaults():
     assert config_from_dict({"demo": {}}).demo.num_train == 400
 
 
-def test_parameters_of_a_disabled_feature_stay_out_of_cache_sections():
+def test_a_disabled_feature_stays_out_of_cache_sections():
     off = section_for_cache(config_from_dict({"cam": {"sr": {"w_sf": 0.5}}}), "cam")
-    assert off["cam"]["sr"] == {"enabled": False}
+    assert "sr" not in off["cam"] and "recam" not in off["cam"]  # a new feature, off, keeps old keys
     assert off == section_for_cache(config_from_dict({}), "cam")
     on = section_for_cache(config_from_dict({"cam": {"sr": {"enabled": True, "w_sf": 0.5}}}), "cam")
     assert on["cam"]["sr"]["w_sf"] == 0.5

@@ -335,8 +335,8 @@ EXECUTION_ONLY_KEYS = {"device", "num_threads", "refine.workers"}
 
 def section_for_cache(cfg: Config, *keys: str, omit: tuple[str, ...] = ()) -> dict:
     """The listed top-level sections/keys of ``cfg`` without execution-only keys and the dotted
-    keys in ``omit`` (at any depth); a switched-off feature (a section with ``enabled: false``) counts by its
-    switch alone, so tuning its parameters while it is off does not invalidate the cache."""
+    keys in ``omit`` (at any depth); a switched-off feature (a section with ``enabled: false``) is
+    left out, so tuning its parameters while it is off does not invalidate the cache."""
     full = dataclasses.asdict(cfg)
     picked = {k: full[k] for k in keys}
     for dotted in EXECUTION_ONLY_KEYS | set(omit):
@@ -346,7 +346,7 @@ def section_for_cache(cfg: Config, *keys: str, omit: tuple[str, ...] = ()) -> di
             tree = tree.get(name) if isinstance(tree, dict) else None
         if isinstance(tree, dict):
             tree.pop(last, None)
-    return _collapse_disabled(picked)
+    return _drop_disabled(picked)
 
 
 def config_values(cfg: Config, *dotted: str) -> dict:
@@ -361,9 +361,10 @@ def config_values(cfg: Config, *dotted: str) -> dict:
     return values
 
 
-def _collapse_disabled(tree):
+def _drop_disabled(tree):
+    """``tree`` without its switched-off sections: a feature that is off leaves no trace in a
+    key, so a release that adds one, off by default, keeps every cache made before it."""
     if not isinstance(tree, dict):
         return tree
-    if tree.get("enabled") is False:
-        return {"enabled": False}
-    return {key: _collapse_disabled(value) for key, value in tree.items()}
+    return {key: _drop_disabled(value) for key, value in tree.items()
+            if not (isinstance(value, dict) and value.get("enabled") is False)}
