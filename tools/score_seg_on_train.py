@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(args.json, {branch: {key: result[key] for key in ("miou", "per_class_iou")}
                                       for branch, result in results.items()})
     for branch, result in results.items():
-        per_class = "  ".join(f"{name} {100 * iou:.1f}" for name, iou in result["per_class_iou"].items())
+        per_class = "  ".join(f"{name} {'-' if iou is None else f'{100 * iou:.1f}'}"  # None: absent
+                              for name, iou in result["per_class_iou"].items())
         print(f"{branch:<20} train mIoU {100 * result['miou']:.1f}   {per_class}")
     return 0
 
