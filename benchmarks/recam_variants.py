@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import sys
 import time
@@ -28,14 +27,14 @@ from tqdm import tqdm
 
 from pipeline.core.config_file import load_config
 from pipeline.core.io import atomic_write_json
-from pipeline.core.metrics import confusion_matrix, iou_scores
+from pipeline.core.metrics import iou_scores
 from pipeline.core.runtime import configure_threads, seed_everything, select_device
-from pipeline.core.training import load_checkpoint, loss_curve, make_train_loader, train
+from pipeline.core.training import load_checkpoint, loss_curve, make_train_loader
 from pipeline.data.dataset import open_dataset, score_ids
 from pipeline.data.training_set import TrainingSet, normalize
-from pipeline.methods.cams import cam_to_label, multiscale_cams
+from pipeline.methods.cams import multiscale_cams
 from pipeline.models.networks import CAMNet
-from stages.cam import THRESHOLD_SWEEP, ReCamTraining, recam_train_config, recam_training_loss
+from stages.cam import THRESHOLD_SWEEP, add_threshold_confusions, threshold_sweep, train_recam
 
 
 def parse_args(argv):
@@ -52,22 +51,17 @@ def parse_args(argv):
 
 def score_cams(model, cfg, dataset, device) -> dict:
     """The train CAMs scored as the cam stage scores them (float16 maps, the threshold sweep)."""
-    scored = score_ids(cfg.data, dataset)
     confusions = {t: np.zeros((dataset.num_classes,) * 2, np.int64) for t in THRESHOLD_SWEEP}
     model.eval()
-    for image_id in tqdm(sorted(scored), desc="cams", leave=False):
+    for image_id in tqdm(sorted(score_ids(cfg.data, dataset)), desc="cams", leave=False):
         classes = dataset.image_labels(image_id)
         image = normalize(dataset.load_image(image_id)).to(device)
         cams = multiscale_cams(model, image, classes, cfg.cam.scales, cfg.cam.flip).astype(np.float16)
-        gt = dataset.load_mask(image_id)
-        for t in THRESHOLD_SWEEP:
-            confusions[t] += confusion_matrix(gt, cam_to_label(cams.astype(np.float32), classes, t),
-                                              dataset.num_classes)
-    sweep = {t: iou_scores(c, dataset.classes)["miou"] for t, c in confusions.items()}
-    best = max(sweep, key=sweep.get)
-    return {"best_bg_threshold": best, "best_miou": sweep[best],
-            "miou_by_bg_threshold": {str(t): round(v, 4) for t, v in sweep.items()},
-            "per_class_iou_at_best": iou_scores(confusions[best], dataset.classes)["per_class_iou"]}
+        add_threshold_confusions(confusions, dataset.load_mask(image_id), cams.astype(np.float32), classes,
+                                 dataset.num_classes)
+    sweep = threshold_sweep(confusions, dataset.classes)
+    best = confusions[sweep["best_bg_threshold"]]
+    return sweep | {"per_class_iou_at_best": iou_scores(best, dataset.classes)["per_class_iou"]}
 
 
 def run_variant(cfg, dataset, device, cam_run: Path) -> dict:
@@ -84,11 +78,7 @@ def run_variant(cfg, dataset, device, cam_run: Path) -> dict:
         train_set = TrainingSet(dataset, dataset.split_ids(cfg.data.train_split), cfg.cam.train.crop_size,
                                 cfg.cam.train.scale_range, color_jitter=cfg.cam.train.color_jitter)
         loader = make_train_loader(train_set, cfg.cam.train, cfg.data.loader_workers, generator)
-        model.attach_recam()
-        model.recam.to(device)
-        history = train(ReCamTraining(model), loader,
-                        functools.partial(recam_training_loss, loss_weight=cfg.cam.recam.loss_weight),
-                        recam_train_config(cfg.cam), device, "recam")
+        history = train_recam(cfg.cam, model, loader, device)
         curves = {name: loss_curve(history, name) for name in ("multilabel", "ce")}
     trained = time.perf_counter()
     scores = score_cams(model, cfg, dataset, device)

@@ -124,6 +124,16 @@ def recam_train_config(cam: CamConfig) -> TrainConfig:
                                lr=cam.recam.lr / 10, head_lr_mult=10.0, momentum=cam.recam.momentum)
 
 
+def train_recam(cam: CamConfig, model: CAMNet, loader, device, checkpoint: Path | None = None) -> list[dict]:
+    """Attaches ReCAM's classifier to the trained ``model`` and trains ReCAM's epochs in place;
+    the losses per epoch (:func:`train`'s history)."""
+    model.attach_recam()
+    model.recam.to(device)
+    return train(ReCamTraining(model), loader,
+                 functools.partial(recam_training_loss, loss_weight=cam.recam.loss_weight),
+                 recam_train_config(cam), device, "recam", checkpoint)
+
+
 def train_cam_network(cfg: Config, model: CAMNet, loader, device, folder: Path) -> dict:
     """Trains ``model`` in place (and then ReCAM's epochs, with ``cam.recam.enabled``); the
     losses per epoch for metrics.json."""
@@ -131,14 +141,25 @@ def train_cam_network(cfg: Config, model: CAMNet, loader, device, folder: Path) 
                     folder / CHECKPOINT)
     curves = {"train_loss_by_epoch": loss_curve(history)}
     if cfg.cam.recam.enabled:
-        model.attach_recam()
-        model.recam.to(device)
-        history = train(ReCamTraining(model), loader,
-                        functools.partial(recam_training_loss, loss_weight=cfg.cam.recam.loss_weight),
-                        recam_train_config(cfg.cam), device, "recam", folder / RECAM_CHECKPOINT)
+        history = train_recam(cfg.cam, model, loader, device, folder / RECAM_CHECKPOINT)
         curves |= {"recam_" + name + "_by_epoch": loss_curve(history, name)
                    for name in ("loss", "multilabel", "ce")}
     return curves
+
+
+def add_threshold_confusions(confusions: dict, gt: np.ndarray, cams: np.ndarray, classes: np.ndarray,
+                             num_classes: int) -> None:
+    """Adds one image's confusion matrix at every background threshold of ``confusions``."""
+    for t in confusions:
+        confusions[t] = confusions[t] + confusion_matrix(gt, cam_to_label(cams, classes, t), num_classes)
+
+
+def threshold_sweep(confusions: dict, class_names: list[str]) -> dict:
+    """The mIoU at each background threshold and the best of them."""
+    sweep = {t: iou_scores(confusion, class_names)["miou"] for t, confusion in confusions.items()}
+    best = max(sweep, key=sweep.get)
+    return {"best_bg_threshold": best, "best_miou": sweep[best],
+            "miou_by_bg_threshold": {str(t): round(v, 4) for t, v in sweep.items()}}
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
@@ -177,27 +198,18 @@ def run(cfg: Config, run_dir: Path) -> dict:
             if image_id not in scored:
                 continue
             # Score exactly what refine will read: the float16 maps, as load_cams returns them.
-            stored = cams.astype(np.float32)
-            gt = dataset.load_mask(image_id)
-            for t in thresholds:
-                confusions[t] = confusions[t] + confusion_matrix(gt, cam_to_label(stored, classes, t),
-                                                                 dataset.num_classes)
+            add_threshold_confusions(confusions, dataset.load_mask(image_id), cams.astype(np.float32),
+                                     classes, dataset.num_classes)
 
         confusions = {t: sum_across_ranks(confusion) for t, confusion in confusions.items()}
         barrier()  # every process's CAMs are written
-        out.metrics = curves | {
-                       "cam_bytes_per_image": round(sum(f.stat().st_size for f in cam_dir.glob("*.npz"))
-                                                    / max(len(train_ids), 1))}
+        cam_bytes = sum(f.stat().st_size for f in cam_dir.glob("*.npz"))
+        out.metrics = curves | {"cam_bytes_per_image": round(cam_bytes / max(len(train_ids), 1))}
         if not scored:
             out.metrics |= not_scored("no masks")
         else:
-            sweep = {t: iou_scores(confusions[t], dataset.classes)["miou"] for t in thresholds}
-            best = max(sweep, key=sweep.get)
             out.metrics |= iou_scores(confusions[cfg.cam.bg_threshold], dataset.classes) | {
                 "scored_images": len(scored),
                 "bg_threshold": cfg.cam.bg_threshold,
-                "best_bg_threshold": best,
-                "best_miou": sweep[best],
-                "miou_by_bg_threshold": {str(t): round(v, 4) for t, v in sweep.items()},
-            }
+            } | threshold_sweep(confusions, dataset.classes)
     return out.metrics

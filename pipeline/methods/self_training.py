@@ -20,16 +20,14 @@ from pipeline.core.runtime import is_main_process, shard
 from pipeline.data.dataset import VOCDataset
 from pipeline.data.training_set import normalize
 from pipeline.methods.crf import crf_refine_scores
+from pipeline.models.networks import softmax_with_flip
 
 
-@torch.no_grad()
 def tagged_probabilities(forward, image: torch.Tensor, classes: np.ndarray, flip: bool) -> np.ndarray:
     """The softmax of one 3xHxW image (averaged with its mirror's with ``flip``) over the
     background and the image's tags (1-based ``classes``) alone, renormalised over them: a train
     image cannot hold a class it is not tagged with. (1 + K, H, W), the background first."""
-    batch = torch.stack([image, image.flip(-1)]) if flip else image[None]
-    probs = forward(batch).float().softmax(dim=1)
-    probs = (probs[0] + probs[1].flip(-1)) / 2 if flip else probs[0]
+    probs = softmax_with_flip(forward, image, flip)
     keys = torch.as_tensor(np.concatenate([[0], classes]), dtype=torch.long, device=probs.device)
     probs = probs[keys]
     return (probs / probs.sum(dim=0, keepdim=True).clamp_min(1e-8)).cpu().numpy()

@@ -171,13 +171,18 @@ class UNetDecoder(nn.Module):
 
 
 @torch.no_grad()
+def softmax_with_flip(forward, image: torch.Tensor, flip: bool) -> torch.Tensor:
+    """The (C, H, W) float32 softmax of one 3xHxW image, averaged with its mirror's with ``flip``."""
+    batch = torch.stack([image, image.flip(-1)]) if flip else image[None]
+    probs = forward(batch).float().softmax(dim=1)
+    return (probs[0] + probs[1].flip(-1)) / 2 if flip else probs[0]
+
+
 def predict_with_crf(forward, image: torch.Tensor, rgb: np.ndarray, flip: bool, crf: CrfConfig) -> np.ndarray:
     """The class-index mask of one 3xHxW image: its softmax (averaged with its mirror's with
     ``flip``) as the dense CRF's unaries on the HxWx3 uint8 ``rgb``, the argmax of the marginals."""
-    batch = torch.stack([image, image.flip(-1)]) if flip else image[None]
-    probs = forward(batch).softmax(dim=1)
-    probs = (probs[0] + probs[1].flip(-1)) / 2 if flip else probs[0]
-    return crf_refine_scores(rgb, probs.float().cpu().numpy(), crf).astype(np.uint8)
+    probs = softmax_with_flip(forward, image, flip)
+    return crf_refine_scores(rgb, probs.cpu().numpy(), crf).astype(np.uint8)
 
 
 @torch.no_grad()
