@@ -7,7 +7,8 @@ trains ReCAM's epochs with the variant's ``cam.recam.*`` settings through the ca
 functions, computes the train CAMs as the stage does and scores them over cam's threshold sweep.
 The random state at ReCAM's start is ``seed`` freshly seeded, not what the CAM training left, so a
 variant's number can differ from the pipeline's by that draw; the chosen one is then run with the
-pipeline. Each finished variant is saved into ``--out`` at once; a rerun skips those there.
+pipeline. Every variant's ``cam.recam`` starts from the authors' settings, whatever ``--config``
+sets. Each finished variant is saved into ``--out`` at once; a rerun skips those there.
 
     python benchmarks/recam_variants.py --config configs/msrc.yaml --set data.root=../shared/data/msrc-dev \\
         --cam-run runs/msrc --out runs/recam-variants.json \\
@@ -25,7 +26,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.core.config import ReCamConfig
 from pipeline.core.config_file import load_config
+from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_json
 from pipeline.core.metrics import iou_scores
 from pipeline.core.runtime import configure_threads, seed_everything, select_device
@@ -64,14 +67,15 @@ def score_cams(model, cfg, dataset, device) -> dict:
     return sweep | {"per_class_iou_at_best": iou_scores(best, dataset.classes)["per_class_iou"]}
 
 
-def run_variant(cfg, dataset, device, cam_run: Path) -> dict:
+def run_variant(cfg, dataset, device, model_file: Path) -> dict:
     seed_everything(cfg.seed)
     model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1).to(device)
     try:
-        load_checkpoint(cam_run / "cam" / "model.pt", model)
+        load_checkpoint(model_file, model)
     except RuntimeError:
-        sys.exit(f"error: {cam_run / 'cam' / 'model.pt'} is not a plain CAM network of this config "
-                 "(one trained with ReCAM already, or another backbone): give a run without cam.recam")
+        print(f"error: {model_file} is not a plain CAM network of this config (one trained with ReCAM "
+              "already, or another backbone): give a run made with cam.recam.enabled=false", file=sys.stderr)
+        sys.exit(2)
     started, curves = time.perf_counter(), {}
     if cfg.cam.recam.enabled:
         generator = seed_everything(cfg.seed)
@@ -86,26 +90,45 @@ def run_variant(cfg, dataset, device, cam_run: Path) -> dict:
             "cam_inference_s": round(time.perf_counter() - trained, 1), "losses": curves} | scores
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+def variant_configs(args) -> dict:
+    """Each variant's config, loaded before any work: ``cam.recam`` starts from the authors'
+    settings (ReCamConfig's defaults) whatever ``--config`` sets; then ``--set``, then the
+    variant's keys."""
+    authors = [f"cam.recam.{key}={value}" for key, value in dataclasses.asdict(ReCamConfig()).items()
+               if key != "enabled"]
+    configs = {}
     for variant in args.variant:
         name, _, settings = variant.partition(":")
+        overrides = [s for s in settings.split(",") if s]
+        enabled = "false" if name == "none" else "true"
+        configs[name] = (load_config(args.config, authors + args.overrides + [f"cam.recam.enabled={enabled}"]
+                                     + overrides), overrides)
+    return configs
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    model_file = args.cam_run / "cam" / "model.pt"
+    try:
+        configs = variant_configs(args)
+        if not model_file.is_file():
+            raise PipelineError(f"{model_file} does not exist: give a run folder with a finished cam stage")
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    for name, (cfg, overrides) in configs.items():
         if name in results:
             print(f"{name}: done before, best {100 * results[name]['best_miou']:.1f}")
             continue
-        overrides = [s for s in settings.split(",") if s]
-        enabled = "false" if name == "none" else "true"
-        cfg = load_config(args.config, args.overrides + [f"cam.recam.enabled={enabled}"] + overrides)
         configure_threads(cfg.num_threads)
         dataset, device = open_dataset(cfg.data), select_device(cfg.device)
-        results[name] = run_variant(cfg, dataset, device, args.cam_run) | {"overrides": overrides}
+        results[name] = run_variant(cfg, dataset, device, model_file) | {"overrides": overrides}
         atomic_write_json(args.out, results)
         r = results[name]
         print(f"{name}: CAM best {100 * r['best_miou']:.1f} at {r['best_bg_threshold']}, "
               f"ReCAM {r['recam_train_s']} s, CAMs {r['cam_inference_s']} s", flush=True)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
