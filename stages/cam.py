@@ -3,7 +3,10 @@
 Outputs in ``<run-dir>/cam/``: ``model.pt`` (state_dict), ``cams/<id>.npz`` with
 ``cams`` (float16, K x H x W, one map per class in the image label, max-normalised) and
 ``classes`` (the K class indices), and ``metrics.json`` scoring the CAMs on the train
-images that have ground truth (used for this score only; without any: "not scored").
+images that have ground truth (used for this score only; without any: "not scored"): at
+``cam.bg_threshold``, at every threshold of a sweep, and at Otsu's threshold of the train
+CAMs, which needs no masks (``otsu_miou``; refine's high threshold under
+``refine.thresholds: otsu``).
 With ``cam.sr.enabled`` the classifier trains with Self-Regulation exits
 (pipeline/methods/self_regulation.py); the CAMs still come from its main classifier alone.
 With ``cam.recam.enabled`` ReCAM's extra epochs follow, and the CAMs are ReCAM's.
@@ -48,7 +51,14 @@ from pipeline.core.training import (
 )
 from pipeline.data.dataset import open_dataset, score_ids, score_split
 from pipeline.data.training_set import TrainingSet, normalize
-from pipeline.methods.cams import cam_to_label, load_cams, multiscale_cams
+from pipeline.methods.cams import (
+    MAX_CAM_BINS,
+    cam_to_label,
+    load_cams,
+    max_cam_histogram,
+    multiscale_cams,
+    otsu_thresholds,
+)
 from pipeline.methods.losses import multilabel_loss, recam_loss
 from pipeline.methods.self_regulation import self_regulation_loss
 from pipeline.models.backbones import weights_fingerprint
@@ -185,6 +195,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         cam_dir.mkdir(exist_ok=True)
         thresholds = sorted(set(THRESHOLD_SWEEP) | {cfg.cam.bg_threshold})
         confusions = {t: np.zeros((dataset.num_classes,) * 2, dtype=np.int64) for t in thresholds}
+        histogram = np.zeros(MAX_CAM_BINS, dtype=np.int64)
         for image_id in tqdm(shard(train_ids), desc="cam inference", leave=False,
                              disable=not is_main_process()):
             classes = dataset.image_labels(image_id)
@@ -195,6 +206,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 image = normalize(dataset.load_image(image_id)).to(device)
                 cams = multiscale_cams(model, image, classes, cfg.cam.scales, cfg.cam.flip).astype(np.float16)
                 save_arrays(cam_dir / f"{image_id}.npz", cams=cams, classes=classes.astype(np.uint8))
+            histogram += max_cam_histogram(cams.astype(np.float32))
             if image_id not in scored:
                 continue
             # Score exactly what refine will read: the float16 maps, as load_cams returns them.
@@ -211,5 +223,18 @@ def run(cfg: Config, run_dir: Path) -> dict:
             out.metrics |= iou_scores(confusions[cfg.cam.bg_threshold], dataset.classes) | {
                 "scored_images": len(scored),
                 "bg_threshold": cfg.cam.bg_threshold,
-            } | threshold_sweep(confusions, dataset.classes)
+            } | threshold_sweep(confusions, dataset.classes) | otsu_score(
+                cam_dir, otsu_thresholds(sum_across_ranks(histogram))[0], scored, dataset)
     return out.metrics
+
+
+def otsu_score(cam_dir: Path, threshold: float, scored: set[str], dataset) -> dict:
+    """The CAMs' mIoU at the background threshold that needs no masks (``refine.thresholds:
+    otsu``'s high one, from every train image's CAMs), beside the configured one."""
+    confusion = np.zeros((dataset.num_classes,) * 2, dtype=np.int64)
+    for image_id in shard(sorted(scored)):
+        cams, classes = load_cams(cam_dir, image_id)
+        confusion += confusion_matrix(dataset.load_mask(image_id), cam_to_label(cams, classes, threshold),
+                                      dataset.num_classes)
+    return {"otsu_bg_threshold": round(threshold, 4),
+            "otsu_miou": iou_scores(sum_across_ranks(confusion), dataset.classes)["miou"]}

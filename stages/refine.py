@@ -19,6 +19,7 @@ from pipeline.core.config import Config
 from pipeline.core.runtime import shard
 from pipeline.data.dataset import open_dataset, score_split
 from pipeline.refinement import method_for
+from pipeline.refinement.masks import with_thresholds_from_cams
 
 NAME = "refine"
 # The cache version: raised when a release changes what refine computes from the same config
@@ -49,11 +50,15 @@ def network_status(cfg: Config, run_dir: Path, refine_inputs: dict) -> tuple[str
 
 def run(cfg: Config, run_dir: Path) -> dict:
     dataset = open_dataset(cfg.data)
-    method = method_for(cfg)
     train_ids = shard(dataset.split_ids(cfg.data.train_split))
     inputs = own_inputs(cfg) | {"upstream": upstream_keys(run_dir, upstream(cfg))}
+    cfg = with_thresholds_from_cams(cfg, run_dir / "cam" / "cams", train_ids)
+    method = method_for(cfg)
     cam_miou = (read_json(run_dir / "cam" / METRICS) or {}).get("miou")
     method.prepare(run_dir, inputs)
     with StageOutput(run_dir, NAME, inputs) as out:
-        out.metrics = {"method": method.name} | method.make_masks(run_dir, out, train_ids, cam_miou)
+        masks = method.make_masks(run_dir, out, train_ids, cam_miou)
+        out.metrics = {"method": method.name} | masks | {"thresholds": cfg.refine.thresholds,
+                                                         "fg_threshold": cfg.refine.fg_threshold,
+                                                         "bg_threshold": cfg.refine.bg_threshold}
     return out.metrics

@@ -2,7 +2,13 @@ import numpy as np
 import torch
 
 from pipeline.core.config import BackboneConfig
-from pipeline.methods.cams import cam_to_label, multiscale_cams
+from pipeline.methods.cams import (
+    MAX_CAM_BINS,
+    cam_to_label,
+    max_cam_histogram,
+    multiscale_cams,
+    otsu_thresholds,
+)
 from pipeline.methods.losses import recam_loss
 from pipeline.models.networks import CAMNet
 
@@ -87,3 +93,25 @@ def test_recam_cams_use_the_product_of_both_classifiers():
         model.recam.weight[1].fill_(-1.0)  # class 2's weights flipped: its CAM is the other side's ReLU
     own_map = torch.nn.functional.conv2d(model.backbone(image)[-1], model.classifier.weight[1:2])
     torch.testing.assert_close(model.cams(image)[:, 1], torch.relu(-own_map)[:, 0])
+
+
+def test_max_cam_histogram_counts_every_pixel_of_an_image_with_classes_and_none_without():
+    cams = np.zeros((2, 4, 5), dtype=np.float32)
+    cams[0, :2] = 0.9
+    cams[1, :, :1] = 0.3
+    histogram = max_cam_histogram(cams)
+    assert histogram.sum() == 20 and histogram[int(0.9 * MAX_CAM_BINS)] == 10
+    assert histogram[0] == 8 and histogram[int(0.3 * MAX_CAM_BINS)] == 2  # row-0/1 pixels took 0.9
+    assert max_cam_histogram(np.zeros((0, 4, 5), dtype=np.float32)).sum() == 0
+
+
+def test_otsu_thresholds_split_foreground_from_the_rest_then_background_from_unsure():
+    rng = np.random.default_rng(0)
+    # Three populations of pixels' highest CAM: background near 0.05, unsure near 0.3, objects near 0.8.
+    background, unsure = rng.normal(0.05, 0.02, 6000), rng.normal(0.3, 0.03, 2000)
+    objects = rng.normal(0.8, 0.05, 2000)
+    values = np.concatenate([background, unsure, objects])
+    histogram = max_cam_histogram(np.clip(values, 0, 1).astype(np.float32)[None, None])
+    high, low = otsu_thresholds(histogram)
+    assert (objects > high).mean() == 1.0 and (unsure < high).mean() > 0.99
+    assert (unsure > low).mean() > 0.99 and (background < low).mean() > 0.99

@@ -7,6 +7,7 @@ import pytest
 from conftest import DEMO_CONFIG, TINY, run
 
 from pipeline.core.config_file import load_config
+from pipeline.methods.cams import load_cams, max_cam_histogram, otsu_thresholds
 from run_pipeline import main
 
 
@@ -699,3 +700,29 @@ def test_bf16_autocast_trains_every_network_on_the_cpu(weak_run):
               ["--run-dir", str(run_dir), "--stages", "refine"])
     assert run(weak_run, *irn) == 0
     assert json.loads((run_dir / "irn" / "metrics.json").read_text())["train_loss_by_epoch"][0] is not None
+
+
+@pytest.mark.e2e
+def test_otsu_thresholds_come_from_the_train_cams_and_make_the_masks_fixed_ones_make(weak_run, tmp_path):
+    runs = {name: tmp_path / name for name in ("otsu", "fixed")}
+    for run_dir in runs.values():
+        run_dir.mkdir()
+        shutil.copytree(weak_run / "run" / "cam", run_dir / "cam")
+    assert run(weak_run, "--run-dir", str(runs["otsu"]), "--stages", "refine",
+               "--set", "refine.thresholds=otsu") == 0
+    metrics = json.loads((runs["otsu"] / "refine" / "metrics.json").read_text())
+    cam_files = sorted((runs["otsu"] / "cam" / "cams").glob("*.npz"))
+    histogram = sum(max_cam_histogram(load_cams(f.parent, f.stem)[0]) for f in cam_files)
+    assert metrics["thresholds"] == "otsu"
+    expected = tuple(round(t, 4) for t in otsu_thresholds(histogram))
+    assert (metrics["fg_threshold"], metrics["bg_threshold"]) == expected
+    assert 0 < metrics["bg_threshold"] < metrics["fg_threshold"] < 1
+    # cam scores its CAMs at the same high threshold, beside its configured one.
+    cam_metrics = json.loads((runs["otsu"] / "cam" / "metrics.json").read_text())
+    assert cam_metrics["otsu_bg_threshold"] == metrics["fg_threshold"] and 0 <= cam_metrics["otsu_miou"] <= 1
+    assert run(weak_run, "--run-dir", str(runs["fixed"]), "--stages", "refine",
+               "--set", f"refine.fg_threshold={metrics['fg_threshold']}",
+               "--set", f"refine.bg_threshold={metrics['bg_threshold']}") == 0
+    masks = {name: {p.name: p.read_bytes() for p in (run_dir / "refine" / "pseudo").glob("*.png")}
+             for name, run_dir in runs.items()}
+    assert len(masks["otsu"]) == 24 and masks["otsu"] == masks["fixed"]

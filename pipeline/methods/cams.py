@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from skimage.filters import threshold_otsu
 
 from pipeline.core.errors import CacheError
 from pipeline.core.io import load_arrays
@@ -51,6 +52,32 @@ def cam_to_label(cams: np.ndarray, classes: np.ndarray, bg_threshold: float) -> 
     """Class-index mask (0 = background) from the CAMs of an image's classes."""
     keys = np.concatenate([[0], classes]).astype(np.uint8)
     return keys[cam_argmax(cams, bg_threshold)]
+
+
+# Bins of the histogram of the per-pixel highest CAM on [0, 1] that Otsu's rule splits: thresholds
+# to a 1/500 step.
+MAX_CAM_BINS = 500
+
+
+def max_cam_histogram(cams: np.ndarray) -> np.ndarray:
+    """One image's pixel counts of its highest CAM over MAX_CAM_BINS equal bins of [0, 1]; none
+    for an image without classes (its label already says background, its CAMs say nothing)."""
+    if len(cams) == 0:
+        return np.zeros(MAX_CAM_BINS, dtype=np.int64)
+    return np.histogram(cams.max(axis=0), bins=MAX_CAM_BINS, range=(0.0, 1.0))[0].astype(np.int64)
+
+
+def otsu_thresholds(histogram: np.ndarray) -> tuple[float, float]:
+    """Refine's two background scores from the train CAMs alone (no masks): Otsu's threshold of
+    every pixel's highest CAM splits what the CAMs call foreground from the rest (the high
+    score), and Otsu's threshold of that rest splits confident background from unsure (the low
+    one). ``histogram``: :func:`max_cam_histogram` summed over the images."""
+    edges = np.linspace(0.0, 1.0, MAX_CAM_BINS + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    high = float(threshold_otsu(hist=(histogram, centers)))
+    below = centers < high
+    low = float(threshold_otsu(hist=(histogram[below], centers[below])))
+    return high, low
 
 
 def load_cams(cam_dir: Path, image_id: str) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ The learned walks train their networks on such masks and end with the same two-m
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from pipeline.core.io import load_mask, save_mask
 from pipeline.core.metrics import confident_confusion_matrix, confusion_matrix, iou_scores, not_scored
 from pipeline.core.runtime import is_main_process, parallel_map, sum_across_ranks
 from pipeline.data.dataset import IGNORE, open_dataset, score_ids
-from pipeline.methods.cams import cam_argmax, load_cams
+from pipeline.methods.cams import MAX_CAM_BINS, cam_argmax, load_cams, max_cam_histogram, otsu_thresholds
 from pipeline.methods.crf import crf_refine_labels
 
 MaskMaker = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (image, cams, classes) -> mask
@@ -47,6 +48,20 @@ def combine_confident(confident_fg: np.ndarray, confident_bg: np.ndarray, classe
     mask[confident_fg == 0] = IGNORE
     mask[(confident_fg == 0) & (confident_bg == 0)] = 0
     return mask
+
+
+def with_thresholds_from_cams(cfg: Config, cam_dir: Path, ids: list[str]) -> Config:
+    """``cfg`` with the two thresholds ``refine.thresholds`` asks for: as configured (fixed), or
+    Otsu's from the CAMs of the train ``ids`` (under torchrun, each process's share: the
+    histogram is summed over the processes, so every process gets the same thresholds)."""
+    if cfg.refine.thresholds == "fixed":
+        return cfg
+    histogram = np.zeros(MAX_CAM_BINS, dtype=np.int64)
+    for image_id in ids:
+        histogram += max_cam_histogram(load_cams(cam_dir, image_id)[0])
+    high, low = otsu_thresholds(sum_across_ranks(histogram))
+    refine = dataclasses.replace(cfg.refine, fg_threshold=round(high, 4), bg_threshold=round(low, 4))
+    return dataclasses.replace(cfg, refine=refine)
 
 
 def save_and_score(image_id: str, mask: np.ndarray, data: DataConfig, scored: set[str], out_dir: Path):

@@ -32,6 +32,11 @@ class RefineMethod:
         config = section_for_cache(self.cfg, "data", "refine", omit=SCORING_DATA_KEYS + ("data.val_split",))
         config["refine"] = {key: value for key, value in config["refine"].items()
                             if not isinstance(value, dict) or key == "crf" or key in self.sections}
+        # Either the two thresholds or the rule that replaces them; the default rule (fixed)
+        # leaves no trace, so caches made before the rule existed stay valid.
+        unused = ("fg_threshold", "bg_threshold") if self.cfg.refine.thresholds == "otsu" else ("thresholds",)
+        for key in unused:
+            config["refine"].pop(key)
         return config
 
     def cache_inputs(self) -> dict:
@@ -58,6 +63,4 @@ class CrfMasks(RefineMethod):
 
     def make_masks(self, run_dir: Path, out: StageOutput, ids: list[str], cam_miou: float | None) -> dict:
         scores = write_crf_masks(self.cfg, run_dir, ids, out.dir / "pseudo", keep=out.resumed or out.reused)
-        thresholds = {"fg_threshold": self.cfg.refine.fg_threshold,
-                      "bg_threshold": self.cfg.refine.bg_threshold}
-        return with_gain(scores | thresholds, cam_miou)
+        return with_gain(scores, cam_miou)

@@ -37,8 +37,8 @@ class PsaWalk(LearnedWalk):
             for key in ("label_powers", "label_crf"):
                 config["refine"]["affinity"].pop(key)
         else:
-            config["refine"].pop("fg_threshold")
-            config["refine"].pop("bg_threshold")
+            for key in ("fg_threshold", "bg_threshold", "thresholds"):
+                config["refine"].pop(key, None)
         return config
 
     def build_network(self) -> AffinityNet:
