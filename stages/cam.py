@@ -224,13 +224,17 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 "scored_images": len(scored),
                 "bg_threshold": cfg.cam.bg_threshold,
             } | threshold_sweep(confusions, dataset.classes) | otsu_score(
-                cam_dir, otsu_thresholds(sum_across_ranks(histogram))[0], scored, dataset)
+                cam_dir, otsu_thresholds(sum_across_ranks(histogram)), scored, dataset)
     return out.metrics
 
 
-def otsu_score(cam_dir: Path, threshold: float, scored: set[str], dataset) -> dict:
+def otsu_score(cam_dir: Path, thresholds: tuple[float, float] | None, scored: set[str], dataset) -> dict:
     """The CAMs' mIoU at the background threshold that needs no masks (``refine.thresholds:
-    otsu``'s high one, from every train image's CAMs), beside the configured one."""
+    otsu``'s high one, from every train image's CAMs), beside the configured one; none where
+    Otsu's rule has nothing to split."""
+    if thresholds is None:
+        return {}
+    threshold = thresholds[0]
     confusion = np.zeros((dataset.num_classes,) * 2, dtype=np.int64)
     for image_id in shard(sorted(scored)):
         cams, classes = load_cams(cam_dir, image_id)

@@ -115,3 +115,11 @@ def test_otsu_thresholds_split_foreground_from_the_rest_then_background_from_uns
     high, low = otsu_thresholds(histogram)
     assert (objects > high).mean() == 1.0 and (unsure < high).mean() > 0.99
     assert (unsure > low).mean() > 0.99 and (background < low).mean() > 0.99
+
+
+def test_otsu_thresholds_are_none_where_the_cams_leave_nothing_to_split():
+    assert otsu_thresholds(np.zeros(MAX_CAM_BINS, dtype=np.int64)) is None  # no tagged image
+    one_value = max_cam_histogram(np.full((1, 4, 4), 0.5, dtype=np.float32))
+    assert otsu_thresholds(one_value) is None
+    two_values = max_cam_histogram(np.array([[[0.2, 0.9]]], dtype=np.float32))
+    assert otsu_thresholds(two_values) is None  # a high split, but nothing below it to split again

@@ -308,7 +308,7 @@ class RefineConfig:
     # fixed: the two thresholds above (IRNet's conf_fg_thres, conf_bg_thres). otsu: both come from
     # the train CAMs, with no masks: Otsu's threshold of every pixel's highest CAM, then Otsu's
     # threshold of the pixels below it (pipeline/methods/cams.py, otsu_thresholds); the two keys
-    # above are then unused.
+    # above then stand in only where the CAMs leave nothing to split (no tagged image).
     thresholds: str = _opt("fixed", choices=("fixed", "otsu"))
     crf: CrfConfig = field(default_factory=CrfConfig)
     affinity: AffinityNetConfig = field(default_factory=AffinityNetConfig)

@@ -116,7 +116,7 @@ def config_from_dict(raw: dict) -> Config:
                           "foreground class: only the cam stage has that")
     if not cfg.cam.scales or any(s <= 0 for s in cfg.cam.scales):
         raise ConfigError("cam.scales must be a non-empty list of positive numbers")
-    if cfg.refine.thresholds == "fixed" and cfg.refine.bg_threshold > cfg.refine.fg_threshold:
+    if cfg.refine.bg_threshold > cfg.refine.fg_threshold:
         raise ConfigError("refine.bg_threshold must not exceed refine.fg_threshold")
     if cfg.refine.random_walk.fg_bg_power > cfg.refine.random_walk.bg_bg_power:
         raise ConfigError("refine.random_walk.fg_bg_power must not exceed refine.random_walk.bg_bg_power")

@@ -67,17 +67,27 @@ def max_cam_histogram(cams: np.ndarray) -> np.ndarray:
     return np.histogram(cams.max(axis=0), bins=MAX_CAM_BINS, range=(0.0, 1.0))[0].astype(np.int64)
 
 
-def otsu_thresholds(histogram: np.ndarray) -> tuple[float, float]:
+def otsu_thresholds(histogram: np.ndarray) -> tuple[float, float] | None:
     """Refine's two background scores from the train CAMs alone (no masks): Otsu's threshold of
     every pixel's highest CAM splits what the CAMs call foreground from the rest (the high
     score), and Otsu's threshold of that rest splits confident background from unsure (the low
-    one). ``histogram``: :func:`max_cam_histogram` summed over the images."""
+    one). ``histogram``: :func:`max_cam_histogram` summed over the images. None where there is
+    nothing to split (fewer than two distinct values on either side, e.g. no tagged image)."""
     edges = np.linspace(0.0, 1.0, MAX_CAM_BINS + 1)
     centers = (edges[:-1] + edges[1:]) / 2
-    high = float(threshold_otsu(hist=(histogram, centers)))
-    below = centers < high
-    low = float(threshold_otsu(hist=(histogram[below], centers[below])))
-    return high, low
+    high = _otsu(histogram, centers)
+    low = None if high is None else _otsu(histogram[centers < high], centers[centers < high])
+    return None if low is None else (high, low)
+
+
+def _otsu(counts: np.ndarray, centers: np.ndarray) -> float | None:
+    """Otsu's threshold of a histogram, over its span of non-empty bins (empty end bins would
+    divide by zero); None for fewer than two non-empty bins."""
+    filled = np.flatnonzero(counts)
+    if len(filled) < 2:
+        return None
+    span = slice(filled[0], filled[-1] + 1)
+    return float(threshold_otsu(hist=(counts[span], centers[span])))
 
 
 def load_cams(cam_dir: Path, image_id: str) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -59,7 +60,14 @@ def with_thresholds_from_cams(cfg: Config, cam_dir: Path, ids: list[str]) -> Con
     histogram = np.zeros(MAX_CAM_BINS, dtype=np.int64)
     for image_id in ids:
         histogram += max_cam_histogram(load_cams(cam_dir, image_id)[0])
-    high, low = otsu_thresholds(sum_across_ranks(histogram))
+    thresholds = otsu_thresholds(sum_across_ranks(histogram))
+    if thresholds is None:
+        if is_main_process():
+            print("refine: the train CAMs give Otsu's rule nothing to split (too few distinct values); "
+                  f"using refine.fg_threshold {cfg.refine.fg_threshold} and bg_threshold "
+                  f"{cfg.refine.bg_threshold}", file=sys.stderr)
+        return cfg
+    high, low = thresholds
     refine = dataclasses.replace(cfg.refine, fg_threshold=round(high, 4), bg_threshold=round(low, 4))
     return dataclasses.replace(cfg, refine=refine)
 

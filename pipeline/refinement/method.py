@@ -32,11 +32,11 @@ class RefineMethod:
         config = section_for_cache(self.cfg, "data", "refine", omit=SCORING_DATA_KEYS + ("data.val_split",))
         config["refine"] = {key: value for key, value in config["refine"].items()
                             if not isinstance(value, dict) or key == "crf" or key in self.sections}
-        # Either the two thresholds or the rule that replaces them; the default rule (fixed)
-        # leaves no trace, so caches made before the rule existed stay valid.
-        unused = ("fg_threshold", "bg_threshold") if self.cfg.refine.thresholds == "otsu" else ("thresholds",)
-        for key in unused:
-            config["refine"].pop(key)
+        # The default rule (fixed) leaves no trace, so caches made before the rule existed stay
+        # valid; under otsu the two thresholds stay in the key: they stand in where the CAMs leave
+        # nothing to split.
+        if self.cfg.refine.thresholds == "fixed":
+            config["refine"].pop("thresholds")
         return config
 
     def cache_inputs(self) -> dict:
