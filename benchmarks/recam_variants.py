@@ -130,5 +130,6 @@ def main(argv=None) -> int:
               f"ReCAM {r['recam_train_s']} s, CAMs {r['cam_inference_s']} s", flush=True)
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

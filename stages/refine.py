@@ -52,13 +52,15 @@ def run(cfg: Config, run_dir: Path) -> dict:
     dataset = open_dataset(cfg.data)
     train_ids = shard(dataset.split_ids(cfg.data.train_split))
     inputs = own_inputs(cfg) | {"upstream": upstream_keys(run_dir, upstream(cfg))}
-    cfg = with_thresholds_from_cams(cfg, run_dir / "cam" / "cams", train_ids)
     method = method_for(cfg)
+    thresholds = {}
+    if method.uses_thresholds():  # Otsu's histogram only where the thresholds are read
+        method = method_for(with_thresholds_from_cams(cfg, run_dir / "cam" / "cams", train_ids))
+        thresholds = {key: getattr(method.cfg.refine, key)
+                      for key in ("thresholds", "fg_threshold", "bg_threshold")}
     cam_miou = (read_json(run_dir / "cam" / METRICS) or {}).get("miou")
     method.prepare(run_dir, inputs)
     with StageOutput(run_dir, NAME, inputs) as out:
         masks = method.make_masks(run_dir, out, train_ids, cam_miou)
-        out.metrics = {"method": method.name} | masks | {"thresholds": cfg.refine.thresholds,
-                                                         "fg_threshold": cfg.refine.fg_threshold,
-                                                         "bg_threshold": cfg.refine.bg_threshold}
+        out.metrics = {"method": method.name} | masks | thresholds
     return out.metrics

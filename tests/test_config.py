@@ -181,3 +181,8 @@ def test_refine_cache_key_holds_the_two_thresholds_or_the_rule_that_replaces_the
     assert "thresholds" not in fixed and fixed["fg_threshold"] == 0.30
     otsu = method_for(config_from_dict({"refine": {"thresholds": "otsu"}})).cache_config()
     assert otsu["refine"]["thresholds"] == "otsu" and otsu["refine"]["fg_threshold"] == 0.30
+    # PSA's own pair labels read neither the thresholds nor the rule.
+    psa = method_for(config_from_dict({"refine": {"method": "affinity", "thresholds": "otsu", "affinity": {
+        "freeze_batchnorm": False, "frozen_levels": []}}}))
+    assert not psa.uses_thresholds()
+    assert not {"thresholds", "fg_threshold", "bg_threshold"} & set(psa.cache_config()["refine"])

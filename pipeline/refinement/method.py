@@ -27,6 +27,11 @@ class RefineMethod:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
+    def uses_thresholds(self) -> bool:
+        """Whether its masks read refine's two thresholds (``refine.thresholds`` and the
+        ``fg_threshold`` / ``bg_threshold`` it sets)."""
+        return True
+
     def cache_config(self) -> dict:
         """The config values refine's masks depend on under this method."""
         config = section_for_cache(self.cfg, "data", "refine", omit=SCORING_DATA_KEYS + ("data.val_split",))
@@ -35,8 +40,12 @@ class RefineMethod:
         # The default rule (fixed) leaves no trace, so caches made before the rule existed stay
         # valid; under otsu the two thresholds stay in the key: they stand in where the CAMs leave
         # nothing to split.
-        if self.cfg.refine.thresholds == "fixed":
-            config["refine"].pop("thresholds")
+        if not self.uses_thresholds():
+            unused = ("fg_threshold", "bg_threshold", "thresholds")
+        else:
+            unused = ("thresholds",) if self.cfg.refine.thresholds == "fixed" else ()
+        for key in unused:
+            config["refine"].pop(key)
         return config
 
     def cache_inputs(self) -> dict:

@@ -30,15 +30,15 @@ class PsaWalk(LearnedWalk):
     sections = ("affinity", "random_walk")
     network_folder = "affinitynet"
 
+    def uses_thresholds(self) -> bool:
+        # The pair labels read either the label_* keys or refine's two thresholds, not both.
+        return self.cfg.refine.affinity.labels == "thresholds"
+
     def cache_config(self) -> dict:
         config = super().cache_config()
-        # The pair labels read either the label_* keys or refine's two thresholds, not both.
-        if self.cfg.refine.affinity.labels == "thresholds":
+        if self.uses_thresholds():
             for key in ("label_powers", "label_crf"):
                 config["refine"]["affinity"].pop(key)
-        else:
-            for key in ("fg_threshold", "bg_threshold", "thresholds"):
-                config["refine"].pop(key, None)
         return config
 
     def build_network(self) -> AffinityNet:
