@@ -46,6 +46,7 @@ class PlannedStage:
     state: str  # cached, stale or missing
     reason: str
     will_run: bool
+    forced: bool = False  # --force: computes everything again, reusing nothing of a finished folder
 
 
 def parse_stages(text: str | None, cfg: Config) -> list[str]:
@@ -69,7 +70,8 @@ def plan(cfg: Config, run_dir: Path, requested: list[str], force: bool) -> list[
     planned = []
     for name in requested:
         status = stage_status(run_dir, name, expected_inputs(cfg, name))
-        planned.append(PlannedStage(name, status.state, status.reason, force or status.state != "cached"))
+        planned.append(PlannedStage(name, status.state, status.reason, force or status.state != "cached",
+                                    forced=force))
     for stage in (p for p in planned if p.will_run):
         for needed in STAGES[stage.name].upstream(cfg):
             if needed in requested:
@@ -96,7 +98,7 @@ def execute(cfg: Config, run_dir: Path, planned: list[PlannedStage]) -> list[Sta
     results = []
     for stage in planned:
         if stage.will_run:
-            metrics = STAGES[stage.name].run(cfg, run_dir)
+            metrics = STAGES[stage.name].run(cfg, run_dir, force=stage.forced)
         else:
             metrics = read_json(run_dir / stage.name / METRICS) or {}
         results.append(StageResult(stage.name, metrics.get("miou", float("nan")),

@@ -172,13 +172,14 @@ def threshold_sweep(confusions: dict, class_names: list[str]) -> dict:
             "miou_by_bg_threshold": {str(t): round(v, 4) for t, v in sweep.items()}}
 
 
-def run(cfg: Config, run_dir: Path) -> dict:
+def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
+    """``force``: compute everything again, even what a finished folder under the same key holds."""
     dataset = open_dataset(cfg.data)
     device = select_device(cfg.device)
     generator = seed_everything(cfg.seed)
     train_ids = dataset.split_ids(cfg.data.train_split)
     scored = score_ids(cfg.data, dataset)
-    with StageOutput(run_dir, NAME, own_inputs(cfg) | {"upstream": {}}) as out:
+    with StageOutput(run_dir, NAME, own_inputs(cfg) | {"upstream": {}}, reuse=not force) as out:
         if out.reused:  # only the scoring changed: the classifier and its CAMs are the ones there
             model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1, recam=cfg.cam.recam.enabled).to(device)
             load_checkpoint(out.dir / "model.pt", model)

@@ -48,7 +48,8 @@ def network_status(cfg: Config, run_dir: Path, refine_inputs: dict) -> tuple[str
     return method_for(cfg).network_status(run_dir, refine_inputs)
 
 
-def run(cfg: Config, run_dir: Path) -> dict:
+def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
+    """``force``: compute everything again, even what a finished folder under the same key holds."""
     dataset = open_dataset(cfg.data)
     train_ids = shard(dataset.split_ids(cfg.data.train_split))
     inputs = own_inputs(cfg) | {"upstream": upstream_keys(run_dir, upstream(cfg))}
@@ -60,7 +61,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                       for key in ("thresholds", "fg_threshold", "bg_threshold")}
     cam_miou = (read_json(run_dir / "cam" / METRICS) or {}).get("miou")
     method.prepare(run_dir, inputs)
-    with StageOutput(run_dir, NAME, inputs) as out:
+    with StageOutput(run_dir, NAME, inputs, reuse=not force) as out:
         masks = method.make_masks(run_dir, out, train_ids, cam_miou)
-        out.metrics = {"method": method.name} | masks | thresholds
+        out.metrics = {"method": method.name, "regions": cfg.refine.regions.enabled} | masks | thresholds
     return out.metrics

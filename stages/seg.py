@@ -60,6 +60,7 @@ from pipeline.core.training import (
 from pipeline.data.dataset import VOCDataset, open_dataset, score_ids, score_split
 from pipeline.data.training_set import MaskFolder, TrainingSet, normalize
 from pipeline.data.volumes import Volumes
+from pipeline.methods.components import keep_largest_components
 from pipeline.methods.losses import pixel_cross_entropy
 from pipeline.methods.mixed import (
     MixedBatchSampler,
@@ -98,7 +99,7 @@ def own_inputs(cfg: Config) -> dict:
     spacing_file = Path(cfg.data.root) / cfg.data.spacing_file if cfg.data.spacing_file else None
     self_training = cfg.mode == "weak" and cfg.seg.self_training.enabled
     scoring_keys = (("data.val_split", "data.volume_pattern", "data.spacing", "data.spacing_file",
-                     "seg.crf_predict")
+                     "seg.crf_predict", "seg.largest_component")
                     # Self-training predicts the next masks with the flip: then it is part of training,
                     # and the rounds' masks are scored on the score split.
                     + (("data.score_split",) if self_training else ("seg.flip_predict",))
@@ -180,11 +181,15 @@ def branches(model: DeepLab) -> dict:
 def predict_and_score(model: DeepLab, dataset: VOCDataset, ids: list[str], flip: bool, device: torch.device,
                       out_dir: Path | None, volumes: Volumes | None = None,
                       resume: bool = False, share: bool = True,
-                      crf: CrfConfig | None = None) -> dict[str, SegmentationScores]:
+                      crf: CrfConfig | None = None, largest_component: bool = False
+                      ) -> dict[str, SegmentationScores]:
     """Predictions of ``ids`` (with ``share``, this process's share of them) per branch, scored
     against the masks of the ids that have one (and per 3-D volume with ``volumes``). With
     ``out_dir`` each branch's masks are also written to the folder of that name; ``resume``
-    reads back the ones there. With ``crf`` each prediction goes through the dense CRF."""
+    reads back the ones there. With ``crf`` each prediction goes through the dense CRF. With
+    ``largest_component`` each class keeps its largest component per volume (or image): that
+    needs every slice of a volume, so a process predicting only its share writes them as
+    predicted, and the pass over the whole split (``share`` false) post-processes them."""
     forwards = branches(model)
     if volumes is not None:
         volumes = volumes.complete(ids, dataset)
@@ -193,14 +198,17 @@ def predict_and_score(model: DeepLab, dataset: VOCDataset, ids: list[str], flip:
     if out_dir is not None:
         for folder in forwards:
             (out_dir / folder).mkdir(exist_ok=True)  # a new partial folder is empty; torchrun: every process
+    post_process = largest_component and not (share and world_size() > 1)
+    held = {folder: {} for folder in forwards}  # post_process: every prediction, until the last
     model.eval()
     for image_id in tqdm(shard(ids) if share else ids, desc="seg prediction", leave=False,
                          disable=not is_main_process()):
-        gt = dataset.load_mask(image_id) if dataset.has_mask(image_id) else None
+        gt = dataset.load_mask(image_id) if dataset.has_mask(image_id) and not post_process else None
         rgb = image = None
         for folder, forward in forwards.items():
             written = out_dir / folder / f"{image_id}.png" if out_dir is not None else None
-            # Complete: written atomically before a kill.
+            # Complete: written atomically before a kill. Post-processing again what a killed run
+            # wrote post-processed keeps it: a class's one component stays the largest.
             if resume and written is not None and written.is_file():
                 mask = load_mask(written)
             else:
@@ -211,10 +219,18 @@ def predict_and_score(model: DeepLab, dataset: VOCDataset, ids: list[str], flip:
                     mask = predict_with_crf(forward, image, rgb, flip, crf)
                 else:
                     (mask,) = predict_batch(forward, [image], flip)
-                if written is not None:
+                if written is not None and not post_process:
                     save_mask(written, mask)
-            if gt is not None:
+            if post_process:
+                held[folder][image_id] = mask
+            elif gt is not None:
                 scores[folder].add(gt, mask, image_id)
+    for folder, masks in held.items():
+        for image_id, mask in keep_largest_components(masks, volumes).items():
+            if out_dir is not None and is_main_process():
+                save_mask(out_dir / folder / f"{image_id}.png", mask)
+            if dataset.has_mask(image_id):
+                scores[folder].add(dataset.load_mask(image_id), mask, image_id)
     return scores
 
 
@@ -259,7 +275,8 @@ def self_training_rounds(cfg: Config, dataset: VOCDataset, run_dir: Path, out: S
             barrier()
             volumes = Volumes(cfg.data, dataset.root) if cfg.data.volume_pattern else None
             val = predict_and_score(model, dataset, val_ids, cfg.seg.flip_predict, device, None, volumes,
-                                    share=False, crf=cfg.refine.crf if cfg.seg.crf_predict else None)
+                                    share=False, crf=cfg.refine.crf if cfg.seg.crf_predict else None,
+                                    largest_component=cfg.seg.largest_component)
             record = {"round": index, "train_loss_by_epoch": losses,
                       "pseudo_masks": (iou_scores(confusion, dataset.classes) if masked
                                        else not_scored("no masks")),
@@ -289,14 +306,15 @@ def rescored_rounds(cfg: Config, dataset: VOCDataset, out: StageOutput) -> list[
     return rounds
 
 
-def run(cfg: Config, run_dir: Path) -> dict:
+def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
+    """``force``: compute everything again, even what a finished folder under the same key holds."""
     dataset = open_dataset(cfg.data)
     device = select_device(cfg.device)
     generator = seed_everything(cfg.seed)
     inputs = own_inputs(cfg) | {"upstream": upstream_keys(run_dir, upstream(cfg))}
     mixed = cfg.mode == "mixed"
     full_ids = full_subset(dataset.split_ids(cfg.data.train_split), cfg.mixed, cfg.seed) if mixed else []
-    with StageOutput(run_dir, NAME, inputs) as out:
+    with StageOutput(run_dir, NAME, inputs, reuse=not force) as out:
         if out.reused:  # only the val split or its scoring changed: predict again with the network there
             model = segmentation_network(cfg, dataset.num_classes, training=False).to(device)
             load_checkpoint(out.dir / "model.pt", model)
@@ -320,14 +338,16 @@ def run(cfg: Config, run_dir: Path) -> dict:
         val_ids = dataset.split_ids(cfg.data.val_split)
         volumes = Volumes(cfg.data, dataset.root) if cfg.data.volume_pattern else None
         crf = cfg.refine.crf if cfg.seg.crf_predict else None
+        largest = cfg.seg.largest_component
         scores = predict_and_score(model, dataset, val_ids, cfg.seg.flip_predict, device,
-                                   out.dir if val_ids else None, volumes, out.resumed, crf=crf)
+                                   out.dir if val_ids else None, volumes, out.resumed, crf=crf,
+                                   largest_component=largest)
         if world_size() > 1 and val_ids:
             # Per-image HD95 and 3-D volumes do not split across processes: once every share is
             # written, each process scores the whole split from the files (nothing is predicted again).
             barrier()
             scores = predict_and_score(model, dataset, val_ids, cfg.seg.flip_predict, device, out.dir,
-                                       volumes, resume=True, share=False, crf=crf)
+                                       volumes, resume=True, share=False, crf=crf, largest_component=largest)
         reason = "no masks" if val_ids else "no val split"
         out.metrics = scored(scores["predictions"], reason) | {
             "mode": cfg.mode,

@@ -124,6 +124,22 @@ def test_a_change_of_scoring_only_reuses_the_finished_outputs_and_keeps_the_trai
         assert not out.reused and not (out.dir / "model.pt").exists()
 
 
+def test_force_reuses_nothing_of_the_finished_folder_nor_of_a_killed_rescoring(tmp_path):
+    trained = {**INPUTS, "version": 1, "scoring": {"config": {"cam.bg_threshold": 0.5}}}
+    with StageOutput(tmp_path, "cam", trained) as out:
+        (out.dir / "model.pt").write_bytes(b"weights")
+    with StageOutput(tmp_path, "cam", trained, reuse=False) as out:  # same key, --force
+        assert not out.reused and not (out.dir / "model.pt").exists()
+        (out.dir / "model.pt").write_bytes(b"new weights")
+    rescored = {**trained, "scoring": {"config": {"cam.bg_threshold": 0.3}}}
+    with pytest.raises(KeyboardInterrupt):
+        with StageOutput(tmp_path, "cam", rescored) as out:
+            assert out.reused
+            raise KeyboardInterrupt
+    with StageOutput(tmp_path, "cam", rescored, reuse=False) as out:
+        assert not out.resumed and not out.reused and not (out.dir / "model.pt").exists()
+
+
 def test_a_new_cache_version_makes_the_stage_stale_once_and_says_why(tmp_path):
     with StageOutput(tmp_path, "seg", {**INPUTS, "version": 1}):
         pass

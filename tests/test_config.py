@@ -186,3 +186,18 @@ def test_refine_cache_key_holds_the_two_thresholds_or_the_rule_that_replaces_the
         "freeze_batchnorm": False, "frozen_levels": []}}}))
     assert not psa.uses_thresholds()
     assert not {"thresholds", "fg_threshold", "bg_threshold"} & set(psa.cache_config()["refine"])
+
+
+def test_region_snapping_is_in_refines_key_when_on_and_never_in_a_walk_networks_key():
+    from pipeline.refinement import method_for
+    assert "regions" not in method_for(config_from_dict({})).cache_config()["refine"]  # off: no trace
+    on = {"refine": {"regions": {"enabled": True, "scale": 200}}}
+    assert method_for(config_from_dict(on)).cache_config()["refine"]["regions"]["scale"] == 200
+    # with each walk's backbone unfrozen: its fixed layers need weights, none here
+    unfrozen = {"irn": {"freeze_backbone": False},
+                "affinity": {"freeze_batchnorm": False, "frozen_levels": []}}
+    for method, network in unfrozen.items():
+        walk = method_for(config_from_dict({"refine": {**on["refine"], "method": method, method: network}}))
+        inputs = {"config": walk.cache_config()}
+        assert "regions" in inputs["config"]["refine"]
+        assert "regions" not in walk.network_inputs(inputs)["config"]["refine"]

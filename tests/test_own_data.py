@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import DEMO_CONFIG, TINY, run, two_object_mask, write_voc_folder
 from PIL import Image
+from scipy import ndimage
 
 from pipeline.core.config_file import load_config
 from pipeline.core.errors import DataError
@@ -338,6 +339,28 @@ def test_predict_follows_a_seg_stage_that_predicts_through_the_crf(runs, capsys)
     # moving a boundary); the manifest records what the predictions went through.
     scoring = json.loads((run_dir / "seg" / "manifest.json").read_text())["inputs"]["scoring"]["config"]
     assert scoring["seg.crf_predict"] is True and scoring["refine.crf"]["bilateral_sxy"] == 20
+
+
+@pytest.mark.e2e
+def test_largest_component_rescores_and_predict_post_processes_as_the_seg_stage(runs, capsys):
+    run_dir, demo = runs / "run-largest", runs / "demo"
+    shutil.copytree(runs / "run", run_dir)
+    assert run(runs, "--run-dir", str(run_dir), "--set", "seg.largest_component=true") == 0
+    before, after = (json.loads((d / "seg" / "metrics.json").read_text()) for d in (runs / "run", run_dir))
+    assert after["train_loss_by_epoch"] == before["train_loss_by_epoch"]  # rescored: not trained again
+    assert json.loads((run_dir / "seg" / "manifest.json").read_text())["inputs"]["scoring"]["config"][
+        "seg.largest_component"] is True
+    out = runs / "predicted-largest"
+    assert main(["predict", "--run-dir", str(run_dir), "--images", str(demo / "JPEGImages"),
+                 "--out", str(out), "--overlay"]) == 0
+    predictions = sorted((run_dir / "seg" / "predictions").glob("*.png"))
+    assert len(predictions) == 8
+    for path in predictions:
+        mask = load_mask(path)
+        assert np.array_equal(load_mask(out / path.name), mask)
+        for value in set(np.unique(mask)) - {0}:
+            assert ndimage.label(mask == value)[1] == 1  # the demo has no volumes: one blob per image
+        assert (out / f"{path.stem}_overlay.jpg").is_file()
 
 
 @pytest.mark.e2e

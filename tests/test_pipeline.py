@@ -60,6 +60,17 @@ def test_rerun_of_one_stage_is_a_no_op_then_forced(weak_run, capsys):
 
 
 @pytest.mark.e2e
+def test_force_tells_the_stage_to_reuse_nothing_of_its_folder(weak_run, monkeypatch):
+    import stages
+    refine, asked = stages.STAGES["refine"], []
+    original = refine.run
+    monkeypatch.setattr(refine, "run", lambda cfg, run_dir, force=False: asked.append(force) or original(
+        cfg, run_dir, force))
+    assert run(weak_run, "--stages", "refine") == 0 and asked == []  # cached: not run
+    assert run(weak_run, "--stages", "refine", "--force") == 0 and asked == [True]
+
+
+@pytest.mark.e2e
 def test_changed_seed_makes_upstream_stale_and_stops_before_work(weak_run, capsys):
     refine_before = manifest_time(weak_run, "refine")
     assert run(weak_run, "--stages", "refine", "--set", "seed=1") == 2
@@ -726,3 +737,25 @@ def test_otsu_thresholds_come_from_the_train_cams_and_make_the_masks_fixed_ones_
     masks = {name: {p.name: p.read_bytes() for p in (run_dir / "refine" / "pseudo").glob("*.png")}
              for name, run_dir in runs.items()}
     assert len(masks["otsu"]) == 24 and masks["otsu"] == masks["fixed"]
+
+
+@pytest.mark.e2e
+def test_region_snapping_votes_the_masks_refine_makes_without_it(weak_run, tmp_path):
+    from pipeline.core.config import RegionsConfig
+    from pipeline.core.io import load_mask, read_rgb
+    from pipeline.methods.regions import image_regions, vote_in_regions
+    run_dir = tmp_path / "snapped"
+    run_dir.mkdir()
+    shutil.copytree(weak_run / "run" / "cam", run_dir / "cam")
+    assert run(weak_run, "--run-dir", str(run_dir), "--stages", "refine",
+               "--set", "refine.regions.enabled=true", "--set", "refine.regions.scale=100") == 0
+    assert json.loads((run_dir / "refine" / "metrics.json").read_text())["regions"] is True
+    images = weak_run / "demo" / "JPEGImages"
+    changed = 0
+    for path in sorted((weak_run / "run" / "refine" / "pseudo").glob("*.png")):
+        image = read_rgb(next(images.glob(path.stem + ".*")))
+        expected = vote_in_regions(load_mask(path), image_regions(image, RegionsConfig(True, scale=100)))
+        snapped = load_mask(run_dir / "refine" / "pseudo" / path.name)
+        assert (snapped == expected).all()
+        changed += (snapped != load_mask(path)).any()
+    assert changed  # the vote moved some labels

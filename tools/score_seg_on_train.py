@@ -2,7 +2,9 @@
 """A finished seg run scored on the train split's masks, to choose settings without touching
 val: loads ``<run-dir>/seg/model.pt`` into the network the config describes (a mixed run's
 student and teacher both) and prints the mIoU of its predictions on the ids the cam and refine
-stages score (``data.score_split``, default the train split); ``--json FILE`` also writes the
+stages score (``data.score_split``, default the train split; per 3-D volume too where
+``data.volume_pattern`` groups slices, and post-processed as the seg stage does with
+``seg.largest_component``); ``--json FILE`` also writes the
 scores ({branch: {"miou", "per_class_iou"}}) to FILE. Give the same --config, --mode and --set
 as the run; a model that does not match them is an error:
 
@@ -21,6 +23,7 @@ from pipeline.core.io import atomic_write_json
 from pipeline.core.runtime import configure_threads, select_device
 from pipeline.core.training import load_checkpoint
 from pipeline.data.dataset import open_dataset, score_ids
+from pipeline.data.volumes import Volumes
 from pipeline.models.networks import segmentation_network
 from stages.seg import predict_and_score
 from tools import report_error
@@ -53,8 +56,11 @@ def main(argv: list[str] | None = None) -> int:
             detail = " ".join(str(error).split())  # torch's message spans lines; the error is one line
             raise PipelineError(f"{checkpoint} does not match the config's network: {detail[:300]}") from None
         ids = sorted(score_ids(cfg.data, dataset))
+        volumes = Volumes(cfg.data, dataset.root) if cfg.data.volume_pattern else None
         scores = predict_and_score(model.to(device), dataset, ids, cfg.seg.flip_predict, device, None,
-                                   crf=cfg.refine.crf if cfg.seg.crf_predict else None)
+                                   volumes,
+                                   crf=cfg.refine.crf if cfg.seg.crf_predict else None,
+                                   largest_component=cfg.seg.largest_component)
     except (PipelineError, OSError, ValueError) as error:
         return report_error(error)
     results = {branch: score.result() for branch, score in scores.items()}

@@ -2,7 +2,9 @@
 
 The network is rebuilt from the config recorded in ``<run-dir>/seg/manifest.json`` (no
 config needs to be passed again) and loaded from ``seg/model.pt``; it predicts as the seg
-stage does (the student in mixed mode, the flip average when ``seg.flip_predict``).
+stage does (the student in mixed mode, the flip average when ``seg.flip_predict``, the CRF
+with ``seg.crf_predict``, each class's largest component per volume of ``data.volume_pattern``
+or per image with ``seg.largest_component``).
 Writes ``<out>/<name>.png`` (palette PNG of class indices, the VOC palette) and, with
 ``--overlay``, ``<out>/<name>_overlay.jpg`` (the classes' colours over the image). An image
 that cannot be read is named on stderr and skipped; the others are still written, and
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
 import sys
 import time
 from pathlib import Path
@@ -25,12 +28,14 @@ from pipeline.core.cache import MANIFEST, manifest_config, read_json
 from pipeline.core.config import Config
 from pipeline.core.config_file import config_from_dict
 from pipeline.core.errors import CacheError, DataError, PipelineError
-from pipeline.core.io import atomic_write_bytes, read_rgb, save_mask, voc_palette
+from pipeline.core.io import atomic_write_bytes, load_mask, read_rgb, save_mask, voc_palette
 from pipeline.core.runtime import configure_threads, select_device
 from pipeline.core.training import load_checkpoint
 from pipeline.data.dataset import IMAGE_SUFFIXES
 from pipeline.data.labels import read_text
 from pipeline.data.training_set import normalize
+from pipeline.data.volumes import natural_order
+from pipeline.methods.components import keep_largest_components
 from pipeline.models.networks import predict_batch, predict_with_crf, segmentation_network
 from stages import RUN_FOLDERS
 
@@ -148,7 +153,8 @@ def main(argv: list[str]) -> int:
     model.to(device).eval()
     batch_size = args.batch_size or (8 if device.type == "cuda" else 1)
     out.mkdir(parents=True, exist_ok=True)
-    started, failed, pending = time.perf_counter(), [], []
+    started, failed, pending, done = time.perf_counter(), [], [], []
+    path_of = dict(zip(names, images))
 
     def flush():
         if cfg.seg.crf_predict:  # as the seg stage predicted: each image's softmax through the CRF
@@ -159,8 +165,9 @@ def main(argv: list[str]) -> int:
                                   cfg.seg.flip_predict)
         for (name, pixels, _), mask in zip(pending, masks):
             save_mask(out / f"{name}.png", mask)
-            if args.overlay:
+            if args.overlay and not cfg.seg.largest_component:  # else drawn once post-processed
                 atomic_write_bytes(out / f"{name}_overlay.jpg", overlay_jpeg(pixels, mask))
+            done.append((name, path_of[name]))
         pending.clear()
 
     for name, path in tqdm(list(zip(names, images)), desc="predict", unit="image"):
@@ -176,12 +183,34 @@ def main(argv: list[str]) -> int:
         pending.append((name, pixels, normalize(pixels)))
     if pending:
         flush()
+    if cfg.seg.largest_component:
+        post_process(done, out, cfg.data.volume_pattern, args.overlay)
     seconds = time.perf_counter() - started
     written = len(images) - len(failed)
     print(f"predict: {written} images in {seconds:.1f} s ({written / max(seconds, 1e-9):.2f} images/s) "
           f"on {device.type}, batch {batch_size}; masks in {out}"
           + (f"; {len(failed)} unreadable (named above)" if failed else ""))
     return 1 if failed else 0
+
+
+def post_process(done: list[tuple[str, Path]], out: Path, volume_pattern: str | None, overlay: bool) -> None:
+    """The written masks with each class's largest component kept, as the seg stage scored them:
+    per volume where the recorded ``data.volume_pattern`` matches the name, else per image."""
+    pattern = re.compile(volume_pattern) if volume_pattern else None
+
+    def volume_of(name: str):
+        match = pattern.search(name) if pattern else None
+        if match is None:
+            return None
+        return (match.group(1) if pattern.groups else match.group(0)), natural_order(name)
+
+    masks = {name: load_mask(out / f"{name}.png") for name, _ in done}
+    for name, mask in keep_largest_components(masks, volume_of).items():
+        save_mask(out / f"{name}.png", mask)
+    if overlay:
+        for name, path in done:
+            mask = load_mask(out / f"{name}.png")
+            atomic_write_bytes(out / f"{name}_overlay.jpg", overlay_jpeg(read_rgb(path), mask))
 
 
 if __name__ == "__main__":

@@ -168,12 +168,14 @@ class StageOutput:
     When the stage's finished folder was made under the same training key (only its scoring
     changed), its files are linked into the new folder and ``reused`` is true: the stage loads
     its network and per-image outputs from there (``previous_metrics`` holds the old metrics,
-    the training curves among them) and scores again."""
+    the training curves among them) and scores again; with ``reuse`` false (``--force``) it
+    never does, and computes everything again."""
 
-    def __init__(self, run_dir: Path, stage: str, inputs: dict):
+    def __init__(self, run_dir: Path, stage: str, inputs: dict, reuse: bool = True):
         self.run_dir = Path(run_dir)
         self.stage = stage
         self.inputs = inputs
+        self.reuse = reuse
         self.final = self.run_dir / stage
         self.dir = self.run_dir / f".{stage}.partial"
         self.metrics: dict = {}
@@ -201,8 +203,9 @@ class StageOutput:
         key = cache_key(self.inputs)
         if self.dir.is_dir():
             state = read_json(self.dir / RESUME_KEY) or {}
-            self.resumed = state.get("key") == key
-            # A killed rescoring resumes as one: its network is the finished folder's.
+            # A killed rescoring resumes as one (its network is the finished folder's), unless
+            # this run is forced to compute everything again.
+            self.resumed = state.get("key") == key and (self.reuse or not state.get("reused", False))
             self.reused = self.resumed and state.get("reused", False)
             if not self.resumed:
                 shutil.rmtree(self.dir)
@@ -210,7 +213,7 @@ class StageOutput:
             for leftover in self.dir.rglob(".*.tmp"):
                 leftover.unlink()
         else:
-            self.reused = self._trained_under_same_key()
+            self.reused = self.reuse and self._trained_under_same_key()
             if self.reused:  # hard links: the finished folder stays intact until the swap
                 shutil.copytree(self.final, self.dir, copy_function=os.link)
                 (self.dir / MANIFEST).unlink()

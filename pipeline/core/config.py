@@ -295,6 +295,18 @@ class IrnWalkConfig:
 
 
 @dataclass
+class RegionsConfig:
+    """Region snapping after any refine method (pipeline/methods/regions.py): each final pseudo
+    mask is voted within the image's Felzenszwalb & Huttenlocher regions (IJCV 2004). Defaults
+    are theirs, not tuned on our masks: sigma 0.8 ("we always use"), k 300 (their examples at
+    about 320x240 px); min_size is scikit-image's default."""
+    enabled: bool = False
+    scale: float = _opt(300.0, above=0.0)  # k: larger gives larger regions (the colour step a region absorbs)
+    sigma: float = _opt(0.8, low=0.0)  # the Gaussian smoothing before the edge weights, in pixels
+    min_size: int = _opt(20, low=1)  # smaller regions are merged into a neighbour, in pixels
+
+
+@dataclass
 class RefineConfig:
     # crf: the CRF pseudo masks are final; affinity: they train an AffinityNet, and a random
     # walk along its affinities turns the CAMs into the final pseudo masks; irn: the same with
@@ -315,6 +327,7 @@ class RefineConfig:
     random_walk: RandomWalkConfig = field(default_factory=RandomWalkConfig)
     irn: IrnConfig = field(default_factory=IrnConfig)
     irn_walk: IrnWalkConfig = field(default_factory=IrnWalkConfig)
+    regions: RegionsConfig = field(default_factory=RegionsConfig)
     workers: int = _opt(2, low=1)  # CRF worker processes
 
 
@@ -343,6 +356,10 @@ class SegConfig:
     # The predictions' softmax through the dense CRF with refine.crf's kernels (sized for the data
     # set's images; its gt_prob is unused), as DeepLab v1-v2 post-process; prediction time only.
     crf_predict: bool = False
+    # Each predicted class keeps only its largest connected component, the rest turns background
+    # (pipeline/methods/components.py): per 3-D volume where data.volume_pattern groups slices,
+    # else per image. For one object per class (a heart's chambers); prediction time only.
+    largest_component: bool = False
     sr: SRConfig = field(default_factory=SRConfig)
     self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
 

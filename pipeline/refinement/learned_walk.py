@@ -106,12 +106,12 @@ class LearnedWalk(RefineMethod):
     # --- the network, trained once and cached --------------------------------------------
 
     def network_inputs(self, refine_inputs: dict) -> dict:
-        """The cached network's inputs: refine's training inputs except the walk's settings and
-        the method switch (the network does not depend on them)."""
+        """The cached network's inputs: refine's training inputs except the walk's settings, the
+        region snapping of the final masks and the method switch (the network depends on none)."""
         inputs = copy.deepcopy({name: value for name, value in refine_inputs.items() if name != "scoring"})
         refine = inputs["config"]["refine"]
-        refine.pop("method")
-        refine.pop(self.sections[1])
+        for key in ("method", self.sections[1], "regions"):
+            refine.pop(key, None)
         return inputs
 
     def network_status(self, run_dir: Path, refine_inputs: dict) -> tuple[str, StageStatus] | None:
@@ -170,7 +170,8 @@ class LearnedWalk(RefineMethod):
         (out.dir / "pseudo").mkdir(exist_ok=True)
         walked = self._walk_all(ids, run_dir / "cam" / "cams", out.dir / "pseudo" if keep else None)
         task = functools.partial(_walk_mask_one, data=cfg.data, scored=score_ids(cfg.data, dataset),
-                                 out_dir=out.dir / "pseudo", make_mask=self.mask_from_scores(), keep=keep)
+                                 out_dir=out.dir / "pseudo", keep=keep,
+                                 make_mask=self.final_masks(self.mask_from_scores()))
         with parallel_map(task, walked, cfg.refine.workers) as results:
             scores = collect_scores(results, len(ids), dataset.classes, "refine (random walk)")
         net_metrics = read_json(self.network_dir / METRICS) or {}

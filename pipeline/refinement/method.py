@@ -9,17 +9,20 @@ subclass, listed in pipeline/refinement/__init__.py.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from pipeline.core.cache import SCORING_DATA_KEYS, StageOutput, StageStatus, section_for_cache
 from pipeline.core.config import Config
-from pipeline.refinement.masks import with_gain, write_crf_masks
+from pipeline.methods.regions import snapped
+from pipeline.refinement import masks
+from pipeline.refinement.masks import MaskMaker, with_gain, write_crf_masks
 
 
 class RefineMethod:
     name = ""  # the value of refine.method that selects it
-    # refine's sub-sections it reads besides crf, which every method uses; another method's
-    # sections are left out of its cache key.
+    # refine's sub-sections it reads besides crf and regions, which every method uses; another
+    # method's sections are left out of its cache key.
     sections: tuple[str, ...] = ()
     # The folder, in the run folder, of the network it trains and caches (None: trains none).
     network_folder: str | None = None
@@ -35,8 +38,9 @@ class RefineMethod:
     def cache_config(self) -> dict:
         """The config values refine's masks depend on under this method."""
         config = section_for_cache(self.cfg, "data", "refine", omit=SCORING_DATA_KEYS + ("data.val_split",))
+        shared = ("crf", "regions")
         config["refine"] = {key: value for key, value in config["refine"].items()
-                            if not isinstance(value, dict) or key == "crf" or key in self.sections}
+                            if not isinstance(value, dict) or key in shared or key in self.sections}
         # The default rule (fixed) leaves no trace, so caches made before the rule existed stay
         # valid; under otsu the two thresholds stay in the key: they stand in where the CAMs leave
         # nothing to split.
@@ -60,6 +64,13 @@ class RefineMethod:
     def prepare(self, run_dir: Path, refine_inputs: dict) -> None:
         """Before the masks: trains the method's network, or loads it from its cached folder."""
 
+    def final_masks(self, make_mask: MaskMaker) -> MaskMaker:
+        """The method's own mask maker, voted within image regions where ``refine.regions`` is on
+        (for the final masks only: a walk's network still learns from unsnapped CRF masks)."""
+        if not self.cfg.refine.regions.enabled:
+            return make_mask
+        return functools.partial(snapped, make_mask, cfg=self.cfg.refine.regions)
+
     def make_masks(self, run_dir: Path, out: StageOutput, ids: list[str], cam_miou: float | None) -> dict:
         """Writes the pseudo masks of ``ids`` to ``out.dir / "pseudo"``; returns their scores
         and the method's own metrics."""
@@ -71,5 +82,7 @@ class CrfMasks(RefineMethod):
     name = "crf"
 
     def make_masks(self, run_dir: Path, out: StageOutput, ids: list[str], cam_miou: float | None) -> dict:
-        scores = write_crf_masks(self.cfg, run_dir, ids, out.dir / "pseudo", keep=out.resumed or out.reused)
+        make_mask = self.final_masks(functools.partial(masks.pseudo_mask, cfg=self.cfg.refine))
+        scores = write_crf_masks(self.cfg, run_dir, ids, out.dir / "pseudo", keep=out.resumed or out.reused,
+                                 make_mask=make_mask)
         return with_gain(scores, cam_miou)
