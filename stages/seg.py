@@ -30,7 +30,7 @@ from pipeline.core.cache import (
     section_for_cache,
     upstream_keys,
 )
-from pipeline.core.config import Config, CrfConfig, SRConfig
+from pipeline.core.config import Config, CrfConfig, SegConfig, SRConfig
 from pipeline.core.errors import DataError
 from pipeline.core.io import (
     atomic_write_bytes,
@@ -61,7 +61,7 @@ from pipeline.data.dataset import VOCDataset, open_dataset, score_ids, score_spl
 from pipeline.data.training_set import MaskFolder, TrainingSet, normalize
 from pipeline.data.volumes import Volumes
 from pipeline.methods.components import keep_largest_components
-from pipeline.methods.losses import pixel_cross_entropy
+from pipeline.methods.losses import mask_loss
 from pipeline.methods.mixed import (
     MixedBatchSampler,
     MixedTrainingSet,
@@ -77,8 +77,9 @@ from pipeline.models.networks import DeepLab, predict_batch, predict_with_crf, s
 
 NAME = "seg"
 # The cache version: raised when a release changes what seg computes from the same config and
-# data, so that caches made before are stale once (README, "Outputs and the cache").
-VERSION = 1
+# data, so that caches made before are stale once (README, "Outputs and the cache"). 2: the loss
+# on pixel masks became a key (seg.loss) and the largest component a scoring key.
+VERSION = 2
 CLASSES = "classes.txt"  # the class names, beside model.pt: `run_pipeline.py predict` needs no data folder
 
 
@@ -135,8 +136,8 @@ def check_training_masks(cfg: Config, dataset: VOCDataset) -> None:
                         f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
 
 
-def segmentation_loss(model, batch, epoch) -> dict:
-    return {"loss": pixel_cross_entropy(model(batch["image"]), batch["mask"])}
+def segmentation_loss(model, batch, epoch, kind: str = "cross_entropy") -> dict:
+    return {"loss": mask_loss(model(batch["image"]), batch["mask"], kind)}
 
 
 def sr_segmentation_loss(model, batch, epoch, sr: SRConfig) -> dict:
@@ -145,9 +146,11 @@ def sr_segmentation_loss(model, batch, epoch, sr: SRConfig) -> dict:
                                 mask=batch["mask"])
 
 
-def training_loss(sr: SRConfig) -> LossFn:
-    """The baseline loss, or the Self-Regulation loss when ``sr.enabled``."""
-    return functools.partial(sr_segmentation_loss, sr=sr) if sr.enabled else segmentation_loss
+def training_loss(cfg: SegConfig) -> LossFn:
+    """``seg.loss`` on the masks, or the Self-Regulation loss when ``seg.sr.enabled``."""
+    if cfg.sr.enabled:
+        return functools.partial(sr_segmentation_loss, sr=cfg.sr)
+    return functools.partial(segmentation_loss, kind=cfg.loss)
 
 
 def training_loader(cfg: Config, dataset: VOCDataset, pseudo_folder: Path, generator: torch.Generator,
@@ -244,8 +247,9 @@ def train_network(cfg: Config, dataset: VOCDataset, pseudo_folder: Path, generat
     network and its losses per epoch."""
     model = segmentation_network(cfg, dataset.num_classes, training=True).to(device)
     loader = training_loader(cfg, dataset, pseudo_folder, generator, full_ids)
-    compute_loss = (functools.partial(mixed_supervision_loss, cfg=cfg.mixed, sr=cfg.seg.sr)
-                    if cfg.mode == "mixed" else training_loss(cfg.seg.sr))
+    compute_loss = (functools.partial(mixed_supervision_loss, cfg=cfg.mixed, sr=cfg.seg.sr,
+                                      teacher_loss=cfg.seg.loss)
+                    if cfg.mode == "mixed" else training_loss(cfg.seg))
     history = train(model, loader, compute_loss, cfg.seg.train, device, desc, checkpoint)
     return model, loss_curve(history)
 

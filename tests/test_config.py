@@ -141,6 +141,14 @@ def test_settings_that_cannot_work_are_config_errors(key, value):
         config_from_dict(tree)
 
 
+def test_the_dice_loss_with_self_regulation_outside_mixed_mode_is_a_config_error():
+    dice = {"seg": {"loss": "cross_entropy_dice", "sr": {"enabled": True}}}
+    with pytest.raises(ConfigError, match=r"'seg\.loss' is cross_entropy_dice"):
+        config_from_dict(dice | {"mode": "full"})
+    config_from_dict(dice | {"mode": "mixed"})  # the teacher's term is not SR's
+    config_from_dict({"mode": "full", "seg": {"loss": "cross_entropy_dice"}})
+
+
 def test_fixing_layers_of_a_backbone_without_pretrained_weights_is_a_config_error():
     with pytest.raises(ConfigError, match=r"'refine\.affinity\.backbone\.weights' is null"):
         config_from_dict({"refine": {"method": "affinity"}})

@@ -167,6 +167,10 @@ def test_mixed_loss_trains_the_teacher_on_full_images_only(voc_folder):
                        teacher_head=True).eval()
     sr_terms = mixed_supervision_loss(sr_model, batch, 0, cfg, SRConfig(enabled=True))
     assert torch.isfinite(sr_terms["loss"])
+    # seg.loss cross_entropy_dice: the Dice joins the teacher's term; the student's terms stay
+    dice = mixed_supervision_loss(model, batch, 0, cfg, SRConfig(), teacher_loss="cross_entropy_dice")
+    assert dice["teacher"] > terms["teacher"]
+    assert all(torch.isclose(dice[name], terms[name]) for name in ("partial", "kl", "entropy"))
 
 
 def test_partial_ce_and_entropy_follow_the_authors_code_or_the_pooled_weak_only_choice(voc_folder):
@@ -220,3 +224,30 @@ def test_hd95_and_dice_on_hand_made_masks():
     assert result["per_class_dice"]["a"] == 1.0 and result["per_class_dice"]["b"] == 0.0
     assert result["mean_dice"] == pytest.approx(0.5)
     assert result["per_class_hd95"] == {"a": 0.0, "b": None} and result["hd95_unmatched"] == {"a": 0, "b": 1}
+
+
+def test_soft_dice_is_zero_for_a_confident_right_prediction_one_for_a_wrong_one_and_skips_unlabelled():
+    import torch.nn.functional as F
+
+    from pipeline.methods.losses import soft_dice_loss
+    mask = torch.tensor([[[0, 1, 2, 255]]])
+    right = F.one_hot(torch.tensor([[[0, 1, 2, 0]]]), 3).permute(0, 3, 1, 2).float() * 50
+    wrong = F.one_hot(torch.tensor([[[0, 2, 1, 0]]]), 3).permute(0, 3, 1, 2).float() * 50
+    assert soft_dice_loss(right, mask).item() < 1e-4 and soft_dice_loss(wrong, mask).item() > 0.999
+    moved = right.clone()
+    moved[0, :, 0, 3] = torch.tensor([0.0, 50.0, 0.0])  # class 1 where the mask is unlabelled
+    assert soft_dice_loss(moved, mask).item() < 1e-4
+    nothing = torch.full((1, 1, 4), 255)
+    logits = torch.zeros(1, 3, 1, 4, requires_grad=True)
+    loss = soft_dice_loss(logits, nothing)
+    loss.backward()
+    assert loss.item() == 0 and logits.grad is not None
+
+
+def test_cross_entropy_dice_adds_the_soft_dice_to_the_cross_entropy():
+    from pipeline.methods.losses import mask_loss, pixel_cross_entropy, soft_dice_loss
+    torch.manual_seed(0)
+    logits, mask = torch.randn(2, 4, 6, 6), torch.randint(0, 4, (2, 6, 6))
+    assert mask_loss(logits, mask, "cross_entropy") == pixel_cross_entropy(logits, mask)
+    assert torch.isclose(mask_loss(logits, mask, "cross_entropy_dice"),
+                         pixel_cross_entropy(logits, mask) + soft_dice_loss(logits, mask))

@@ -353,6 +353,11 @@ class SegConfig:
     decoder: str = _opt("aspp", choices=("aspp", "unet"))
     aspp_rates: list[int] = _opt([6, 12, 18])  # at output stride 16; double them at stride 8
     flip_predict: bool = True  # average the prediction with that of the flipped image
+    # The loss on pixel masks (full mode's, weak mode's pseudo masks, mixed mode's teacher):
+    # cross_entropy_dice adds the soft Dice of the foreground classes to the cross-entropy, as
+    # nnU-Net and the ACDC literature train (pipeline/methods/losses.py). Scribbles and SR's exits
+    # keep the cross-entropy.
+    loss: str = _opt("cross_entropy", choices=("cross_entropy", "cross_entropy_dice"))
     # The predictions' softmax through the dense CRF with refine.crf's kernels (sized for the data
     # set's images; its gt_prob is unused), as DeepLab v1-v2 post-process; prediction time only.
     crf_predict: bool = False

@@ -114,6 +114,9 @@ def config_from_dict(raw: dict) -> Config:
     if cfg.seg.sr.exit_classifier == "pooled":
         raise ConfigError("config key 'seg.sr.exit_classifier' is pooled, which needs one map per "
                           "foreground class: only the cam stage has that")
+    if cfg.seg.loss != "cross_entropy" and cfg.seg.sr.enabled and cfg.mode != "mixed":
+        raise ConfigError(f"config key 'seg.loss' is {cfg.seg.loss}, which Self-Regulation's exits do not "
+                          "use: set seg.sr.enabled: false, or seg.loss: cross_entropy")
     if not cfg.cam.scales or any(s <= 0 for s in cfg.cam.scales):
         raise ConfigError("cam.scales must be a non-empty list of positive numbers")
     if cfg.refine.bg_threshold > cfg.refine.fg_threshold:

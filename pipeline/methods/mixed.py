@@ -46,7 +46,7 @@ from pipeline.core.io import file_digest
 from pipeline.data.dataset import BACKGROUND, IGNORE, VOCDataset, image_size
 from pipeline.data.labels import read_text
 from pipeline.data.training_set import MaskFolder, TrainingSet
-from pipeline.methods.losses import pixel_cross_entropy
+from pipeline.methods.losses import mask_loss, pixel_cross_entropy
 from pipeline.methods.self_regulation import self_regulation_loss
 
 SCRIBBLES = "Scribbles"  # beside SegmentationClass/: sparse labels, 255 = not scribbled
@@ -221,7 +221,8 @@ def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).mean()
 
 
-def mixed_supervision_loss(model, batch: dict, epoch: int, cfg: MixedConfig, sr: SRConfig) -> dict:
+def mixed_supervision_loss(model, batch: dict, epoch: int, cfg: MixedConfig, sr: SRConfig,
+                           teacher_loss: str = "cross_entropy") -> dict:
     branches = model.forward_branches(batch["image"], with_exits=sr.enabled)
     teacher, student, full = branches["teacher"], branches["student"], batch["is_full"]
     weak = batch["weak_mask"]
@@ -238,7 +239,7 @@ def mixed_supervision_loss(model, batch: dict, epoch: int, cfg: MixedConfig, sr:
     else:
         entropy_outputs = student[~full]
     terms = {
-        "teacher": pixel_cross_entropy(teacher, batch["mask"]),
+        "teacher": mask_loss(teacher, batch["mask"], teacher_loss),
         "partial": partial,
         "kl": teacher_student_kl(teacher[full], student[full], cfg.temperature, cfg.detach_teacher),
         "entropy": mean_entropy(entropy_outputs),
