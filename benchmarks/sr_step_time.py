@@ -16,7 +16,6 @@ Produced the tables of docs/results.md, section "Self-Regulation: what it costs"
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import tempfile
 import time
@@ -62,8 +61,7 @@ def build(net: str, cfg, sr: SRConfig):
 def train_step(net: str, cfg, model, sr: SRConfig, batch: dict):
     """One SGD step of the stage's own loss, as a function of nothing."""
     optimizer = make_optimizer(model, getattr(cfg, net).train)
-    # cam's loss takes the SR settings, seg's its whole section (its mask loss besides SR)
-    compute = STAGES[net].training_loss(sr if net == "cam" else dataclasses.replace(cfg.seg, sr=sr))
+    compute = STAGES[net].training_loss(sr)
 
     def step():
         loss = compute(model, batch, PAST_WARMUP)["loss"]

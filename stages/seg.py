@@ -30,7 +30,7 @@ from pipeline.core.cache import (
     section_for_cache,
     upstream_keys,
 )
-from pipeline.core.config import Config, CrfConfig, SegConfig, SRConfig
+from pipeline.core.config import Config, CrfConfig, SRConfig
 from pipeline.core.errors import DataError
 from pipeline.core.io import (
     atomic_write_bytes,
@@ -146,11 +146,11 @@ def sr_segmentation_loss(model, batch, epoch, sr: SRConfig) -> dict:
                                 mask=batch["mask"])
 
 
-def training_loss(cfg: SegConfig) -> LossFn:
-    """``seg.loss`` on the masks, or the Self-Regulation loss when ``seg.sr.enabled``."""
-    if cfg.sr.enabled:
-        return functools.partial(sr_segmentation_loss, sr=cfg.sr)
-    return functools.partial(segmentation_loss, kind=cfg.loss)
+def training_loss(sr: SRConfig, loss: str = "cross_entropy") -> LossFn:
+    """``loss`` (``seg.loss``) on the masks, or the Self-Regulation loss when ``sr.enabled``."""
+    if sr.enabled:
+        return functools.partial(sr_segmentation_loss, sr=sr)
+    return functools.partial(segmentation_loss, kind=loss)
 
 
 def training_loader(cfg: Config, dataset: VOCDataset, pseudo_folder: Path, generator: torch.Generator,
@@ -249,7 +249,7 @@ def train_network(cfg: Config, dataset: VOCDataset, pseudo_folder: Path, generat
     loader = training_loader(cfg, dataset, pseudo_folder, generator, full_ids)
     compute_loss = (functools.partial(mixed_supervision_loss, cfg=cfg.mixed, sr=cfg.seg.sr,
                                       teacher_loss=cfg.seg.loss)
-                    if cfg.mode == "mixed" else training_loss(cfg.seg))
+                    if cfg.mode == "mixed" else training_loss(cfg.seg.sr, cfg.seg.loss))
     history = train(model, loader, compute_loss, cfg.seg.train, device, desc, checkpoint)
     return model, loss_curve(history)
 
