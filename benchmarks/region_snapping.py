@@ -64,23 +64,24 @@ def main():
     variants = (["crf masks"] + [f"felzenszwalb k={k:g}" for k in args.felzenszwalb]
                 + [f"slic {s}px" for s in args.slic] + [f"pool k={p}" for p in args.pool])
     confusion = {name: np.zeros((dataset.num_classes,) * 2, np.int64) for name in variants}
+    pools = [(item, *(float(value) for value in item.split(":"))) for item in args.pool]  # (name, k, share)
     for image_id in tqdm(dataset.with_masks(dataset.split_ids("train")), desc="images"):
         image, gt = dataset.load_image(image_id), dataset.load_mask(image_id)
         mask = load_mask(args.run / "refine" / "pseudo" / f"{image_id}.png")
         made = {"crf masks": mask}
+        # each k's regions once, shared by the vote and the pooled CAMs
+        regions_at = {k: image_regions(image, RegionsConfig(True, scale=k))
+                      for k in {*args.felzenszwalb, *(k for _, k, _ in pools)}}
         for k in args.felzenszwalb:
-            regions = image_regions(image, RegionsConfig(True, scale=k))
-            made[f"felzenszwalb k={k:g}"] = vote_in_regions(mask, regions)
+            made[f"felzenszwalb k={k:g}"] = vote_in_regions(mask, regions_at[k])
         for size in args.slic:
             regions = slic(image, n_segments=max(1, round(mask.size / size ** 2)), compactness=10,
                            start_label=0)
             made[f"slic {size}px"] = vote_in_regions(mask, regions)
         cams, classes = load_cams(args.run / "cam" / "cams", image_id)
-        for item in args.pool:
-            k, share = (float(v) for v in item.split(":"))
-            regions = image_regions(image, RegionsConfig(True, scale=k))
-            made[f"pool k={item}"] = (mask if len(classes) == 0
-                                      else pseudo_mask(image, pooled(cams, regions, share), classes, refine))
+        for item, k, share in pools:  # an image without classes is all background either way
+            made[f"pool k={item}"] = (pseudo_mask(image, pooled(cams, regions_at[k], share), classes, refine)
+                                      if len(classes) else mask)
         for name, result in made.items():
             confusion[name] += confusion_matrix(gt, np.where(result == IGNORE, 0, result).astype(np.uint8),
                                                 dataset.num_classes)

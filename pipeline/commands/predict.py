@@ -13,6 +13,7 @@ the exit code is 1 at the end.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import re
 import sys
@@ -34,7 +35,7 @@ from pipeline.core.training import load_checkpoint
 from pipeline.data.dataset import IMAGE_SUFFIXES
 from pipeline.data.labels import read_text
 from pipeline.data.training_set import normalize
-from pipeline.data.volumes import natural_order
+from pipeline.data.volumes import volume_and_order
 from pipeline.methods.components import keep_largest_components
 from pipeline.models.networks import predict_batch, predict_with_crf, segmentation_network
 from stages import RUN_FOLDERS
@@ -196,21 +197,13 @@ def main(argv: list[str]) -> int:
 def post_process(done: list[tuple[str, Path]], out: Path, volume_pattern: str | None, overlay: bool) -> None:
     """The written masks with each class's largest component kept, as the seg stage scored them:
     per volume where the recorded ``data.volume_pattern`` matches the name, else per image."""
-    pattern = re.compile(volume_pattern) if volume_pattern else None
-
-    def volume_of(name: str):
-        match = pattern.search(name) if pattern else None
-        if match is None:
-            return None
-        return (match.group(1) if pattern.groups else match.group(0)), natural_order(name)
-
+    volume_of = functools.partial(volume_and_order, re.compile(volume_pattern)) if volume_pattern else None
     masks = {name: load_mask(out / f"{name}.png") for name, _ in done}
-    for name, mask in keep_largest_components(masks, volume_of).items():
-        save_mask(out / f"{name}.png", mask)
-    if overlay:
-        for name, path in done:
-            mask = load_mask(out / f"{name}.png")
-            atomic_write_bytes(out / f"{name}_overlay.jpg", overlay_jpeg(read_rgb(path), mask))
+    processed = keep_largest_components(masks, volume_of)
+    for name, path in done:
+        save_mask(out / f"{name}.png", processed[name])
+        if overlay:
+            atomic_write_bytes(out / f"{name}_overlay.jpg", overlay_jpeg(read_rgb(path), processed[name]))
 
 
 if __name__ == "__main__":

@@ -28,11 +28,10 @@ class Volumes:
         self.excluded: set[str] = set()  # volumes left out of the scores (see complete)
 
     def __call__(self, image_id: str) -> tuple[str, tuple] | None:
-        match = self.pattern.search(image_id)
-        if match is None:
+        place = volume_and_order(self.pattern, image_id)
+        if place is None:
             raise DataError(f"id {image_id!r} does not match data.volume_pattern {self.pattern.pattern!r}")
-        volume = match.group(1) if self.pattern.groups else match.group(0)
-        return None if volume in self.excluded else (volume, natural_order(image_id))
+        return None if place[0] in self.excluded else place
 
     def spacing(self, ids: list[str]) -> dict:
         """Volume -> (slice, row, column) spacing for the volumes of ``ids``."""
@@ -65,6 +64,15 @@ class Volumes:
                 raise DataError(f"slices {first[0]!r} ({first[1][0]}x{first[1][1]}) and {image_id!r} "
                                 f"({size[0]}x{size[1]}) of volume {volume!r} differ in size")
         self.spacing(ids)
+
+
+def volume_and_order(pattern: re.Pattern, image_id: str) -> tuple[str, tuple] | None:
+    """The volume ``pattern`` names in ``image_id`` (its first group, else the whole match) and
+    the slice's order in it; None where the id does not match."""
+    match = pattern.search(image_id)
+    if match is None:
+        return None
+    return (match.group(1) if pattern.groups else match.group(0)), natural_order(image_id)
 
 
 def natural_order(text: str) -> tuple:

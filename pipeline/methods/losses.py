@@ -28,8 +28,9 @@ def soft_dice_loss(logits: torch.Tensor, mask: torch.Tensor, smooth: float = 1e-
     if not labelled.any():
         return logits.sum() * 0.0
     probs = F.softmax(logits, dim=1)[:, 1:] * labelled[:, None]
+    # unlabelled pixels count as background, which the foreground classes leave out
     target = F.one_hot(torch.where(labelled, mask, 0), logits.shape[1]).permute(0, 3, 1, 2)[:, 1:]
-    target = target.to(probs.dtype) * labelled[:, None]
+    target = target.to(probs.dtype)
     dims = (0, 2, 3)
     overlap = (probs * target).sum(dims)
     dice = (2 * overlap + smooth) / (probs.sum(dims) + target.sum(dims) + smooth)

@@ -5,8 +5,8 @@ The regions are Felzenszwalb & Huttenlocher's graph segmentation (IJCV 2004), sc
 border, so regions end at edges and a large uniform surface stays one region. A region where
 most pixels are sure then takes its most frequent sure label, and one where most are unsure
 (255) turns unsure: a label that leaks a few pixels across an edge, or stops short of one, is
-snapped to it. A stand-in, with no weights
-to download, for the foundation-model masks (SAM) the field snaps pseudo labels to now.
+snapped to it. A stand-in, with no weights to download, for the foundation-model masks (SAM)
+the field snaps pseudo labels to now.
 """
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ def vote_in_regions(mask: np.ndarray, regions: np.ndarray) -> np.ndarray:
     labels, codes = np.unique(mask, return_inverse=True)  # sorted: unsure (255) comes last
     counts = np.zeros((int(regions.max()) + 1, len(labels)), dtype=np.int64)
     np.add.at(counts, (regions.ravel(), codes.ravel()), 1)
-    unsure = counts[:, -1] if labels[-1] == IGNORE else np.zeros(len(counts), dtype=np.int64)
-    sure = counts[:, :-1] if labels[-1] == IGNORE else counts
+    has_unsure = labels[-1] == IGNORE
+    unsure = counts[:, -1] if has_unsure else np.zeros(len(counts), dtype=np.int64)
+    sure = counts[:, :-1] if has_unsure else counts
     if sure.shape[1] == 0:  # nothing sure anywhere
         return mask.copy()
     vote = np.where(2 * unsure > counts.sum(axis=1), IGNORE, labels[sure.argmax(axis=1)])
