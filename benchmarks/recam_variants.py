@@ -35,7 +35,7 @@ from pipeline.core.runtime import configure_threads, seed_everything, select_dev
 from pipeline.core.training import load_checkpoint, loss_curve, make_train_loader
 from pipeline.data.dataset import open_dataset, score_ids
 from pipeline.data.training_set import TrainingSet, normalize
-from pipeline.methods.cams import multiscale_cams
+from pipeline.methods.cams import MAX_CAM_BINS, max_cam_histogram, multiscale_cams, otsu_thresholds
 from pipeline.models.networks import CAMNet
 from stages.cam import THRESHOLD_SWEEP, add_threshold_confusions, threshold_sweep, train_recam
 
@@ -53,18 +53,30 @@ def parse_args(argv):
 
 
 def score_cams(model, cfg, dataset, device) -> dict:
-    """The train CAMs scored as the cam stage scores them (float16 maps, the threshold sweep)."""
+    """The train CAMs scored as the cam stage scores them (float16 maps, the threshold sweep,
+    and Otsu's threshold of their own max-CAM histogram: the stage's ``otsu_miou``)."""
     confusions = {t: np.zeros((dataset.num_classes,) * 2, np.int64) for t in THRESHOLD_SWEEP}
+    histogram, kept = np.zeros(MAX_CAM_BINS, dtype=np.int64), {}
     model.eval()
     for image_id in tqdm(sorted(score_ids(cfg.data, dataset)), desc="cams", leave=False):
         classes = dataset.image_labels(image_id)
         image = normalize(dataset.load_image(image_id)).to(device)
         cams = multiscale_cams(model, image, classes, cfg.cam.scales, cfg.cam.flip).astype(np.float16)
-        add_threshold_confusions(confusions, dataset.load_mask(image_id), cams.astype(np.float32), classes,
+        kept[image_id] = (cams.astype(np.float32), classes)
+        histogram += max_cam_histogram(kept[image_id][0])
+        add_threshold_confusions(confusions, dataset.load_mask(image_id), kept[image_id][0], classes,
                                  dataset.num_classes)
     sweep = threshold_sweep(confusions, dataset.classes)
     best = confusions[sweep["best_bg_threshold"]]
-    return sweep | {"per_class_iou_at_best": iou_scores(best, dataset.classes)["per_class_iou"]}
+    scores = sweep | {"per_class_iou_at_best": iou_scores(best, dataset.classes)["per_class_iou"]}
+    thresholds = otsu_thresholds(histogram)
+    if thresholds is not None:
+        otsu = {t: np.zeros((dataset.num_classes,) * 2, np.int64) for t in [thresholds[0]]}
+        for image_id, (cams, classes) in kept.items():
+            add_threshold_confusions(otsu, dataset.load_mask(image_id), cams, classes, dataset.num_classes)
+        scores |= {"otsu_bg_threshold": round(thresholds[0], 4),
+                   "otsu_miou": iou_scores(otsu[thresholds[0]], dataset.classes)["miou"]}
+    return scores
 
 
 def run_variant(cfg, dataset, device, model_file: Path) -> dict:

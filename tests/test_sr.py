@@ -14,6 +14,7 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.training import load_checkpoint, save_checkpoint, train
 from pipeline.methods.losses import multilabel_loss, pixel_cross_entropy
 from pipeline.methods.self_regulation import (
+    cam_exit_mask_loss,
     class_detail_loss,
     context_loss,
     self_regulation_loss,
@@ -347,3 +348,26 @@ def test_pooled_exit_classifier_makes_each_exit_map_the_cam_of_its_class():
     assert torch.allclose(logits, maps.mean(dim=(2, 3)))
     with pytest.raises(ConfigError, match="'seg.sr.exit_classifier' is pooled"):
         config_from_dict({"seg": {"sr": {"exit_classifier": "pooled"}}})
+
+
+def test_cam_exit_mask_loss_is_the_per_class_bce_over_labelled_pixels_summed_over_exits():
+    mask = torch.tensor([[[0, 1, 2], [2, 255, 1]]])  # background, classes 1 and 2, one unlabelled
+    right = torch.full((1, 2, 2, 3), -20.0)
+    right[0, 0][mask[0] == 1] = 20.0
+    right[0, 1][mask[0] == 2] = 20.0
+    wrong = -right
+    assert cam_exit_mask_loss([right], mask) < 1e-6
+    # Every labelled (pixel, class) pair wrong by a logit of 20: a BCE of 20 each.
+    assert cam_exit_mask_loss([wrong], mask) == pytest.approx(20.0, rel=1e-4)
+    assert cam_exit_mask_loss([right, wrong], mask) == pytest.approx(20.0, rel=1e-4)
+    # The unlabelled pixel counts for nothing, whatever the map says there.
+    changed = right.clone()
+    changed[0, :, 1, 1] = 50.0
+    assert cam_exit_mask_loss([changed], mask) < 1e-6
+    # Maps at another resolution are upsampled to the mask's; no labelled pixel: 0 with a gradient.
+    small = torch.zeros(1, 2, 1, 1, requires_grad=True)
+    assert cam_exit_mask_loss([small], mask).item() == pytest.approx(F.binary_cross_entropy_with_logits(
+        torch.zeros(1), torch.zeros(1)).item())
+    empty = cam_exit_mask_loss([small], torch.full((1, 2, 3), 255))
+    empty.backward()
+    assert empty.item() == 0.0 and small.grad is not None

@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.core.config import BACKBONE_LEVELS, SRConfig
+from pipeline.data.dataset import IGNORE
 from pipeline.methods.losses import multilabel_loss, pixel_cross_entropy
 from pipeline.models.layers import conv_bn_relu
 
@@ -183,6 +184,27 @@ def self_regulation_loss(exits: list[Exit], labels: torch.Tensor, cfg: SRConfig,
         terms["detail"] = terms["context"] = cls.new_zeros(())
     total = total + cfg.w_sf * terms["detail"] + cfg.w_sl * terms["context"]
     return {"loss": total} | terms
+
+
+def cam_exit_mask_loss(maps: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Operation I's pixel term for the auxiliary exits of a CAM network, where pixel labels
+    exist (a second cam round on the first round's pseudo masks): an exit's map of class k is
+    trained per pixel, by binary cross-entropy, to say "class k" (``mask == k + 1``) over the
+    labelled pixels (not 255), so that Operation II's teacher learns to localise as the
+    authors' segmenter exits do. ``maps``: B x K x h x w foreground maps, any size; ``mask``:
+    B x H x W labels 0..K (0 background) or 255. Summed over the exits; 0 (with a gradient
+    path) where no pixel is labelled."""
+    labelled = mask != IGNORE
+    if not labelled.any():
+        return sum(m.sum() for m in maps) * 0.0
+    classes = maps[0].shape[1]
+    one_hot = F.one_hot(torch.where(labelled, mask, 0).long(), classes + 1)
+    target = one_hot[..., 1:].permute(0, 3, 1, 2).float()
+    weight = labelled.unsqueeze(1).float()
+    return torch.stack([
+        (F.binary_cross_entropy_with_logits(resize(m, mask.shape[-2:]), target, reduction="none") * weight)
+        .sum() / (weight.sum() * classes) for m in maps
+    ]).sum()
 
 
 def resize(maps: torch.Tensor, size) -> torch.Tensor:
