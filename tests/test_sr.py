@@ -371,3 +371,36 @@ def test_cam_exit_mask_loss_is_the_per_class_bce_over_labelled_pixels_summed_ove
     empty = cam_exit_mask_loss([small], torch.full((1, 2, 3), 255))
     empty.backward()
     assert empty.item() == 0.0 and small.grad is not None
+
+
+def test_gated_detail_loss_ignores_everything_outside_the_main_cams_support():
+    torch.manual_seed(0)
+    labels = torch.tensor([[1.0, 0.0]])
+    gate = torch.zeros(1, 2, 4, 4)
+    gate[0, 0, :2] = 1.0  # the main CAM's support: the top half
+    teacher, student = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4, requires_grad=True)
+    loss = spatial_detail_loss(teacher, [student], labels, "hard", 1.0, gate=gate)
+    loss.backward()
+    assert student.grad[0, 0, 2:].abs().max() == 0 and student.grad[0, 0, :2].abs().max() > 0
+    changed_teacher, changed_student = teacher.clone(), student.detach().clone()
+    changed_teacher[0, 0, 2:] += 100.0
+    changed_student[0, 0, 2:] -= 5.0
+    assert spatial_detail_loss(changed_teacher, [changed_student], labels, "hard", 1.0, gate=gate) == \
+        pytest.approx(loss.item())
+    # A student uniform on the teacher's support inside the gate scores the minimum, 0.
+    inside = teacher[0, 0, :2]
+    uniform = torch.full((1, 2, 4, 4), -50.0)
+    uniform[0, 0, :2] = torch.where(inside >= inside.mean(), 0.0, -50.0)
+    assert spatial_detail_loss(teacher, [uniform], labels, "hard", 1.0, gate=gate) < 1e-6
+    # Ungated, the same call is the authors' form.
+    assert spatial_detail_loss(teacher, [student], labels, "hard", 1.0).item() == pytest.approx(
+        spatial_detail_loss(teacher, [student], labels, "hard", 1.0, gate=torch.ones(1, 2, 4, 4)).item())
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"seg": {"sr": {"detail_gate": "deep"}}}, "'seg.sr.detail_gate'"),
+    ({"cam": {"sr": {"detail_gate": "deep", "form": "soft"}}}, "'cam.sr.detail_gate'"),
+])
+def test_detail_gate_errors_name_the_key(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(raw)

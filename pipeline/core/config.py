@@ -147,6 +147,10 @@ class SRConfig:
     # GAP of each class's map is its logit, as for the main CAM; cam stage only, checked below).
     exit_classifier: str = _opt("linear", choices=("linear", "pooled"))
     form: str = _opt("hard", choices=("hard", "soft"))  # Operation II: hard targets or softened distributions
+    # Operation II on CAMs (cam stage), hard form: none (every pixel, as the authors') or deep (only
+    # inside the main CAM's own support, its pixels at or above its spatial mean: a teacher that
+    # marks nothing of the class can then rearrange the CAM inside its support, not shrink it).
+    detail_gate: str = _opt("none", choices=("none", "deep"))
     temperature: float = _opt(1.0, low=0.01)  # of the softmaxes of Operation II's soft form
     warmup_epochs: int = _opt(0, low=0)  # epochs with Operation I only
 

@@ -114,6 +114,12 @@ def config_from_dict(raw: dict) -> Config:
     if cfg.seg.sr.exit_classifier == "pooled":
         raise ConfigError("config key 'seg.sr.exit_classifier' is pooled, which needs one map per "
                           "foreground class: only the cam stage has that")
+    if cfg.seg.sr.detail_gate != "none":
+        raise ConfigError("config key 'seg.sr.detail_gate' gates Operation II on CAMs: "
+                          "only the cam stage has them")
+    if cfg.cam.sr.detail_gate != "none" and cfg.cam.sr.form != "hard":
+        raise ConfigError("config key 'cam.sr.detail_gate' applies to Operation II's hard form: "
+                          "set cam.sr.form: hard")
     if cfg.seg.loss != "cross_entropy" and cfg.seg.sr.enabled and cfg.mode != "mixed":
         raise ConfigError(f"config key 'seg.loss' is {cfg.seg.loss}, which Self-Regulation's exits do not "
                           "use: set seg.sr.enabled: false, or seg.loss: cross_entropy")

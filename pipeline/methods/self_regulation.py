@@ -22,7 +22,8 @@ each is a ``(maps, logits)`` pair with maps at the level's own resolution.
   background class): per class in the image label, the distribution over pixels, softmax over
   the map at temperature T; ``soft`` is the same KL, ``hard`` the KL from the uniform
   distribution over the teacher's pixels at or above its spatial mean (the cross-entropy
-  against it less its constant entropy).
+  against it less its constant entropy); with ``detail_gate: deep`` both distributions are
+  taken over the main CAM's own above-mean support only.
 * Operation III, Deep Teacher, Shallow Students (context): the deepest exit's class
   probabilities (sigmoid, detached) are BCE targets of every shallower exit's logits.
 
@@ -111,22 +112,37 @@ def class_detail_loss(teacher: torch.Tensor, students: list[torch.Tensor], form:
 
 
 def spatial_detail_loss(teacher: torch.Tensor, students: list[torch.Tensor], labels: torch.Tensor, form: str,
-                        temperature: float, reduction: str = "mean") -> torch.Tensor:
+                        temperature: float, reduction: str = "mean",
+                        gate: torch.Tensor | None = None) -> torch.Tensor:
     """Operation II on CAMs: B x K x h x w maps, all of one size; the distribution over the
     pixels of each (image, class) pair in the image label. Summed or averaged over the
-    students; 0 (with a gradient path) when no image has a label."""
+    students; 0 (with a gradient path) when no image has a label. ``gate`` (hard form): the
+    main CAM's maps; both distributions are then taken over its support alone (its pixels at
+    or above its mean), and the teacher's support is its pixels there at or above its mean there."""
     present = labels > 0.5
     teacher, students = teacher[present].flatten(1), [student[present].flatten(1) for student in students]
     if len(teacher) == 0:
         return sum(student.sum() for student in students) * 0.0
     if form == "hard":
-        # The minimum keeps the maximum in the support when rounding puts the mean above it.
-        threshold = torch.minimum(teacher.mean(dim=1, keepdim=True), teacher.amax(dim=1, keepdim=True))
-        support = (teacher >= threshold).float()
+        inside = None if gate is None else above_mean(gate[present].flatten(1))
+        support = above_mean(teacher, inside).float()
         target = support / support.sum(dim=1, keepdim=True)
+        if inside is not None:
+            # A large negative, not -inf, outside: kl_div's 0 * log(0) terms stay 0 rather than NaN.
+            students = [student.masked_fill(~inside, -1e4) for student in students]
         return over_students([F.kl_div(F.log_softmax(student, dim=1), target, reduction="none")
                               .sum(dim=1).mean() for student in students], reduction)
     return softened_kl(teacher, students, temperature, reduction)
+
+
+def above_mean(maps: torch.Tensor, inside: torch.Tensor | None = None) -> torch.Tensor:
+    """N x P maps -> the pixels at or above each row's mean (over ``inside`` only, where given,
+    and within it). The row's maximum is always kept, in case rounding puts the mean above it."""
+    if inside is None:
+        return maps >= torch.minimum(maps.mean(dim=1, keepdim=True), maps.amax(dim=1, keepdim=True))
+    mean = (maps * inside).sum(dim=1, keepdim=True) / inside.sum(dim=1, keepdim=True)
+    highest = maps.masked_fill(~inside, float("-inf")).amax(dim=1, keepdim=True)
+    return (maps >= torch.minimum(mean, highest)) & inside
 
 
 def softened_kl(teacher: torch.Tensor, students: list[torch.Tensor], temperature: float,
@@ -176,9 +192,12 @@ def self_regulation_loss(exits: list[Exit], labels: torch.Tensor, cfg: SRConfig,
         size = maps[0].shape[-2:] if cfg.detail_resolution == "teacher" else (input_size or mask.shape[-2:])
         teacher = resize(maps[0].detach(), size)
         students = [resize(m, size) for m in maps[1:]]
-        terms["detail"] = (
-            class_detail_loss(teacher, students, cfg.form, cfg.temperature, cfg.reduction) if mask is not None
-            else spatial_detail_loss(teacher, students, labels, cfg.form, cfg.temperature, cfg.reduction))
+        gate = resize(maps[-1].detach(), size) if cfg.detail_gate == "deep" else None
+        if mask is not None:
+            terms["detail"] = class_detail_loss(teacher, students, cfg.form, cfg.temperature, cfg.reduction)
+        else:
+            terms["detail"] = spatial_detail_loss(teacher, students, labels, cfg.form, cfg.temperature,
+                                                  cfg.reduction, gate)
         terms["context"] = context_loss(logits, cfg.reduction)
     else:
         terms["detail"] = terms["context"] = cls.new_zeros(())
