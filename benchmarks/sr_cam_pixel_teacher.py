@@ -14,8 +14,9 @@ Each variant trains a fresh CAM network as the cam stage does (``cam.train``, th
 epochs where ``cam.recam.enabled``), computes the train CAMs as the stage does and scores them
 over its threshold sweep and at Otsu's threshold of their own histogram (the threshold a user
 without masks gets; ``recam_variants.score_cams``). Each finished
-variant is saved into ``--out`` at once; a rerun skips those there. The network with its exits
-is kept as ``<out>.<variant>.pt`` for ``tools/exit_cams.py``.
+variant is saved into ``--out`` at once; a rerun skips those there. The network with its exits,
+before ReCAM's epochs, is kept as ``<out>.<variant>.pt``: ``tools/exit_cams.py --state`` scores
+every exit's CAMs and Operation II's target from it.
 
     python benchmarks/sr_cam_pixel_teacher.py --config configs/msrc.yaml \\
         --set data.root=../shared/data/msrc-dev --masks-run runs/msrc-recam-otsu \\
@@ -78,7 +79,7 @@ def run_variant(cfg, dataset, device, masks: Path, keep: Path) -> dict:
     started = time.perf_counter()
     history = train(model, loader, functools.partial(pixel_teacher_loss, sr=cfg.cam.sr), cfg.cam.train,
                     device, "cam (pixel teacher)")
-    torch.save(model.state_dict(), keep)
+    torch.save({"model": model.state_dict()}, keep)  # tools/exit_cams.py's --state, before ReCAM
     curves = {name: loss_curve(history, name) for name in history[-1]}
     if cfg.cam.recam.enabled:
         train_recam(cfg.cam, model, loader, device)
