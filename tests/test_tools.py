@@ -118,6 +118,15 @@ def test_exit_cams_scores_the_main_exit_as_the_cam_stage_scores_its_cams(tmp_pat
     assert rows["main"][3] == f"{100 * expected:.1f}"  # the mIoU at background threshold 0.5
     assert "Operation II's hard target (stem pixels" in out
 
+    # Max-fusion marks at 0.5 every pixel that any of its maps marks: never less of the image.
+    assert exit_cams.main(command + ["--fuse", "layer3", "--fuse", "layer2"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
+    names = ("main", "layer2", "layer3", "main+layer3+layer2")
+    marked = {name: float(rows[name][4].rstrip("%")) for name in names}
+    assert marked["main+layer3+layer2"] >= max(marked["main"], marked["layer2"], marked["layer3"])
+    assert exit_cams.main(command + ["--fuse", "head"]) == 2
+    assert "--fuse head: not one of cam.sr.exits" in one_error_line(capsys)
+
     plain = CAMNet(cfg.cam.backbone, dataset.num_classes - 1)
     torch.save({"model": plain.state_dict()}, tmp_path / "plain.pt")
     command[command.index(str(tmp_path / "state.pt"))] = str(tmp_path / "plain.pt")

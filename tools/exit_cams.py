@@ -7,8 +7,10 @@ the network the config describes and, on the train images that have masks, score
 CAMs as the cam stage scores its own (ReLU of the maps of the image's classes, image and mirror
 at scale 1, each map divided by its maximum; mIoU at the best background threshold of a sweep,
 and the mean share of an image's pixels each class map marks at 0.5: the main exit's are the
-stage's CAMs at ``cam.scales: [1.0]``), and Operation II's hard target (``sr.form: hard``, the
-teacher's pixels at or above its map's spatial mean): how much of it lies on the class
+stage's CAMs at ``cam.scales: [1.0]``; with ``--fuse LEVEL`` also the main CAM fused with those
+exits' CAMs, the element-wise maximum, as LayerCAM's multi-layer maps), and Operation II's
+hard target (``sr.form: hard``, the teacher's pixels at or above its map's spatial mean): how
+much of it lies on the class
 (precision), how much of the class it covers (recall), and its share of the image:
 
     python tools/exit_cams.py --config configs/msrc.yaml --set data.root=... \
@@ -52,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--state", required=True, help="a cam stage's training state (checkpoint.pt)")
     parser.add_argument("--images", type=int, default=0, help="score the first N images only (0: all)")
+    parser.add_argument("--fuse", action="append", default=[], metavar="LEVEL",
+                        help="also score the main CAM fused with this exit's (repeatable): the element-wise "
+                             "maximum of the max-normalised maps, as torchcam's fuse_cams (LayerCAM)")
     return parser.parse_args(argv)
 
 
@@ -65,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if not cfg.cam.sr.enabled:
             raise PipelineError("cam.sr.enabled is false: the exits exist only with SR on")
+        missing = [level for level in args.fuse if level not in cfg.cam.sr.exits]
+        if missing:
+            raise PipelineError(f"--fuse {missing[0]}: not one of cam.sr.exits {cfg.cam.sr.exits}")
         configure_threads(cfg.num_threads)
         dataset = open_dataset(cfg.data)
         model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1, cfg.cam.sr)
@@ -77,9 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(error)
     model.eval()
     names = [level for level in BACKBONE_LEVELS if level in cfg.cam.sr.exits] + ["main"]
+    fused = "main+" + "+".join(args.fuse) if args.fuse else None
     n = dataset.num_classes
-    confusions = {name: {t: np.zeros((n, n), dtype=np.int64) for t in THRESHOLD_SWEEP} for name in names}
-    marked = {name: [] for name in names}
+    scored_names = names + ([fused] if fused else [])
+    confusions = {name: {t: np.zeros((n, n), dtype=np.int64) for t in THRESHOLD_SWEEP}
+                  for name in scored_names}
+    marked = {name: [] for name in scored_names}
     support = {"precision": [], "recall": [], "share": [], "class_share": []}
     ids = sorted(score_ids(cfg.data, dataset))
     ids = ids[:args.images] if args.images else ids
@@ -89,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             gt = dataset.load_mask(image_id)
             if len(classes) == 0:  # all background, as the stage scores such an image
                 background = confusion_matrix(gt, np.zeros_like(gt), n)
-                for name in names:
+                for name in scored_names:
                     for t in THRESHOLD_SWEEP:
                         confusions[name][t] += background
                 continue
@@ -97,10 +108,15 @@ def main(argv: list[str] | None = None) -> int:
             image = normalize(dataset.load_image(image_id))
             image_size = image.shape[-2:]
             per_exit = exit_maps(model, image, channels)
+            by_name = {}
             for name, maps in zip(names, per_exit):
                 # As multiscale_cams makes the stage's CAMs at scale 1: ReLU, then to the image's size.
                 cams = resize(F.relu(maps), image_size).sum(0)
-                cams = (cams / cams.flatten(1).max(dim=1).values.clamp_min(1e-5)[:, None, None]).numpy()
+                by_name[name] = cams / cams.flatten(1).max(dim=1).values.clamp_min(1e-5)[:, None, None]
+            if fused:
+                by_name[fused] = torch.stack([by_name[name] for name in ["main"] + args.fuse]).amax(dim=0)
+            for name, cams in by_name.items():
+                cams = cams.numpy()
                 marked[name] += list((cams >= 0.5).mean(axis=(1, 2)))
                 for t in THRESHOLD_SWEEP:
                     confusions[name][t] += confusion_matrix(gt, cam_to_label(cams, classes, t), n)
@@ -115,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 support["class_share"].append(truth.mean())
     print(f"{len(ids)} train images with masks; {args.state}")
     print(f"{'exit':<8} {'best mIoU':>9} {'at bg':>6} {'mIoU at 0.5':>11} {'marked at 0.5':>13}")
-    for name in names:
+    for name in scored_names:
         sweep = {t: iou_scores(confusions[name][t], dataset.classes)["miou"] for t in THRESHOLD_SWEEP}
         best = max(sweep, key=sweep.get)
         print(f"{name:<8} {100 * sweep[best]:9.1f} {best:6.2f} {100 * sweep[0.5]:11.1f} "
