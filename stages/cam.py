@@ -96,8 +96,12 @@ def classification_loss(model, batch, epoch) -> dict:
 
 def sr_classification_loss(model, batch, epoch, sr: SRConfig) -> dict:
     """Self-Regulation without pixel labels: every exit's maps are its CAMs."""
-    return self_regulation_loss(model.forward_exits(batch["image"]), batch["labels"], sr, epoch,
-                                input_size=batch["image"].shape[-2:])
+    if sr.detail_target == "energy":
+        exits, features = model.forward_exits(batch["image"], with_features=True)
+    else:
+        exits, features = model.forward_exits(batch["image"]), None
+    return self_regulation_loss(exits, batch["labels"], sr, epoch, input_size=batch["image"].shape[-2:],
+                                features=features)
 
 
 def training_loss(sr: SRConfig) -> LossFn:

@@ -17,6 +17,7 @@ from pipeline.methods.self_regulation import (
     cam_exit_mask_loss,
     class_detail_loss,
     context_loss,
+    energy_detail_loss,
     self_regulation_loss,
     softened_kl,
     spatial_detail_loss,
@@ -400,7 +401,37 @@ def test_gated_detail_loss_ignores_everything_outside_the_main_cams_support():
 @pytest.mark.parametrize("raw, match", [
     ({"seg": {"sr": {"detail_gate": "deep"}}}, "'seg.sr.detail_gate'"),
     ({"cam": {"sr": {"detail_gate": "deep", "form": "soft"}}}, "'cam.sr.detail_gate'"),
+    ({"seg": {"sr": {"detail_target": "energy"}}}, "'seg.sr.detail_target'"),
+    ({"cam": {"sr": {"detail_target": "energy", "detail_gate": "deep"}}}, "'cam.sr.detail_gate'"),
 ])
 def test_detail_gate_errors_name_the_key(raw, match):
     with pytest.raises(ConfigError, match=match):
         config_from_dict(raw)
+
+
+def test_energy_detail_loss_is_attention_transfer_from_the_shallowest_map():
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 5, 8, 8)
+    energy = teacher.pow(2).mean(dim=1, keepdim=True)
+    # A student whose energy is the teacher's, area-pooled to its size (times any factor): 0.
+    matching = (3.0 * F.avg_pool2d(energy, 2)).sqrt().expand(2, 7, 4, 4).clone().requires_grad_(True)
+    assert energy_detail_loss([teacher, matching]).item() == pytest.approx(0.0, abs=1e-6)
+    other = torch.randn(2, 7, 4, 4, requires_grad=True)
+    loss = energy_detail_loss([teacher.requires_grad_(True), other, matching])
+    assert 0 < loss.item() <= 4.0
+    loss.backward()
+    assert teacher.grad is None and other.grad.abs().sum() > 0  # the teacher learns nothing from it
+    # Summed over the students, or their mean.
+    assert energy_detail_loss([teacher, other, other], "sum").item() == pytest.approx(
+        2 * energy_detail_loss([teacher, other], "mean").item())
+
+
+def test_cam_stage_energy_target_reaches_the_backbone_through_every_student_level():
+    sr = dataclasses.replace(SR, detail_target="energy", w_cls=0.0, w_main_cls=0.0, w_sl=0.0)
+    model = camnet(sr).train()
+    terms = cam_stage.training_loss(sr)(model, batch(), 0)
+    assert terms["detail"] > 0
+    terms["loss"].backward()
+    # Only Operation II is on: its gradient reaches the deepest backbone level, not the exits' heads.
+    assert model.backbone.parameters().__next__().grad is not None
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.sr_heads.parameters())

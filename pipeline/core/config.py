@@ -151,6 +151,11 @@ class SRConfig:
     # inside the main CAM's own support, its pixels at or above its spatial mean: a teacher that
     # marks nothing of the class can then rearrange the CAM inside its support, not shrink it).
     detail_gate: str = _opt("none", choices=("none", "deep"))
+    # What Operation II transfers (cam stage): classes (the exits' class maps, the authors') or
+    # energy, class-agnostic: the channel-pooled activation energy of the shallowest exit level's
+    # features is the target of every deeper exit level's and of the last level's, as attention
+    # transfer (Zagoruyko and Komodakis, ICLR 2017), with no claim about classes.
+    detail_target: str = _opt("classes", choices=("classes", "energy"))
     temperature: float = _opt(1.0, low=0.01)  # of the softmaxes of Operation II's soft form
     warmup_epochs: int = _opt(0, low=0)  # epochs with Operation I only
 

@@ -117,6 +117,12 @@ def config_from_dict(raw: dict) -> Config:
     if cfg.seg.sr.detail_gate != "none":
         raise ConfigError("config key 'seg.sr.detail_gate' gates Operation II on CAMs: "
                           "only the cam stage has them")
+    if cfg.seg.sr.detail_target != "classes":
+        raise ConfigError("config key 'seg.sr.detail_target' is energy, which is made for the cam stage's "
+                          "exits (they learn no pixel labels): set seg.sr.detail_target: classes")
+    if cfg.cam.sr.detail_target == "energy" and cfg.cam.sr.detail_gate != "none":
+        raise ConfigError("config key 'cam.sr.detail_gate' gates the class maps' Operation II, which "
+                          "cam.sr.detail_target: energy replaces: set one of them")
     if cfg.cam.sr.detail_gate != "none" and cfg.cam.sr.form != "hard":
         raise ConfigError("config key 'cam.sr.detail_gate' applies to Operation II's hard form: "
                           "set cam.sr.form: hard")

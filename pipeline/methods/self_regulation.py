@@ -165,14 +165,33 @@ def context_loss(logits: list[torch.Tensor], reduction: str = "mean") -> torch.T
                          reduction)
 
 
+def energy_detail_loss(features: list[torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+    """Operation II, class-agnostic (``detail_target: energy``): attention transfer (Zagoruyko
+    and Komodakis, ICLR 2017) from the shallowest feature map to each deeper one. A map's
+    attention is its channel mean of squares, flattened and L2-normalised; the teacher's
+    (detached, area-pooled to each student's size) is compared with the student's by the squared
+    L2 distance (between 0 and 4; the authors' mean of squares times beta/2 = 500 on CIFAR's
+    32 x 32 maps is about half of it). Summed or averaged over the students."""
+    energy = [f.pow(2).mean(dim=1, keepdim=True) for f in features]
+    teacher = energy[0].detach()
+
+    def distance(student: torch.Tensor) -> torch.Tensor:
+        target = F.normalize(F.adaptive_avg_pool2d(teacher, student.shape[-2:]).flatten(1), dim=1)
+        return (target - F.normalize(student.flatten(1), dim=1)).pow(2).sum(dim=1).mean()
+
+    return over_students([distance(student) for student in energy[1:]], reduction)
+
+
 def self_regulation_loss(exits: list[Exit], labels: torch.Tensor, cfg: SRConfig, epoch: int,
-                         mask: torch.Tensor | None = None, input_size: tuple[int, int] | None = None) -> dict:
+                         mask: torch.Tensor | None = None, input_size: tuple[int, int] | None = None,
+                         features: list[torch.Tensor] | None = None) -> dict:
     """The SR loss terms of one batch, total under "loss".
 
     ``exits``: shallow -> deep, main last; ``labels``: B x (C-1) multi-hot image labels;
     ``mask``: B x H x W pixel labels (seg stage) or None (cam stage: the maps are CAMs);
     ``epoch``: 0-based, for the warm-up; ``input_size``: the images' size (default: the
-    mask's), where ``detail_resolution: input`` compares the maps.
+    mask's), where ``detail_resolution: input`` compares the maps; ``features``: the backbone's
+    maps at the exits' levels and the last one (``detail_target: energy``, cam stage).
     """
     maps, logits = [m for m, _ in exits], [z for _, z in exits]
     per_exit = [multilabel_loss(z, labels) for z in logits]
@@ -193,7 +212,11 @@ def self_regulation_loss(exits: list[Exit], labels: torch.Tensor, cfg: SRConfig,
         teacher = resize(maps[0].detach(), size)
         students = [resize(m, size) for m in maps[1:]]
         gate = resize(maps[-1].detach(), size) if cfg.detail_gate == "deep" else None
-        if mask is not None:
+        if cfg.detail_target == "energy":
+            if features is None:
+                raise ValueError("sr.detail_target: energy needs the backbone's features (with_features)")
+            terms["detail"] = energy_detail_loss(features, cfg.reduction)
+        elif mask is not None:
             terms["detail"] = class_detail_loss(teacher, students, cfg.form, cfg.temperature, cfg.reduction)
         else:
             terms["detail"] = spatial_detail_loss(teacher, students, labels, cfg.form, cfg.temperature,

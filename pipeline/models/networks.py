@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
-from pipeline.core.config import BackboneConfig, Config, CrfConfig, SRConfig
+from pipeline.core.config import BACKBONE_LEVELS, BackboneConfig, Config, CrfConfig, SRConfig
 from pipeline.methods.crf import crf_refine_scores
 from pipeline.methods.self_regulation import Exit, SRHeads
 from pipeline.models.backbones import Backbone
@@ -70,11 +70,17 @@ class CAMNet(nn.Module):
         class_features = torch.einsum("bcn,bdn->bcd", cams, features.flatten(2)) / cams.shape[-1]
         return logits, F.linear(class_features, self.recam.weight.flatten(1))
 
-    def forward_exits(self, x: torch.Tensor) -> list[Exit]:
+    def forward_exits(self, x: torch.Tensor, with_features: bool = False):
         """Training with SR: every exit's (maps, logits), shallow -> deep; the main exit's maps
-        are the CAMs before the ReLU and its logits those of ``forward``."""
+        are the CAMs before the ReLU and its logits those of ``forward``. ``with_features``: also
+        the backbone's feature maps at the exits' levels and the last one, shallow -> deep
+        (``sr.detail_target: energy``)."""
         features = self.backbone(x)
-        return self.sr_heads(features, self.classifier(features[-1]))
+        exits = self.sr_heads(features, self.classifier(features[-1]))
+        if not with_features:
+            return exits
+        levels = [BACKBONE_LEVELS.index(level) for level in self.sr_heads.exits]
+        return exits, [features[index] for index in levels] + [features[-1]]
 
 
 class DeepLab(nn.Module):
