@@ -128,19 +128,28 @@ def main(argv=None) -> int:
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    for name, (cfg, overrides) in configs.items():
+    run_resumable(args.out, {name: cfg for name, (cfg, _) in configs.items()},
+                  lambda name, cfg, dataset, device: run_variant(cfg, dataset, device, model_file)
+                  | {"overrides": configs[name][1]},
+                  lambda r: f"ReCAM {r['recam_train_s']} s, CAMs {r['cam_inference_s']} s")
+    return 0
+
+
+def run_resumable(out: Path, configs: dict, run_one, describe) -> None:
+    """Runs ``run_one(name, cfg, dataset, device)`` per variant not yet in the ``out`` JSON and
+    saves each result there at once, so that a killed run resumes after its last variant."""
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    for name, cfg in configs.items():
         if name in results:
             print(f"{name}: done before, best {100 * results[name]['best_miou']:.1f}")
             continue
         configure_threads(cfg.num_threads)
         dataset, device = open_dataset(cfg.data), select_device(cfg.device)
-        results[name] = run_variant(cfg, dataset, device, model_file) | {"overrides": overrides}
-        atomic_write_json(args.out, results)
+        results[name] = run_one(name, cfg, dataset, device)
+        atomic_write_json(out, results)
         r = results[name]
-        print(f"{name}: CAM best {100 * r['best_miou']:.1f} at {r['best_bg_threshold']}, "
-              f"ReCAM {r['recam_train_s']} s, CAMs {r['cam_inference_s']} s", flush=True)
-    return 0
+        print(f"{name}: CAM best {100 * r['best_miou']:.1f} at {r['best_bg_threshold']}, {describe(r)}",
+              flush=True)
 
 
 if __name__ == "__main__":

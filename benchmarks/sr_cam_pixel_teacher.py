@@ -26,22 +26,19 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import re
 import sys
 import time
 from pathlib import Path
 
 import torch
-from recam_variants import score_cams
+from recam_variants import run_resumable, score_cams
 
 from pipeline.core.config import SRConfig
 from pipeline.core.config_file import load_config
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import atomic_write_json
-from pipeline.core.runtime import configure_threads, seed_everything, select_device
+from pipeline.core.runtime import seed_everything
 from pipeline.core.training import loss_curve, make_train_loader, train
-from pipeline.data.dataset import open_dataset
 from pipeline.data.training_set import MaskFolder, TrainingSet
 from pipeline.methods.self_regulation import cam_exit_mask_loss, self_regulation_loss
 from pipeline.models.networks import CAMNet
@@ -107,19 +104,12 @@ def main(argv=None) -> int:
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    for name, cfg in configs.items():
-        if name in results:
-            print(f"{name}: done before, best {100 * results[name]['best_miou']:.1f}")
-            continue
-        configure_threads(cfg.num_threads)
-        dataset, device = open_dataset(cfg.data), select_device(cfg.device)
+    def run_one(name, cfg, dataset, device) -> dict:
         keep = args.out.with_name(f"{args.out.stem}.{name}.pt")
-        results[name] = run_variant(cfg, dataset, device, masks, keep) | {"variant": name}
-        atomic_write_json(args.out, results)
-        r = results[name]
-        print(f"{name}: CAM best {100 * r['best_miou']:.1f} at {r['best_bg_threshold']}, "
-              f"Otsu {100 * r.get('otsu_miou', float('nan')):.1f}, train {r['train_s']} s", flush=True)
+        return run_variant(cfg, dataset, device, masks, keep) | {"variant": name}
+
+    run_resumable(args.out, configs, run_one,
+                  lambda r: f"Otsu {100 * r.get('otsu_miou', float('nan')):.1f}, train {r['train_s']} s")
     return 0
 
 
