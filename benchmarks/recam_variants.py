@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -56,24 +57,24 @@ def score_cams(model, cfg, dataset, device) -> dict:
     """The train CAMs scored as the cam stage scores them (float16 maps, the threshold sweep,
     and Otsu's threshold of their own max-CAM histogram: the stage's ``otsu_miou``)."""
     confusions = {t: np.zeros((dataset.num_classes,) * 2, np.int64) for t in THRESHOLD_SWEEP}
-    histogram, kept = np.zeros(MAX_CAM_BINS, dtype=np.int64), {}
+    histogram, kept = np.zeros(MAX_CAM_BINS, dtype=np.int64), {}  # id -> (CAMs, classes, mask)
     model.eval()
     for image_id in tqdm(sorted(score_ids(cfg.data, dataset)), desc="cams", leave=False):
         classes = dataset.image_labels(image_id)
         image = normalize(dataset.load_image(image_id)).to(device)
         cams = multiscale_cams(model, image, classes, cfg.cam.scales, cfg.cam.flip).astype(np.float16)
-        kept[image_id] = (cams.astype(np.float32), classes)
-        histogram += max_cam_histogram(kept[image_id][0])
-        add_threshold_confusions(confusions, dataset.load_mask(image_id), kept[image_id][0], classes,
-                                 dataset.num_classes)
+        cams, gt = cams.astype(np.float32), dataset.load_mask(image_id)
+        kept[image_id] = (cams, classes, gt)
+        histogram += max_cam_histogram(cams)
+        add_threshold_confusions(confusions, gt, cams, classes, dataset.num_classes)
     sweep = threshold_sweep(confusions, dataset.classes)
     best = confusions[sweep["best_bg_threshold"]]
     scores = sweep | {"per_class_iou_at_best": iou_scores(best, dataset.classes)["per_class_iou"]}
     thresholds = otsu_thresholds(histogram)
     if thresholds is not None:
-        otsu = {t: np.zeros((dataset.num_classes,) * 2, np.int64) for t in [thresholds[0]]}
-        for image_id, (cams, classes) in kept.items():
-            add_threshold_confusions(otsu, dataset.load_mask(image_id), cams, classes, dataset.num_classes)
+        otsu = {thresholds[0]: np.zeros((dataset.num_classes,) * 2, np.int64)}
+        for cams, classes, gt in kept.values():
+            add_threshold_confusions(otsu, gt, cams, classes, dataset.num_classes)
         scores |= {"otsu_bg_threshold": round(thresholds[0], 4),
                    "otsu_miou": iou_scores(otsu[thresholds[0]], dataset.classes)["miou"]}
     return scores
@@ -102,6 +103,13 @@ def run_variant(cfg, dataset, device, model_file: Path) -> dict:
             "cam_inference_s": round(time.perf_counter() - trained, 1), "losses": curves} | scores
 
 
+def parse_variant(variant: str) -> tuple[str, list[str]]:
+    """``NAME:KEY=VALUE,KEY=VALUE`` -> (name, overrides); a comma inside brackets belongs to a
+    list value (``cam.sr.exits=[layer2, layer3]``)."""
+    name, _, settings = variant.partition(":")
+    return name, [s for s in re.split(r",(?![^\[]*\])", settings) if s]
+
+
 def variant_configs(args) -> dict:
     """Each variant's config, loaded before any work: ``cam.recam`` starts from the authors'
     settings (ReCamConfig's defaults) whatever ``--config`` sets; then ``--set``, then the
@@ -110,8 +118,7 @@ def variant_configs(args) -> dict:
                if key != "enabled"]
     configs = {}
     for variant in args.variant:
-        name, _, settings = variant.partition(":")
-        overrides = [s for s in settings.split(",") if s]
+        name, overrides = parse_variant(variant)
         enabled = "false" if name == "none" else "true"
         configs[name] = (load_config(args.config, authors + args.overrides + [f"cam.recam.enabled={enabled}"]
                                      + overrides), overrides)

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
-from recam_variants import run_resumable, score_cams
+from recam_variants import parse_variant, run_resumable, score_cams
 
 from pipeline.core.config import SRConfig
 from pipeline.core.config_file import load_config
@@ -42,7 +41,7 @@ from pipeline.core.training import loss_curve, make_train_loader, train
 from pipeline.data.training_set import MaskFolder, TrainingSet
 from pipeline.methods.self_regulation import cam_exit_mask_loss, self_regulation_loss
 from pipeline.models.networks import CAMNet
-from stages.cam import train_recam
+from stages.cam import exits_and_features, train_recam
 
 
 def parse_args(argv):
@@ -60,8 +59,9 @@ def parse_args(argv):
 
 def pixel_teacher_loss(model, batch, epoch, sr: SRConfig) -> dict:
     """The cam stage's SR loss plus the exits' pixel term against the first round's pseudo masks."""
-    exits = model.forward_exits(batch["image"])
-    terms = self_regulation_loss(exits, batch["labels"], sr, epoch, input_size=batch["image"].shape[-2:])
+    exits, features = exits_and_features(model, batch["image"], sr)
+    terms = self_regulation_loss(exits, batch["labels"], sr, epoch, input_size=batch["image"].shape[-2:],
+                                 features=features)
     pixel = cam_exit_mask_loss([maps for maps, _ in exits[:-1]], batch["mask"])
     return terms | {"loss": terms["loss"] + sr.w_seg * pixel, "exit_pixel": pixel}
 
@@ -93,9 +93,7 @@ def main(argv=None) -> int:
     try:
         configs = {}
         for variant in args.variant:
-            name, _, settings = variant.partition(":")
-            # Commas inside brackets belong to a list value: cam.sr.exits=[layer2, layer3].
-            overrides = [s for s in re.split(r",(?![^\[]*\])", settings) if s]
+            name, overrides = parse_variant(variant)
             configs[name] = load_config(args.config, args.overrides + overrides)
             if not configs[name].cam.sr.enabled:
                 raise PipelineError(f"--variant {name} needs cam.sr.enabled=true (its exits learn the masks)")
@@ -104,6 +102,7 @@ def main(argv=None) -> int:
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
     def run_one(name, cfg, dataset, device) -> dict:
         keep = args.out.with_name(f"{args.out.stem}.{name}.pt")
         return run_variant(cfg, dataset, device, masks, keep) | {"variant": name}

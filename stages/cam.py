@@ -94,12 +94,17 @@ def classification_loss(model, batch, epoch) -> dict:
     return {"loss": multilabel_loss(model(batch["image"]), batch["labels"])}
 
 
+def exits_and_features(model, image: torch.Tensor, sr: SRConfig) -> tuple[list, list | None]:
+    """The SR exits of a training pass, and the backbone's features where Operation II needs
+    them (``sr.detail_target: energy``; None otherwise)."""
+    if sr.detail_target == "energy":
+        return model.forward_exits(image, with_features=True)
+    return model.forward_exits(image), None
+
+
 def sr_classification_loss(model, batch, epoch, sr: SRConfig) -> dict:
     """Self-Regulation without pixel labels: every exit's maps are its CAMs."""
-    if sr.detail_target == "energy":
-        exits, features = model.forward_exits(batch["image"], with_features=True)
-    else:
-        exits, features = model.forward_exits(batch["image"]), None
+    exits, features = exits_and_features(model, batch["image"], sr)
     return self_regulation_loss(exits, batch["labels"], sr, epoch, input_size=batch["image"].shape[-2:],
                                 features=features)
 

@@ -208,19 +208,22 @@ def self_regulation_loss(exits: list[Exit], labels: torch.Tensor, cfg: SRConfig,
         terms["seg"] = seg
         total = total + cfg.w_seg * seg
     if epoch >= cfg.warmup_epochs:
-        size = maps[0].shape[-2:] if cfg.detail_resolution == "teacher" else (input_size or mask.shape[-2:])
-        teacher = resize(maps[0].detach(), size)
-        students = [resize(m, size) for m in maps[1:]]
-        gate = resize(maps[-1].detach(), size) if cfg.detail_gate == "deep" else None
         if cfg.detail_target == "energy":
             if features is None:
                 raise ValueError("sr.detail_target: energy needs the backbone's features (with_features)")
             terms["detail"] = energy_detail_loss(features, cfg.reduction)
-        elif mask is not None:
-            terms["detail"] = class_detail_loss(teacher, students, cfg.form, cfg.temperature, cfg.reduction)
-        else:
-            terms["detail"] = spatial_detail_loss(teacher, students, labels, cfg.form, cfg.temperature,
-                                                  cfg.reduction, gate)
+        else:  # the exits' class maps, each upsampled to one size
+            size = (maps[0].shape[-2:] if cfg.detail_resolution == "teacher"
+                    else (input_size or mask.shape[-2:]))
+            teacher = resize(maps[0].detach(), size)
+            students = [resize(m, size) for m in maps[1:]]
+            if mask is not None:
+                terms["detail"] = class_detail_loss(teacher, students, cfg.form, cfg.temperature,
+                                                    cfg.reduction)
+            else:
+                gate = resize(maps[-1].detach(), size) if cfg.detail_gate == "deep" else None
+                terms["detail"] = spatial_detail_loss(teacher, students, labels, cfg.form, cfg.temperature,
+                                                      cfg.reduction, gate)
         terms["context"] = context_loss(logits, cfg.reduction)
     else:
         terms["detail"] = terms["context"] = cls.new_zeros(())
