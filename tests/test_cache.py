@@ -7,6 +7,7 @@ from pipeline.core.cache import (
     cache_key,
     describe_changes,
     manifest_config,
+    section_for_cache,
     stage_status,
     training_key,
     upstream_keys,
@@ -152,3 +153,19 @@ def test_recorded_config_merges_the_scoring_keys_back():
                            "scoring": {"config": {"data.val_split": "val", "seg.flip_predict": False}}}}
     assert manifest_config(manifest) == {"data": {"root": "d", "val_split": "val"},
                                          "seg": {"lr": 1, "flip_predict": False}}
+
+
+def test_options_added_later_leave_no_trace_at_their_default():
+    """A cam or seg cache made with SR on before detail_gate and detail_target existed keeps its
+    key: at their defaults they are not in it; any other value is."""
+    from pipeline.core.config_file import config_from_dict
+
+    on = {"enabled": True}
+    plain = section_for_cache(config_from_dict({"cam": {"sr": on}, "seg": {"sr": on}}), "cam", "seg")
+    for section in ("cam", "seg"):
+        assert plain[section]["sr"]["enabled"] is True
+        assert "detail_gate" not in plain[section]["sr"] and "detail_target" not in plain[section]["sr"]
+    gated = section_for_cache(config_from_dict({"cam": {"sr": on | {"detail_gate": "deep"}}}), "cam")
+    assert gated["cam"]["sr"]["detail_gate"] == "deep"
+    energy = section_for_cache(config_from_dict({"cam": {"sr": on | {"detail_target": "energy"}}}), "cam")
+    assert energy["cam"]["sr"]["detail_target"] == "energy" and "detail_gate" not in energy["cam"]["sr"]

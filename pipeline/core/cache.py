@@ -334,21 +334,27 @@ SCORING_DATA_KEYS = ("data.score_split", "data.volume_pattern", "data.spacing", 
 
 # Keys that change how fast a stage runs but never what it computes; they stay out of cache keys.
 EXECUTION_ONLY_KEYS = {"device", "num_threads", "refine.workers"}
+# Options added after caches were made, whose default computes what those caches hold: at the
+# default they leave no trace in a key, so the caches stay valid.
+NO_TRACE_AT_DEFAULT = {"cam.sr.detail_gate": "none", "cam.sr.detail_target": "classes",
+                       "seg.sr.detail_gate": "none", "seg.sr.detail_target": "classes"}
 
 
 def section_for_cache(cfg: Config, *keys: str, omit: tuple[str, ...] = ()) -> dict:
-    """The listed top-level sections/keys of ``cfg`` without execution-only keys and the dotted
-    keys in ``omit`` (at any depth); a switched-off feature (a section with ``enabled: false``) is
-    left out, so tuning its parameters while it is off does not invalidate the cache."""
+    """The listed top-level sections/keys of ``cfg`` without execution-only keys, the dotted
+    keys in ``omit`` (at any depth) and the options of NO_TRACE_AT_DEFAULT at their default; a
+    switched-off feature (a section with ``enabled: false``) is left out, so tuning its
+    parameters while it is off does not invalidate the cache."""
     full = dataclasses.asdict(cfg)
     picked = {k: full[k] for k in keys}
-    for dotted in EXECUTION_ONLY_KEYS | set(omit):
+    for dotted in EXECUTION_ONLY_KEYS | set(omit) | set(NO_TRACE_AT_DEFAULT):
         *path, last = dotted.split(".")
         tree = picked
         for name in path:
             tree = tree.get(name) if isinstance(tree, dict) else None
-        if isinstance(tree, dict):
-            tree.pop(last, None)
+        if isinstance(tree, dict) and last in tree and (
+                dotted not in NO_TRACE_AT_DEFAULT or tree[last] == NO_TRACE_AT_DEFAULT[dotted]):
+            tree.pop(last)
     return _drop_disabled(picked)
 
 
