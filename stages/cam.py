@@ -196,7 +196,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
         else:
             model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1, cfg.cam.sr).to(device)
             train_set = TrainingSet(dataset, train_ids, cfg.cam.train.crop_size, cfg.cam.train.scale_range,
-                                    color_jitter=cfg.cam.train.color_jitter)
+                                    color_jitter=cfg.cam.train.color_jitter, rotation=cfg.cam.train.rotation)
             loader = make_train_loader(train_set, cfg.cam.train, cfg.data.loader_workers, generator)
             curves = train_cam_network(cfg, model, loader, device, out.dir)
             save_checkpoint(out.dir / "model.pt", model)

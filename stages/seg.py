@@ -161,7 +161,7 @@ def training_loader(cfg: Config, dataset: VOCDataset, pseudo_folder: Path, gener
     if cfg.mode == "mixed":
         train_set = MixedTrainingSet(dataset, train_ids, full_ids,
                                      weak_labels(cfg.mixed, dataset, pseudo_masks),
-                                     crop, scales, cfg.seg.train.color_jitter)
+                                     crop, scales, cfg.seg.train.color_jitter, cfg.seg.train.rotation)
         full = set(full_ids)
         sampler = MixedBatchSampler([i for i, x in enumerate(train_ids) if x in full],
                                     [i for i, x in enumerate(train_ids) if x not in full],
@@ -170,7 +170,7 @@ def training_loader(cfg: Config, dataset: VOCDataset, pseudo_folder: Path, gener
                                  batch_sampler=sampler)
     labels = pseudo_masks if cfg.mode == "weak" else dataset.load_train_mask
     train_set = TrainingSet(dataset, train_ids, crop, scales, pixel_labels={"mask": labels},
-                            color_jitter=cfg.seg.train.color_jitter)
+                            color_jitter=cfg.seg.train.color_jitter, rotation=cfg.seg.train.rotation)
     return make_train_loader(train_set, cfg.seg.train, cfg.data.loader_workers, generator)
 
 

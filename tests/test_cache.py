@@ -169,3 +169,7 @@ def test_options_added_later_leave_no_trace_at_their_default():
     assert gated["cam"]["sr"]["detail_gate"] == "deep"
     energy = section_for_cache(config_from_dict({"cam": {"sr": on | {"detail_target": "energy"}}}), "cam")
     assert energy["cam"]["sr"]["detail_target"] == "energy" and "detail_gate" not in energy["cam"]["sr"]
+    # Training augmentations added later: the rotation of 0 draws nothing, so caches stay valid.
+    assert "rotation" not in plain["seg"]["train"] and "rotation" not in plain["cam"]["train"]
+    turned = section_for_cache(config_from_dict({"seg": {"train": {"rotation": 20}}}), "seg", "refine")
+    assert turned["seg"]["train"]["rotation"] == 20 and "rotation" not in turned["refine"]["irn"]["train"]

@@ -98,6 +98,27 @@ def test_training_crops_keep_masks_nearest_neighbour_and_pad_with_ignore(voc_fol
             assert item["image"][:, padded].abs().max() == 0
 
 
+def test_rotation_turns_image_and_masks_together_and_fills_corners_as_padding(voc_folder):
+    dataset = VOCDataset(voc_folder)
+    plain = TrainingSet(dataset, ["a"], crop_size=32, scale_range=[1.0, 1.0],
+                        pixel_labels={"mask": dataset.load_mask})
+    turned = TrainingSet(dataset, ["a"], crop_size=32, scale_range=[1.0, 1.0],
+                         pixel_labels={"mask": dataset.load_mask}, rotation=45.0)
+    torch.manual_seed(0)
+    unturned = [plain[0]["mask"] for _ in range(6)]
+    torch.manual_seed(0)
+    for before in unturned:
+        item = turned[0]
+        mask = item["mask"]
+        assert set(mask.unique().tolist()) <= {0, 1, 2, IGNORE}  # nearest label, never a blend
+        corners = mask == IGNORE
+        # A turn of up to 45 degrees moves most labels and empties some corners; the filled
+        # corners are the mean colour, zero once normalised, as padding is.
+        if not torch.equal(mask, before):
+            assert corners.any() and item["image"][:, corners].abs().max() < 0.02
+        assert (mask != IGNORE).sum() > 0.5 * mask.numel()
+
+
 def test_fingerprint_changes_when_a_file_changes(voc_folder):
     before = VOCDataset(voc_folder).fingerprint("train")
     assert VOCDataset(voc_folder).fingerprint("train") == before

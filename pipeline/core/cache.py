@@ -337,7 +337,9 @@ EXECUTION_ONLY_KEYS = {"device", "num_threads", "refine.workers"}
 # Options added after caches were made, whose default computes what those caches hold: at the
 # default they leave no trace in a key, so the caches stay valid.
 NO_TRACE_AT_DEFAULT = {"cam.sr.detail_gate": "none", "cam.sr.detail_target": "classes",
-                       "seg.sr.detail_gate": "none", "seg.sr.detail_target": "classes"}
+                       "seg.sr.detail_gate": "none", "seg.sr.detail_target": "classes",
+                       "cam.train.rotation": 0.0, "seg.train.rotation": 0.0,
+                       "refine.affinity.train.rotation": 0.0, "refine.irn.train.rotation": 0.0}
 
 
 def section_for_cache(cfg: Config, *keys: str, omit: tuple[str, ...] = ()) -> dict:

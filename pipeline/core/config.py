@@ -112,6 +112,10 @@ class TrainConfig:
     # Random brightness, contrast, saturation and hue of the image (torchvision's ColorJitter);
     # [] for none. PSA trains its AffinityNet with [0.3, 0.3, 0.3, 0.1] (train_aff.py:43-62).
     color_jitter: list[float] = _opt([])
+    # A random rotation within +-rotation degrees, after the flip (bilinear for the image, the
+    # nearest label for masks; corners filled with the mean colour, unlabelled); 0 for none.
+    # The semi-supervised cardiac U-Nets rotate by up to 20 degrees (SSL4MIS dataloaders/dataset.py).
+    rotation: float = _opt(0.0, low=0.0, high=180.0)
 
 
 @dataclass

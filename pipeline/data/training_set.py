@@ -1,5 +1,5 @@
 """What a training step reads: normalised images, multi-hot image labels, pixel labels from
-a mask folder, and the random scale, flip, colour jitter and crop of :class:`TrainingSet`.
+a mask folder, and the random scale, flip, rotation, colour jitter and crop of :class:`TrainingSet`.
 """
 from __future__ import annotations
 
@@ -17,9 +17,8 @@ from pipeline.data.dataset import IGNORE, VOCDataset
 # Images are normalised with the ImageNet statistics whatever the initialisation, so
 # pretrained and random backbones see the same input range.
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-
-
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+MEAN_COLOUR = tuple(int(round(255 * m)) for m in MEAN)  # normalised to about zero, as padding is
 
 
 def normalize(image: np.ndarray) -> torch.Tensor:
@@ -46,7 +45,7 @@ class MaskFolder:
 
 
 class TrainingSet(torch.utils.data.Dataset):
-    """Random rescale, horizontal flip, pad and crop of an image and its pixel labels.
+    """Random rescale, horizontal flip, rotation, pad and crop of an image and its pixel labels.
 
     ``pixel_labels`` maps item keys to id -> uint8 mask functions (ground truth, pseudo
     masks, weak labels), e.g. ``{"mask": dataset.load_train_mask}``; every mask gets the
@@ -55,7 +54,7 @@ class TrainingSet(torch.utils.data.Dataset):
 
     def __init__(self, dataset: VOCDataset, ids: list[str], crop_size: int, scale_range: list[float],
                  pixel_labels: Optional[dict[str, Callable[[str], np.ndarray]]] = None,
-                 color_jitter: Optional[list[float]] = None):
+                 color_jitter: Optional[list[float]] = None, rotation: float = 0.0):
         self.dataset = dataset
         self.ids = ids
         self.crop_size = crop_size
@@ -63,6 +62,7 @@ class TrainingSet(torch.utils.data.Dataset):
         self.pixel_labels = pixel_labels or {}
         # The image only; no draw at all without it, so runs without jitter keep their augmentations.
         self.jitter = torchvision.transforms.ColorJitter(*color_jitter) if color_jitter else None
+        self.rotation = rotation  # likewise: 0 draws nothing
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -82,6 +82,10 @@ class TrainingSet(torch.utils.data.Dataset):
         if torch.rand(()).item() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
             masks = {key: mask.transpose(Image.FLIP_LEFT_RIGHT) for key, mask in masks.items()}
+        if self.rotation:
+            angle = (2 * torch.rand(()).item() - 1) * self.rotation
+            image = image.rotate(angle, Image.BILINEAR, fillcolor=MEAN_COLOUR)
+            masks = {key: mask.rotate(angle, Image.NEAREST, fillcolor=IGNORE) for key, mask in masks.items()}
         image_t, masks_t = self._pad_and_crop(
             normalize(np.array(image)),
             {key: torch.from_numpy(np.array(mask, dtype=np.int64)) for key, mask in masks.items()})

@@ -142,10 +142,10 @@ class MixedTrainingSet(TrainingSet):
     full masks, all 255 for weak images), ``weak_mask`` (the student's) and ``is_full``."""
 
     def __init__(self, dataset: VOCDataset, ids: list[str], full_ids: list[str], weak, crop_size: int,
-                 scale_range: list[float], color_jitter: list[float] | None = None):
+                 scale_range: list[float], color_jitter: list[float] | None = None, rotation: float = 0.0):
         super().__init__(dataset, ids, crop_size, scale_range,
                          pixel_labels={"mask": TeacherMasks(dataset, full_ids), "weak_mask": weak},
-                         color_jitter=color_jitter)
+                         color_jitter=color_jitter, rotation=rotation)
         self.full_ids = frozenset(full_ids)
 
     def __getitem__(self, index: int) -> dict:
