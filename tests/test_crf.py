@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from pipeline.core.config import CrfConfig
-from pipeline.methods.crf import crf_refine_labels, crf_refine_scores
+from pipeline.methods.crf import crf_label_marginals, crf_refine_labels, crf_refine_scores
 from pipeline.models.networks import predict_batch, predict_with_crf
 
 
@@ -31,6 +31,20 @@ def test_crf_keeps_a_small_region_that_has_its_own_colour_but_smooths_one_that_h
     refined = crf_refine_labels(image, labels, 3, CrfConfig(bilateral_sxy=10))
     assert (refined[5:15, 5:15] == 2).mean() > 0.95
     assert (refined[20:23, 20:23] == 1).sum() == 0
+
+
+def test_label_marginals_are_probabilities_least_sure_where_the_labels_disagree_with_the_edge():
+    image = np.zeros((20, 40, 3), np.uint8)
+    image[:, 20:] = 220
+    labels = np.zeros((20, 40), np.int64)
+    labels[:, 26:] = 1  # 6 px short of the colour edge at column 20
+    cfg = CrfConfig(bilateral_sxy=20)
+    marginals = crf_label_marginals(image, labels, 2, cfg)
+    assert marginals.shape == (2, 20, 40)
+    np.testing.assert_allclose(marginals.sum(axis=0), 1.0, atol=1e-5)
+    assert (marginals.argmax(axis=0) == crf_refine_labels(image, labels, 2, cfg)).all()
+    confidence = marginals.max(axis=0)
+    assert confidence[:, 21:25].mean() < confidence[:, :10].mean()  # the strip the labels got wrong
 
 
 def test_crf_on_scores_without_pairwise_terms_is_the_argmax_of_the_clipped_scores():

@@ -15,11 +15,17 @@ def crf_refine_labels(image: np.ndarray, labels: np.ndarray, num_labels: int, cf
     (smoothness) and a bilateral (appearance) pairwise term then move labels to where
     colour edges are.
     """
+    return np.argmax(crf_label_marginals(image, labels, num_labels, cfg), axis=0)
+
+
+def crf_label_marginals(image: np.ndarray, labels: np.ndarray, num_labels: int, cfg: CrfConfig) -> np.ndarray:
+    """The num_labels x H x W marginals behind :func:`crf_refine_labels`: how sure the CRF is of
+    each pixel's label (CLIP-ES leaves pixels whose largest marginal is below 0.95 unlabelled)."""
     height, width = labels.shape
     if image.shape[:2] != (height, width):
         raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in size")
-    return _crf_argmax(image, unary_from_labels(labels, num_labels, gt_prob=cfg.gt_prob, zero_unsure=False),
-                       num_labels, cfg)
+    unary = unary_from_labels(labels, num_labels, gt_prob=cfg.gt_prob, zero_unsure=False)
+    return _crf_marginals(image, unary, num_labels, cfg)
 
 
 def crf_refine_scores(image: np.ndarray, scores: np.ndarray, cfg: CrfConfig) -> np.ndarray:
@@ -29,15 +35,15 @@ def crf_refine_scores(image: np.ndarray, scores: np.ndarray, cfg: CrfConfig) -> 
     if image.shape[:2] != scores.shape[-2:]:
         raise ValueError(f"image {image.shape[:2]} and scores {scores.shape[-2:]} differ in size")
     scores = np.ascontiguousarray(scores, dtype=np.float32)
-    return _crf_argmax(image, np.ascontiguousarray(unary_from_softmax(scores)), len(scores), cfg)
+    unary = np.ascontiguousarray(unary_from_softmax(scores))
+    return np.argmax(_crf_marginals(image, unary, len(scores), cfg), axis=0)
 
 
-def _crf_argmax(image: np.ndarray, unary: np.ndarray, num_labels: int, cfg: CrfConfig) -> np.ndarray:
+def _crf_marginals(image: np.ndarray, unary: np.ndarray, num_labels: int, cfg: CrfConfig) -> np.ndarray:
     height, width = image.shape[:2]
     crf = dcrf.DenseCRF2D(width, height, num_labels)
     crf.setUnaryEnergy(unary)
     crf.addPairwiseGaussian(sxy=cfg.gaussian_sxy, compat=cfg.gaussian_compat)
     crf.addPairwiseBilateral(sxy=cfg.bilateral_sxy, srgb=cfg.bilateral_srgb,
                              rgbim=np.ascontiguousarray(image), compat=cfg.bilateral_compat)
-    q = np.array(crf.inference(cfg.iterations)).reshape(num_labels, height, width)
-    return np.argmax(q, axis=0)
+    return np.array(crf.inference(cfg.iterations)).reshape(num_labels, height, width)
