@@ -74,6 +74,11 @@ def test_mask_errors_splits_the_pixels_by_kind_of_error(tmp_path, capsys):
         "right: 83.8%",  # 99 - 16
         "unsure: 5.1% of the pixels, of which background in the ground truth: 80.0%",
     ]
+    assert mask_errors.main(command + ["--class", "cat"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (  # 40 cat pixels: 34 right, 3 dog, 2 bg, 1 unsure
+        "cat, 40 true pixels, marked: cat 85.0%, dog 7.5%, background 5.0%, unsure 2.5%")
+    assert mask_errors.main(command + ["--class", "horse"]) == 2
+    assert "--class horse is not a class" in one_error_line(capsys)
     save_mask(tmp_path / "masks" / "a.png", mask[:, :8])
     assert mask_errors.main(command) == 2
     assert "a.png is 8x10 px, its ground truth 10x10" in one_error_line(capsys)

@@ -3,10 +3,12 @@
 shares of the scored pixels that are background marked as a class, a class marked as
 background, one class marked as another, and right; and what the ground truth holds under the
 unsure pixels (255). Unsure counts as background in the first four shares, as in the argmax
-protocol of refine's ``miou``. Give the config (and --set) of the run that made the masks:
+protocol of refine's ``miou``. ``--class NAME`` (repeatable) adds what the masks call that
+class's true pixels (the labels that take at least 1% of them, unsure included). Give the config
+(and --set) of the run that made the masks:
 
     python tools/mask_errors.py --masks runs/m16/refine/pseudo --config configs/msrc.yaml \\
-        --set data.root=../shared/data/msrc-dev
+        --set data.root=../shared/data/msrc-dev --class face
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--masks", type=Path, required=True, help="a folder of <id>.png pseudo masks")
+    parser.add_argument("--class", dest="classes", action="append", default=[], metavar="NAME",
+                        help="also print what the masks call this class's true pixels")
     return parser.parse_args(argv)
 
 
@@ -40,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
             raise PipelineError(f"--masks {args.masks} is not a folder")
         cfg = load_config(args.config, args.overrides)
         dataset = open_dataset(cfg.data)
+        unknown = [name for name in args.classes if name not in dataset.classes]
+        if unknown:
+            raise PipelineError(f"--class {unknown[0]} is not a class of {dataset.root} "
+                                f"({', '.join(dataset.classes)})")
         # The two matrices refine scores its masks with: unsure as background, and sure pixels only.
         confusion = np.zeros((dataset.num_classes,) * 2, dtype=np.int64)
         sure = confusion.copy()
@@ -73,7 +81,21 @@ def main(argv: list[str] | None = None) -> int:
     if unsure:
         print(f"unsure: {100 * unsure / total:.1f}% of the pixels, of which background in the ground truth: "
               f"{100 * unsure_by_truth[0] / unsure:.1f}%")
+    for name in args.classes:
+        print(class_labels(name, dataset.classes, sure, unsure_by_truth))
     return 0
+
+
+def class_labels(name: str, classes: list[str], sure: np.ndarray, unsure_by_truth: np.ndarray) -> str:
+    """One line: the shares of class ``name``'s true pixels by the label the masks give them."""
+    k = classes.index(name)
+    counts = dict(zip(classes, sure[k].tolist())) | {"unsure": int(unsure_by_truth[k])}
+    total = sum(counts.values())
+    if not total:
+        return f"{name}: no pixel of it in the ground truth"
+    shares = sorted(((count / total, label) for label, count in counts.items()), reverse=True)
+    return f"{name}, {total} true pixels, marked: " + ", ".join(
+        f"{label} {100 * share:.1f}%" for share, label in shares if share >= 0.01)
 
 
 if __name__ == "__main__":
