@@ -16,9 +16,9 @@ pixels, the unsure share, and the IoU over sure pixels of the ``--classes`` name
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
+from region_snapping import add_refine_run_arguments
 from tqdm import tqdm
 
 from pipeline.core.config_file import load_config
@@ -32,11 +32,7 @@ from pipeline.refinement.masks import combine_confident
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", required=True)
-    parser.add_argument("--config", required=True, help="the run's config (refine.crf's kernels)")
-    parser.add_argument("--run", required=True, type=Path)
-    parser.add_argument("--fg", type=float, required=True)
-    parser.add_argument("--bg", type=float, required=True)
+    add_refine_run_arguments(parser)
     parser.add_argument("--tau", type=float, nargs="+", default=[0.0, 0.8, 0.9, 0.95])
     parser.add_argument("--classes", nargs="*", default=[])
     return parser.parse_args()

@@ -33,14 +33,19 @@ from pipeline.methods.regions import image_regions, vote_in_regions
 from pipeline.refinement.masks import pseudo_mask
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_refine_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of a benchmark that remakes a finished run's refine masks in memory."""
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--config", required=True, help="the run's config (refine.crf's kernels)")
     parser.add_argument("--run", required=True, type=Path)
-    parser.add_argument("--fg", type=float, required=True)
-    parser.add_argument("--bg", type=float, required=True)
+    parser.add_argument("--fg", type=float, required=True, help="refine's high threshold in the run")
+    parser.add_argument("--bg", type=float, required=True, help="refine's low threshold in the run")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_refine_run_arguments(parser)
     parser.add_argument("--felzenszwalb", type=float, nargs="*", default=[], metavar="K")
     parser.add_argument("--slic", type=int, nargs="*", default=[], metavar="SIZE", help="region side, px")
     parser.add_argument("--pool", nargs="*", default=[], metavar="K:SHARE")
