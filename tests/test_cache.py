@@ -173,3 +173,7 @@ def test_options_added_later_leave_no_trace_at_their_default():
     assert "rotation" not in plain["seg"]["train"] and "rotation" not in plain["cam"]["train"]
     turned = section_for_cache(config_from_dict({"seg": {"train": {"rotation": 20}}}), "seg", "refine")
     assert turned["seg"]["train"]["rotation"] == 20 and "rotation" not in turned["refine"]["irn"]["train"]
+    # DMPLS's term, added to mixed mode later: off (weight 0) it draws nothing and leaves no trace.
+    assert "w_dmpls" not in section_for_cache(config_from_dict({}), "mixed")["mixed"]
+    dmpls = section_for_cache(config_from_dict({"mixed": {"w_dmpls": 0.5}}), "mixed")
+    assert dmpls["mixed"]["w_dmpls"] == 0.5

@@ -21,7 +21,9 @@ from pipeline.methods.mixed import (
     full_subset,
     mean_entropy,
     mixed_fingerprint,
+    mixed_pseudo_label_loss,
     mixed_supervision_loss,
+    squared_dice_loss,
     teacher_student_kl,
     weak_labels,
 )
@@ -197,6 +199,58 @@ def test_partial_ce_and_entropy_follow_the_authors_code_or_the_pooled_weak_only_
     per_image = [mean_entropy(student[i:i + 1]) for i in range(3)]  # one full image (a), two weak
     assert torch.isclose(authors["entropy"], (3 * per_image[0] + per_image[1] + per_image[2]) / 5)
     assert torch.isclose(ours["entropy"], (per_image[1] + per_image[2]) / 2)
+
+
+def test_squared_dice_is_wsl4mis_dice_over_every_class_and_the_whole_batch():
+    target = torch.tensor([[[0, 1], [2, 2]]])
+    exact = torch.nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float()
+    assert squared_dice_loss(exact, target) < 1e-6
+    # uniform probabilities over 3 classes: per class 2 * (n_c / 3) / (4 / 9 + n_c), n_c = 1, 1, 2
+    uniform = torch.full((1, 3, 2, 2), 1 / 3)
+    per_class = [2 * (n / 3) / (4 / 9 + n) for n in (1, 1, 2)]
+    assert math.isclose(squared_dice_loss(uniform, target).item(), 1 - sum(per_class) / 3, rel_tol=1e-4)
+
+
+def test_mixed_pseudo_labels_are_a_random_mix_of_both_branches_and_train_both():
+    """Branches that agree need no change; where they disagree the pseudo mask is the argmax of
+    beta p_student + (1 - beta) p_teacher, so which branch it follows depends on the draw."""
+    agree = torch.zeros(2, 3, 4, 4)
+    agree[:, 1] = 20.0
+    assert mixed_pseudo_label_loss(agree, agree.clone()) < 1e-6
+    student = torch.zeros(1, 3, 4, 4, requires_grad=True)
+    teacher = torch.zeros(1, 3, 4, 4, requires_grad=True)
+    with torch.no_grad():
+        student[:, 1], teacher[:, 2] = 5.0, 5.0
+    torch.manual_seed(0)
+    loss = mixed_pseudo_label_loss(student, teacher)
+    loss.backward()
+    assert loss > 0 and student.grad.abs().sum() > 0 and teacher.grad.abs().sum() > 0
+    p_student, p_teacher = torch.softmax(student, 1).detach(), torch.softmax(teacher, 1).detach()
+    torch.manual_seed(0)
+    beta = torch.rand(()).item() + 1e-10
+    pseudo = (beta * p_student + (1 - beta) * p_teacher).argmax(1)
+    expected = 0.5 * (squared_dice_loss(p_student, pseudo) + squared_dice_loss(p_teacher, pseudo))
+    assert torch.isclose(loss, expected)
+    assert mixed_pseudo_label_loss(torch.zeros(0, 3, 4, 4), torch.zeros(0, 3, 4, 4)) == 0
+
+
+def test_dmpls_term_joins_the_loss_on_weak_images_only_and_is_absent_at_zero_weight(voc_folder):
+    torch.manual_seed(0)
+    dataset = VOCDataset(voc_folder)
+    model = DeepLab(BackboneConfig(name="resnet18"), 3, [1, 2, 3], teacher_head=True).eval()
+    training_set = MixedTrainingSet(dataset, ["a", "b", "empty"], ["a"], dataset.load_train_mask, 32,
+                                    [1.0, 1.0])
+    batch = torch.utils.data.default_collate([training_set[i] for i in range(3)])
+    off = mixed_supervision_loss(model, batch, 0, MixedConfig(), SRConfig())
+    assert "dmpls" not in off
+    torch.manual_seed(1)
+    on = mixed_supervision_loss(model, batch, 0, MixedConfig(w_dmpls=0.5), SRConfig())
+    assert torch.isclose(on["loss"], off["loss"] + 0.5 * on["dmpls"])
+    with torch.no_grad():
+        branches = model.forward_branches(batch["image"], with_exits=False)
+    torch.manual_seed(1)
+    weak_only = mixed_pseudo_label_loss(branches["student"][1:], branches["teacher"][1:])
+    assert torch.isclose(on["dmpls"], weak_only)
 
 
 def test_every_mask_gets_the_image_augmentation(voc_folder):

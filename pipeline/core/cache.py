@@ -339,7 +339,8 @@ EXECUTION_ONLY_KEYS = {"device", "num_threads", "refine.workers"}
 NO_TRACE_AT_DEFAULT = {"cam.sr.detail_gate": "none", "cam.sr.detail_target": "classes",
                        "seg.sr.detail_gate": "none", "seg.sr.detail_target": "classes",
                        "cam.train.rotation": 0.0, "seg.train.rotation": 0.0,
-                       "refine.affinity.train.rotation": 0.0, "refine.irn.train.rotation": 0.0}
+                       "refine.affinity.train.rotation": 0.0, "refine.irn.train.rotation": 0.0,
+                       "mixed.w_dmpls": 0.0}
 
 
 def section_for_cache(cfg: Config, *keys: str, omit: tuple[str, ...] = ()) -> dict:

@@ -416,6 +416,11 @@ class MixedConfig:
     temperature: float = _opt(2.0, above=0.0)  # the KL term's second softening, softmax(softmax(z) / T)
     # The authors' code lets the KL term's gradient reach the teacher; true stops it there.
     detach_teacher: bool = False
+    # DMPLS's dynamically mixed pseudo labels (Luo et al., MICCAI 2022; HiLab-git/WSL4MIS), not in the
+    # mixed-supervision paper: on the weak images, both branches learn the Dice loss against the
+    # argmax of beta * student + (1 - beta) * teacher softmax, beta drawn anew each step; the weight
+    # of that term (their 0.5); 0: off (pipeline/methods/mixed.py).
+    w_dmpls: float = _opt(0.0, low=0.0)
 
 
 @dataclass

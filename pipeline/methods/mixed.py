@@ -24,7 +24,18 @@ seg head) with no shared weights (:class:`pipeline.models.DeepLab` with ``teache
   student's outputs, the full images' included, as their code does (``entropy_on: all``), or
   over the weak images only (``entropy_on: weak``).
 
-``L = L_teacher + w_partial L_partial + w_kl L_KL + w_entropy L_entropy``. With
+``mixed.w_dmpls`` adds DMPLS's dynamically mixed pseudo labels (Luo et al., "Scribble-supervised
+medical image segmentation via dual-branch network and dynamically mixed pseudo labels
+supervision", MICCAI 2022), which this dual-branch network can take at no extra cost: on the weak
+images, the argmax of ``beta p_student + (1 - beta) p_teacher`` (detached, beta uniform in (0, 1]
+drawn each step) is a pseudo mask that both branches learn with the Dice loss, weighted 0.5 per
+branch (HiLab-git/WSL4MIS @a594da8, code/train_weakly_supervised_segmentation_pCE_ours_proposed.py
+lines 115-125: ``loss_ce + 0.5 * loss_pse_sup``; its ``pDLoss``, code/utils/losses.py, with no pixel
+ignored: squared denominators, every class the background included, sums over the batch).
+DMPLS's images are all scribbled; here the term sees the weak images, so the teacher learns from
+them too, and the full images keep their masks.
+
+``L = L_teacher + w_partial L_partial + w_kl L_KL + w_entropy L_entropy (+ w_dmpls L_DMPLS)``. With
 ``seg.sr.enabled`` the Self-Regulation loss of the student's exits, with the weak labels as
 pixel labels, takes L_partial's place, as SR's loss takes the cross-entropy's place in the
 other modes. Prediction uses the student (the paper's finding: the student surpasses the
@@ -221,6 +232,29 @@ def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).mean()
 
 
+def squared_dice_loss(probs: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+    """WSL4MIS's ``pDLoss`` with no pixel ignored (code/utils/losses.py): 1 - the mean over every
+    class, the background included, of ``(2 sum(p t) + s) / (sum(p^2) + sum(t^2) + s)``, summed over the
+    whole batch; ``probs`` are softmax outputs, ``target`` class indices."""
+    one_hot = F.one_hot(target, probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    dims = (0, 2, 3)
+    overlap = (probs * one_hot).sum(dims)
+    dice = (2 * overlap + smooth) / ((probs * probs).sum(dims) + one_hot.sum(dims) + smooth)
+    return 1 - dice.mean()
+
+
+def mixed_pseudo_label_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """DMPLS's pseudo supervision: both branches' Dice against the argmax of a random mix of their
+    detached softmax outputs, 0.5 each (``beta = random.random() + 1e-10`` in their code); 0 for an
+    empty batch."""
+    if student.numel() == 0:
+        return (student.sum() + teacher.sum()) * 0.0
+    p_student, p_teacher = F.softmax(student, dim=1), F.softmax(teacher, dim=1)
+    beta = torch.rand(()).item() + 1e-10
+    pseudo = (beta * p_student + (1.0 - beta) * p_teacher).detach().argmax(dim=1)
+    return 0.5 * (squared_dice_loss(p_student, pseudo) + squared_dice_loss(p_teacher, pseudo))
+
+
 def mixed_supervision_loss(model, batch: dict, epoch: int, cfg: MixedConfig, sr: SRConfig,
                            teacher_loss: str = "cross_entropy") -> dict:
     branches = model.forward_branches(batch["image"], with_exits=sr.enabled)
@@ -246,6 +280,9 @@ def mixed_supervision_loss(model, batch: dict, epoch: int, cfg: MixedConfig, sr:
     }
     total = (terms["teacher"] + cfg.w_partial * partial + cfg.w_kl * terms["kl"]
              + cfg.w_entropy * terms["entropy"])
+    if cfg.w_dmpls:  # no draw at all when off, so runs without it keep their random stream
+        terms["dmpls"] = mixed_pseudo_label_loss(student[~full], teacher[~full])
+        total = total + cfg.w_dmpls * terms["dmpls"]
     return {"loss": total} | terms
 
 
