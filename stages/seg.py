@@ -51,6 +51,7 @@ from pipeline.core.runtime import (
 )
 from pipeline.core.training import (
     LossFn,
+    epochs,
     load_checkpoint,
     loss_curve,
     make_train_loader,
@@ -65,6 +66,7 @@ from pipeline.methods.losses import mask_loss
 from pipeline.methods.mixed import (
     MixedBatchSampler,
     MixedTrainingSet,
+    copy_paste_from,
     full_subset,
     mixed_fingerprint,
     mixed_supervision_loss,
@@ -248,7 +250,10 @@ def train_network(cfg: Config, dataset: VOCDataset, pseudo_folder: Path, generat
     model = segmentation_network(cfg, dataset.num_classes, training=True).to(device)
     loader = training_loader(cfg, dataset, pseudo_folder, generator, full_ids)
     compute_loss = (functools.partial(mixed_supervision_loss, cfg=cfg.mixed, sr=cfg.seg.sr,
-                                      teacher_loss=cfg.seg.loss)
+                                      teacher_loss=cfg.seg.loss,
+                                      copy_paste_from=copy_paste_from(cfg.mixed.copy_paste,
+                                                                      epochs(cfg.seg.train, loader)),
+                                      largest_component=cfg.seg.largest_component)
                     if cfg.mode == "mixed" else training_loss(cfg.seg.sr, cfg.seg.loss))
     history = train(model, loader, compute_loss, cfg.seg.train, device, desc, checkpoint)
     return model, loss_curve(history)

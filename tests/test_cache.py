@@ -177,3 +177,7 @@ def test_options_added_later_leave_no_trace_at_their_default():
     assert "w_dmpls" not in section_for_cache(config_from_dict({}), "mixed")["mixed"]
     dmpls = section_for_cache(config_from_dict({"mixed": {"w_dmpls": 0.5}}), "mixed")
     assert dmpls["mixed"]["w_dmpls"] == 0.5
+    # BCP's copy-paste, likewise: its section leaves no trace while it is off.
+    assert "copy_paste" not in section_for_cache(config_from_dict({}), "mixed")["mixed"]
+    bcp = section_for_cache(config_from_dict({"mixed": {"copy_paste": {"enabled": True}}}), "mixed")
+    assert bcp["mixed"]["copy_paste"] == {"enabled": True, "u_weight": 0.5, "ema": 0.99, "start": 0.25}

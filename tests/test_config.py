@@ -149,6 +149,18 @@ def test_the_dice_loss_with_self_regulation_outside_mixed_mode_is_a_config_error
     config_from_dict({"mode": "full", "seg": {"loss": "cross_entropy_dice"}})
 
 
+def test_copy_paste_needs_one_weak_image_per_full_image_no_sr_and_two_pairs():
+    on = {"copy_paste": {"enabled": True}}
+    with pytest.raises(ConfigError, match=r"set mixed\.weak_per_full: 1"):
+        config_from_dict({"mixed": on | {"weak_per_full": 2}})
+    with pytest.raises(ConfigError, match=r"set seg\.sr\.enabled: false"):
+        config_from_dict({"mixed": on, "seg": {"sr": {"enabled": True}}})
+    with pytest.raises(ConfigError, match=r"batch_size >= 4"):
+        config_from_dict({"mixed": on, "seg": {"train": {"batch_size": 2}}})
+    config_from_dict({"mixed": on})
+    config_from_dict({"mixed": {"weak_per_full": 2}, "seg": {"sr": {"enabled": True}}})  # off: unchecked
+
+
 def test_fixing_layers_of_a_backbone_without_pretrained_weights_is_a_config_error():
     with pytest.raises(ConfigError, match=r"'refine\.affinity\.backbone\.weights' is null"):
         config_from_dict({"refine": {"method": "affinity"}})

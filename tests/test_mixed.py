@@ -8,26 +8,30 @@ import torch
 from conftest import two_object_mask
 from PIL import Image
 
-from pipeline.core.config import BackboneConfig, Config, MixedConfig, SRConfig
+from pipeline.core.config import BackboneConfig, Config, CopyPasteConfig, MixedConfig, SRConfig
 from pipeline.core.errors import DataError
 from pipeline.core.metrics import SegmentationScores, hd95
 from pipeline.data.dataset import IGNORE, VOCDataset
 from pipeline.data.training_set import TrainingSet
 from pipeline.methods.mixed import (
     SCRIBBLES,
+    EMANetwork,
     MixedBatchSampler,
     MixedTrainingSet,
+    box_inside,
+    copy_paste_from,
     eroded_core,
     full_subset,
     mean_entropy,
     mixed_fingerprint,
     mixed_pseudo_label_loss,
     mixed_supervision_loss,
+    paste_pairs,
     squared_dice_loss,
     teacher_student_kl,
     weak_labels,
 )
-from pipeline.models.networks import DeepLab
+from pipeline.models.networks import DeepLab, segmentation_network
 
 
 def test_eroded_core_keeps_a_small_centred_core_of_every_foreground_region():
@@ -251,6 +255,90 @@ def test_dmpls_term_joins_the_loss_on_weak_images_only_and_is_absent_at_zero_wei
     torch.manual_seed(1)
     weak_only = mixed_pseudo_label_loss(branches["student"][1:], branches["teacher"][1:])
     assert torch.isclose(on["dmpls"], weak_only)
+
+
+def test_bcp_box_is_two_thirds_of_each_side_somewhere_inside():
+    torch.manual_seed(0)
+    for _ in range(20):
+        inside = box_inside(30, 12, torch.device("cpu"))
+        rows, cols = inside.any(dim=1).nonzero()[:, 0], inside.any(dim=0).nonzero()[:, 0]
+        assert (len(rows), len(cols)) == (20, 8) and inside.sum() == 160
+        assert rows.max() - rows.min() == 19 and cols.max() - cols.min() == 7
+
+
+def test_bcp_pastes_both_ways_and_labels_each_pixel_by_the_image_it_comes_from():
+    """Images 0 and 1 full (masks 1 and 2), 2 and 3 weak (scribbles 3, pseudo masks 4 and 5):
+    pair a is (0, 2), pair b is (1, 3)."""
+    image = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 4, 4)
+    mask = torch.tensor([1, 2, IGNORE, IGNORE]).view(4, 1, 1).expand(4, 4, 4)
+    weak = torch.tensor([1, 2, 3, 3]).view(4, 1, 1).expand(4, 4, 4)
+    full = torch.tensor([True, True, False, False])
+    batch = {"image": image, "mask": mask, "weak_mask": weak, "is_full": full}
+    pseudo = torch.tensor([4, 5]).view(2, 1, 1).expand(2, 4, 4)
+    inside = torch.zeros(4, 4, dtype=torch.bool)
+    inside[1:3, 1:3] = True
+    mixed = paste_pairs(batch, pseudo, inside)
+    # the weak image 2 with the full image 0's box, then the full image 1 with the weak image 3's box
+    assert torch.equal(mixed["images"][0, 0], torch.where(inside, 0.0, 2.0))
+    assert torch.equal(mixed["images"][1, 0], torch.where(inside, 3.0, 1.0))
+    assert torch.equal(mixed["full_masks"][0], torch.where(inside, 1, IGNORE))
+    assert torch.equal(mixed["full_masks"][1], torch.where(inside, IGNORE, 2))
+    assert torch.equal(mixed["pseudo_masks"][0], torch.where(inside, IGNORE, 4))
+    assert torch.equal(mixed["pseudo_masks"][1], torch.where(inside, 5, IGNORE))
+    assert torch.equal(mixed["weak_masks"][0], torch.where(inside, 1, 3))
+    assert torch.equal(mixed["from_full"], torch.stack([inside, ~inside]))
+
+
+def test_ema_copies_first_then_follows_at_its_decay_and_travels_in_the_checkpoint_not_model_pt(tmp_path):
+    from pipeline.core.training import save_checkpoint
+
+    cfg = Config(mode="mixed", mixed=MixedConfig(copy_paste=CopyPasteConfig(enabled=True)))
+    cfg.seg.backbone = BackboneConfig(name="resnet18")
+    model = segmentation_network(cfg, 3, training=True)
+    assert isinstance(model.ema, EMANetwork) and not model.ema.started
+    assert not any(p.requires_grad for p in model.ema.parameters())
+    first = next(model.parameters())
+    with torch.no_grad():
+        first.fill_(1.0)
+    model.ema.follow(model, 0.99)
+    copied = next(model.ema.network.parameters())
+    assert model.ema.started and torch.equal(copied, first)
+    with torch.no_grad():
+        first.fill_(2.0)
+    model.ema.follow(model, 0.99)
+    assert torch.allclose(copied, torch.full_like(copied, 0.99 * 1.0 + 0.01 * 2.0))
+    again = segmentation_network(cfg, 3, training=True)
+    again.load_state_dict(model.state_dict())  # the training checkpoint's way
+    assert again.ema.started and torch.equal(next(again.ema.network.parameters()), copied)
+    save_checkpoint(tmp_path / "model.pt", model)
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert not any(key.startswith("ema.") for key in saved)
+    segmentation_network(cfg, 3, training=False).load_state_dict(saved)  # strict: nothing left over
+    assert copy_paste_from(cfg.mixed.copy_paste, 16) == 4
+    assert copy_paste_from(MixedConfig().copy_paste, 16) is None
+
+
+def test_copy_paste_steps_train_on_the_mixed_inputs_after_the_start_epoch(voc_folder):
+    torch.manual_seed(0)
+    dataset = VOCDataset(voc_folder)
+    cfg = Config(mode="mixed", mixed=MixedConfig(copy_paste=CopyPasteConfig(enabled=True)))
+    cfg.seg.backbone = BackboneConfig(name="resnet18")
+    model = segmentation_network(cfg, 3, training=True).train()
+    ids = ["a", "b", "empty", "a"]
+    training_set = MixedTrainingSet(dataset, ids, ["a"], dataset.load_train_mask, 32, [1.0, 1.0])
+    batch = torch.utils.data.default_collate([training_set[i] for i in (0, 3, 1, 2)])
+    plain = mixed_supervision_loss(model, batch, 0, cfg.mixed, SRConfig(), copy_paste_from=1)
+    assert "copy_paste" not in plain and not model.ema.started
+    terms = mixed_supervision_loss(model, batch, 1, cfg.mixed, SRConfig(), copy_paste_from=1,
+                                   largest_component=True)
+    assert model.ema.started and torch.isfinite(terms["loss"]) and terms["copy_paste"] > 0
+    expected = (terms["teacher"] + 0.1 * terms["partial"] + 20 * terms["kl"] + terms["entropy"]
+                + terms["copy_paste"])
+    assert torch.isclose(terms["loss"], expected)
+    terms["loss"].backward()
+    for branch in (model.head, model.teacher_head):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in branch.parameters())
+    assert all(p.grad is None for p in model.ema.parameters())
 
 
 def test_every_mask_gets_the_image_augmentation(voc_folder):

@@ -4,6 +4,7 @@ import re
 import shutil
 
 import pytest
+import torch
 from conftest import DEMO_CONFIG, TINY, run
 
 from pipeline.core.config_file import load_config
@@ -163,6 +164,16 @@ def test_mixed_mode_scores_student_and_teacher_and_caches_on_the_full_subset(wea
         assert 0.0 <= scores["miou"] <= 1.0 and 0.0 <= scores["mean_dice"] <= 1.0
         assert "per_class_hd95" in scores
     assert len(list((seg_dir / "predictions_teacher").glob("*.png"))) == 8
+    # BCP's copy-paste from the second epoch: trains to finite losses; model.pt leaves its EMA out
+    bcp_dir = weak_run / "mixed-bcp"
+    assert run(weak_run, *erode[:2], "--run-dir", str(bcp_dir), *erode[4:], "--set", "seg.train.epochs=2",
+               "--set", "seg.sr.enabled=false", "--set", "mixed.copy_paste.enabled=true",
+               "--set", "mixed.copy_paste.start=0.5") == 0
+    bcp = json.loads((bcp_dir / "seg" / "metrics.json").read_text())
+    assert all(value is not None for value in bcp["train_loss_by_epoch"]) and bcp["train_loss_by_epoch"]
+    assert len(bcp["train_loss_by_epoch"]) == 2
+    saved = torch.load(bcp_dir / "seg" / "model.pt", weights_only=True)
+    assert not any(key.startswith("ema.") for key in saved)
     capsys.readouterr()
     assert run(weak_run, *erode, "--set", "mixed.full_fraction=0.5", "--dry-run") == 0
     assert "seg     stale" in capsys.readouterr().out

@@ -383,6 +383,22 @@ class SegConfig:
 
 
 @dataclass
+class CopyPasteConfig:
+    """BCP's bidirectional copy-paste (Bai et al., CVPR 2023; DeepMed-Lab-ECNU/BCP@7879f98
+    code/ACDC_BCP_train.py), not in the mixed-supervision paper: after the first ``start`` of the
+    epochs, each step pastes a box of 2/3 of the crop's side between pairs of full and weak images,
+    both ways, and the student also learns BCP's loss on them: the full masks where the full images
+    are, the pseudo masks of an EMA of the network where the weak ones are, those weighted
+    ``u_weight`` (pipeline/methods/mixed.py). Needs mixed.weak_per_full 1 and seg.sr.enabled false."""
+    enabled: bool = False  # true: BCP's steps after the first `start` of the epochs
+    u_weight: float = _opt(0.5, low=0.0)  # the weak images' share of the loss (BCP's u_weight, line 48)
+    ema: float = _opt(0.99, low=0.0, high=1.0)  # the pseudo-labelling EMA's decay (BCP's, line 390)
+    # The share of the epochs before copy-paste starts, in which the mixed-supervision loss alone
+    # trains the network that the EMA then starts from: BCP pre-trains for 10k of its 40k iterations.
+    start: float = _opt(0.25, low=0.0, high=1.0)
+
+
+@dataclass
 class MixedConfig:
     """--mode mixed: a dual-branch teacher-student segmenter (Dolz, Desrosiers, Ben Ayed, IPMI 2021);
     see pipeline/methods/mixed.py. Defaults are the authors' code's."""
@@ -421,6 +437,7 @@ class MixedConfig:
     # argmax of beta * student + (1 - beta) * teacher softmax, beta drawn anew each step; the weight
     # of that term (their 0.5); 0: off (pipeline/methods/mixed.py).
     w_dmpls: float = _opt(0.0, low=0.0)
+    copy_paste: CopyPasteConfig = field(default_factory=CopyPasteConfig)
 
 
 @dataclass

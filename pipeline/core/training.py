@@ -40,8 +40,9 @@ from pipeline.core.runtime import (
 LossFn = Callable[[nn.Module, dict, int], dict]
 
 
-# Training-only submodules (the Self-Regulation heads): not part of the saved inference network.
-TRAINING_ONLY_PREFIX = "sr_heads."
+# Training-only submodules (the Self-Regulation heads, copy-paste's EMA copy): not part of the
+# saved inference network.
+TRAINING_ONLY_PREFIXES = ("sr_heads.", "ema.")
 
 
 def make_train_loader(dataset, cfg: TrainConfig, workers: int, generator: torch.Generator,
@@ -272,7 +273,7 @@ def save_checkpoint(path: Path, model: nn.Module) -> None:
     strictly into the same network built without them. Written by the main process only."""
     if not is_main_process():
         return
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(TRAINING_ONLY_PREFIX)}
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
     atomic_write_bytes(path, _to_bytes(state))
 
 

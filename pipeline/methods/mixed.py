@@ -35,7 +35,25 @@ ignored: squared denominators, every class the background included, sums over th
 DMPLS's images are all scribbled; here the term sees the weak images, so the teacher learns from
 them too, and the full images keep their masks.
 
-``L = L_teacher + w_partial L_partial + w_kl L_KL + w_entropy L_entropy (+ w_dmpls L_DMPLS)``. With
+``mixed.copy_paste`` adds BCP's bidirectional copy-paste (Bai, Chen, Li, Shen, Wang, "Bidirectional
+copy-paste for semi-supervised medical image segmentation", CVPR 2023; DeepMed-Lab-ECNU/BCP @7879f98,
+code/ACDC_BCP_train.py, ``self_train``, lines 356-390). After the first ``start`` of the epochs (BCP
+pre-trains a quarter of its iterations; here the loss above does), each step splits the batch's
+full images F and weak images W into pairs and trains on two mixed inputs per pair instead of the
+clean images: a weak image with a full image's box pasted in (BCP's ``net_input_unl``) and a full
+image with a weak image's box (``net_input_l``), one box of 2/3 of each side per step
+(``generate_mask``). An EMA of the network (decay ``ema``, started from the network's weights at
+the first such step, as BCP loads the pre-trained network into it) predicts the clean weak images,
+its student branch's argmax, each class's largest component with ``seg.largest_component`` (BCP's
+``get_ACDC_masks(nms=1)``); the EMA forward runs in training mode, as BCP's. The student then
+learns BCP's loss, ``seg.loss`` on the full masks' pixels plus ``u_weight`` times ``seg.loss`` on the
+pseudo masks' pixels (BCP's ``mix_loss``; the two directions pooled, where BCP averages each and
+halves their sum). The mixed-supervision terms stay, on the mixed inputs: the teacher on the full
+masks' pixels, the partial cross-entropy on both images' weak labels (pooled), the KL term on the
+pixels of full images, the entropy over every pixel.
+
+``L = L_teacher + w_partial L_partial + w_kl L_KL + w_entropy L_entropy (+ w_dmpls L_DMPLS)
+(+ L_BCP)``. With
 ``seg.sr.enabled`` the Self-Regulation loss of the student's exits, with the weak labels as
 pixel labels, takes L_partial's place, as SR's loss takes the cross-entropy's place in the
 other modes. Prediction uses the student (the paper's finding: the student surpasses the
@@ -43,20 +61,23 @@ teacher); the seg stage scores both.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage
 
-from pipeline.core.config import MixedConfig, SRConfig
+from pipeline.core.config import CopyPasteConfig, MixedConfig, SRConfig
 from pipeline.core.errors import DataError
 from pipeline.core.io import file_digest
 from pipeline.data.dataset import BACKGROUND, IGNORE, VOCDataset, image_size
 from pipeline.data.labels import read_text
 from pipeline.data.training_set import MaskFolder, TrainingSet
+from pipeline.methods.components import largest_components
 from pipeline.methods.losses import mask_loss, pixel_cross_entropy
 from pipeline.methods.self_regulation import self_regulation_loss
 
@@ -209,17 +230,19 @@ class MixedBatchSampler:
 
 
 def teacher_student_kl(teacher: torch.Tensor, student: torch.Tensor, temperature: float,
-                       detach_teacher: bool) -> torch.Tensor:
+                       detach_teacher: bool, pixels: torch.Tensor | None = None) -> torch.Tensor:
     """The authors' distillation term: KL(student || teacher) between ``softmax(p / T)`` of each
-    branch's softmax output ``p``, averaged over classes and pixels, times 0.5 T^2 (their
-    ``KLDivLoss`` with its default mean reduction); 0 (with a gradient path) for an empty batch."""
-    if teacher.numel() == 0:
+    branch's softmax output ``p``, averaged over classes and pixels (those of the boolean
+    ``pixels`` (B, H, W) where given), times 0.5 T^2 (their ``KLDivLoss`` with its default mean
+    reduction); 0 (with a gradient path) for an empty batch."""
+    if teacher.numel() == 0 or (pixels is not None and not pixels.any()):
         return (teacher.sum() + student.sum()) * 0.0
     if detach_teacher:
         teacher = teacher.detach()
     log_student = F.log_softmax(F.softmax(student, dim=1) / temperature, dim=1)
     log_teacher = F.log_softmax(F.softmax(teacher, dim=1) / temperature, dim=1)
-    kl = (log_student.exp() * (log_student - log_teacher)).mean()
+    per_class = log_student.exp() * (log_student - log_teacher)
+    kl = per_class.mean() if pixels is None else per_class.mean(dim=1)[pixels].mean()
     return kl * 0.5 * temperature ** 2
 
 
@@ -255,8 +278,119 @@ def mixed_pseudo_label_loss(student: torch.Tensor, teacher: torch.Tensor) -> tor
     return 0.5 * (squared_dice_loss(p_student, pseudo) + squared_dice_loss(p_teacher, pseudo))
 
 
+class EMANetwork(nn.Module):
+    """BCP's EMA teacher (``update_model_ema``): a copy of the network whose every floating-point
+    entry of the state dict becomes ``decay`` of its own plus ``1 - decay`` of the network's at each
+    step, the first time a plain copy. A submodule of the network it follows, so that the training
+    checkpoint holds it and a resumed run goes on with it; ``model.pt`` leaves it out."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = copy.deepcopy(network).requires_grad_(False)
+        self.register_buffer("started", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def follow(self, network: nn.Module, decay: float) -> None:
+        source = network.state_dict()
+        for key, value in self.network.state_dict().items():
+            if self.started and value.is_floating_point():
+                value.mul_(decay).add_(source[key], alpha=1.0 - decay)
+            else:
+                value.copy_(source[key])
+        self.started.fill_(True)
+
+
+def box_inside(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """BCP's ``generate_mask``: True inside a box of int(2/3) of each side at a random place."""
+    box_h, box_w = int(height * 2 / 3), int(width * 2 / 3)
+    top = int(torch.randint(0, height - box_h, ()).item())
+    left = int(torch.randint(0, width - box_w, ()).item())
+    inside = torch.zeros(height, width, dtype=torch.bool, device=device)
+    inside[top:top + box_h, left:left + box_w] = True
+    return inside
+
+
+def ema_pseudo_masks(ema: EMANetwork, images: torch.Tensor, largest_component: bool) -> torch.Tensor:
+    """The EMA student's argmax on ``images``, each class cut to its largest 2-D component
+    with ``largest_component`` (BCP's ``get_ACDC_masks(nms=1)``)."""
+    with torch.no_grad():
+        labels = ema.network(images).argmax(dim=1)
+    if largest_component:
+        kept = np.stack([largest_components(mask) for mask in labels.cpu().numpy()])
+        labels = torch.from_numpy(kept).to(labels.device)
+    return labels
+
+
+def paired_indices(is_full: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """BCP's sub-batches: the first and second halves of the full images and of the weak ones
+    (``img_a``, ``img_b``, ``uimg_a``, ``uimg_b``), as many pairs in each as both kinds allow."""
+    full_index, weak_index = is_full.nonzero()[:, 0], (~is_full).nonzero()[:, 0]
+    pairs = min(len(full_index), len(weak_index)) // 2
+    return (full_index[:pairs], full_index[pairs:2 * pairs],
+            weak_index[:pairs], weak_index[pairs:2 * pairs])
+
+
+def paste_pairs(batch: dict, pseudo: torch.Tensor, inside: torch.Tensor) -> dict:
+    """BCP's mixed inputs and their labels: for each pair, a weak image with a full image's box
+    (``net_input_unl``), then a full image with a weak image's box (``net_input_l``); ``pseudo``
+    holds the pseudo masks of the weak images of :func:`paired_indices`, a's then b's; ``inside``
+    is the box. The labels: ``full_masks`` (the full masks where full images are, 255 elsewhere),
+    ``pseudo_masks`` (the reverse), ``weak_masks`` (both images' weak labels) and ``from_full``."""
+    full_a, full_b, weak_a, weak_b = paired_indices(batch["is_full"])
+    pairs = len(full_a)
+    image, mask, weak = batch["image"], batch["mask"], batch["weak_mask"]
+
+    def paste(outer: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+        return torch.where(inside, box, outer)
+
+    unlabelled = torch.full_like(mask[full_a], IGNORE)
+    return {
+        "images": torch.cat([paste(image[weak_a], image[full_a]), paste(image[full_b], image[weak_b])]),
+        "full_masks": torch.cat([paste(unlabelled, mask[full_a]), paste(mask[full_b], unlabelled)]),
+        "pseudo_masks": torch.cat([paste(pseudo[:pairs], unlabelled), paste(unlabelled, pseudo[pairs:])]),
+        "weak_masks": torch.cat([paste(weak[weak_a], weak[full_a]), paste(weak[full_b], weak[weak_b])]),
+        "from_full": torch.cat([inside.expand(pairs, -1, -1), (~inside).expand(pairs, -1, -1)]),
+    }
+
+
+def copy_paste_loss(model, batch: dict, cfg: MixedConfig, teacher_loss: str, largest_component: bool) -> dict:
+    """One BCP step (module docstring): two mixed inputs per pair of full and weak images."""
+    network = getattr(model, "model", model)  # under torchrun, the module inside the DDP wrapper
+    network.ema.follow(network, cfg.copy_paste.ema)
+    image = batch["image"]
+    _, _, weak_a, weak_b = paired_indices(batch["is_full"])
+    pseudo = ema_pseudo_masks(network.ema, image[torch.cat([weak_a, weak_b])], largest_component)
+    mixed = paste_pairs(batch, pseudo, box_inside(image.shape[-2], image.shape[-1], image.device))
+    branches = model.forward_branches(mixed["images"], with_exits=False)
+    teacher, student, full_masks = branches["teacher"], branches["student"], mixed["full_masks"]
+    terms = {
+        "teacher": mask_loss(teacher, full_masks, teacher_loss),
+        "partial": pixel_cross_entropy(student, mixed["weak_masks"]),
+        "kl": teacher_student_kl(teacher, student, cfg.temperature, cfg.detach_teacher,
+                                 pixels=mixed["from_full"]),
+        "entropy": mean_entropy(student),
+        "copy_paste": (mask_loss(student, full_masks, teacher_loss)
+                       + cfg.copy_paste.u_weight * mask_loss(student, mixed["pseudo_masks"], teacher_loss)),
+    }
+    total = (terms["teacher"] + cfg.w_partial * terms["partial"] + cfg.w_kl * terms["kl"]
+             + cfg.w_entropy * terms["entropy"] + terms["copy_paste"])
+    if cfg.w_dmpls:  # every mixed input holds weak pixels
+        terms["dmpls"] = mixed_pseudo_label_loss(student, teacher)
+        total = total + cfg.w_dmpls * terms["dmpls"]
+    return {"loss": total} | terms
+
+
+def copy_paste_from(cfg: CopyPasteConfig, num_epochs: int) -> int | None:
+    """The first epoch (0-based) of BCP's steps, or None when copy-paste is off."""
+    return round(cfg.start * num_epochs) if cfg.enabled else None
+
+
 def mixed_supervision_loss(model, batch: dict, epoch: int, cfg: MixedConfig, sr: SRConfig,
-                           teacher_loss: str = "cross_entropy") -> dict:
+                           teacher_loss: str = "cross_entropy", copy_paste_from: int | None = None,
+                           largest_component: bool = False) -> dict:
+    """The loss of one step; BCP's from epoch ``copy_paste_from`` on (with mixed.copy_paste)."""
+    if copy_paste_from is not None and epoch >= copy_paste_from:
+        return copy_paste_loss(model, batch, cfg, teacher_loss, largest_component)
     branches = model.forward_branches(batch["image"], with_exits=sr.enabled)
     teacher, student, full = branches["teacher"], branches["student"], batch["is_full"]
     weak = batch["weak_mask"]

@@ -17,6 +17,7 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from pipeline.core.config import BACKBONE_LEVELS, BackboneConfig, Config, CrfConfig, SRConfig
 from pipeline.methods.crf import crf_refine_scores
+from pipeline.methods.mixed import EMANetwork
 from pipeline.methods.self_regulation import Exit, SRHeads
 from pipeline.models.backbones import Backbone
 from pipeline.models.layers import conv_bn_relu
@@ -206,7 +207,11 @@ def predict_batch(forward, images: list[torch.Tensor], flip: bool) -> list[np.nd
 
 
 def segmentation_network(cfg: Config, num_classes: int, training: bool) -> DeepLab:
-    """The network ``cfg`` describes: with a teacher head in mixed mode, and with the SR exit
-    heads only for ``training`` (``model.pt`` leaves them out, so a saved model loads without)."""
-    return DeepLab(cfg.seg.backbone, num_classes, cfg.seg.aspp_rates, cfg.seg.sr if training else None,
-                   teacher_head=cfg.mode == "mixed", decoder=cfg.seg.decoder)
+    """The network ``cfg`` describes: with a teacher head in mixed mode, and only for ``training``
+    the SR exit heads and copy-paste's EMA copy (``model.pt`` leaves them out, so a saved model
+    loads without)."""
+    model = DeepLab(cfg.seg.backbone, num_classes, cfg.seg.aspp_rates, cfg.seg.sr if training else None,
+                    teacher_head=cfg.mode == "mixed", decoder=cfg.seg.decoder)
+    if training and cfg.mode == "mixed" and cfg.mixed.copy_paste.enabled:
+        model.ema = EMANetwork(model)
+    return model
