@@ -92,8 +92,7 @@ def run_variant(cfg, dataset, device, model_file: Path) -> dict:
     started, curves = time.perf_counter(), {}
     if cfg.cam.recam.enabled:
         generator = seed_everything(cfg.seed)
-        train_set = TrainingSet(dataset, dataset.split_ids(cfg.data.train_split), cfg.cam.train.crop_size,
-                                cfg.cam.train.scale_range, color_jitter=cfg.cam.train.color_jitter)
+        train_set = TrainingSet(dataset, dataset.split_ids(cfg.data.train_split), cfg.cam.train)
         loader = make_train_loader(train_set, cfg.cam.train, cfg.data.loader_workers, generator)
         history = train_recam(cfg.cam, model, loader, device)
         curves = {name: loss_curve(history, name) for name in ("multilabel", "ce")}

@@ -69,9 +69,8 @@ def pixel_teacher_loss(model, batch, epoch, sr: SRConfig) -> dict:
 def run_variant(cfg, dataset, device, masks: Path, keep: Path) -> dict:
     generator = seed_everything(cfg.seed)
     model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1, cfg.cam.sr).to(device)
-    train_set = TrainingSet(dataset, dataset.split_ids(cfg.data.train_split), cfg.cam.train.crop_size,
-                            cfg.cam.train.scale_range, pixel_labels={"mask": MaskFolder(masks)},
-                            color_jitter=cfg.cam.train.color_jitter)
+    train_set = TrainingSet(dataset, dataset.split_ids(cfg.data.train_split), cfg.cam.train,
+                            pixel_labels={"mask": MaskFolder(masks)})
     loader = make_train_loader(train_set, cfg.cam.train, cfg.data.loader_workers, generator)
     started = time.perf_counter()
     history = train(model, loader, functools.partial(pixel_teacher_loss, sr=cfg.cam.sr), cfg.cam.train,

@@ -82,8 +82,7 @@ def main() -> None:
     keep_freed_memory()  # as run_pipeline.py does
     device = select_device(cfg.device)
     dataset = open_dataset(cfg.data)
-    train_set = TrainingSet(dataset, dataset.split_ids(cfg.data.train_split), cfg.cam.train.crop_size,
-                            cfg.cam.train.scale_range, color_jitter=cfg.cam.train.color_jitter)
+    train_set = TrainingSet(dataset, dataset.split_ids(cfg.data.train_split), cfg.cam.train)
     print(f"{len(train_set)} images, batch {cfg.cam.train.batch_size}, crop {cfg.cam.train.crop_size}, "
           f"{cfg.cam.backbone.name}, {device}, "
           f"torch threads {torch.get_num_threads()}, loader workers {cfg.data.loader_workers}; "

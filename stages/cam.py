@@ -195,8 +195,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             curves = {k: v for k, v in out.previous_metrics.items() if k.endswith("_by_epoch")}
         else:
             model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1, cfg.cam.sr).to(device)
-            train_set = TrainingSet(dataset, train_ids, cfg.cam.train.crop_size, cfg.cam.train.scale_range,
-                                    color_jitter=cfg.cam.train.color_jitter, rotation=cfg.cam.train.rotation)
+            train_set = TrainingSet(dataset, train_ids, cfg.cam.train)
             loader = make_train_loader(train_set, cfg.cam.train, cfg.data.loader_workers, generator)
             curves = train_cam_network(cfg, model, loader, device, out.dir)
             save_checkpoint(out.dir / "model.pt", model)

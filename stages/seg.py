@@ -158,12 +158,10 @@ def training_loss(sr: SRConfig, loss: str = "cross_entropy") -> LossFn:
 def training_loader(cfg: Config, dataset: VOCDataset, pseudo_folder: Path, generator: torch.Generator,
                     full_ids: list[str]):
     train_ids = dataset.split_ids(cfg.data.train_split)
-    crop, scales = cfg.seg.train.crop_size, cfg.seg.train.scale_range
     pseudo_masks = MaskFolder(pseudo_folder)
     if cfg.mode == "mixed":
         train_set = MixedTrainingSet(dataset, train_ids, full_ids,
-                                     weak_labels(cfg.mixed, dataset, pseudo_masks),
-                                     crop, scales, cfg.seg.train.color_jitter, cfg.seg.train.rotation)
+                                     weak_labels(cfg.mixed, dataset, pseudo_masks), cfg.seg.train)
         full = set(full_ids)
         sampler = MixedBatchSampler([i for i, x in enumerate(train_ids) if x in full],
                                     [i for i, x in enumerate(train_ids) if x not in full],
@@ -171,8 +169,7 @@ def training_loader(cfg: Config, dataset: VOCDataset, pseudo_folder: Path, gener
         return make_train_loader(train_set, cfg.seg.train, cfg.data.loader_workers, generator,
                                  batch_sampler=sampler)
     labels = pseudo_masks if cfg.mode == "weak" else dataset.load_train_mask
-    train_set = TrainingSet(dataset, train_ids, crop, scales, pixel_labels={"mask": labels},
-                            color_jitter=cfg.seg.train.color_jitter, rotation=cfg.seg.train.rotation)
+    train_set = TrainingSet(dataset, train_ids, cfg.seg.train, pixel_labels={"mask": labels})
     return make_train_loader(train_set, cfg.seg.train, cfg.data.loader_workers, generator)
 
 

@@ -7,12 +7,13 @@ import torch
 from conftest import ROOT, two_object_mask, write_voc_folder
 from PIL import Image
 
+from pipeline.core.config import TrainConfig
 from pipeline.core.config_file import load_config
 from pipeline.core.errors import DataError
 from pipeline.core.io import save_mask
 from pipeline.data.dataset import IGNORE, VOCDataset, score_ids
 from pipeline.data.prepare import prepare_data
-from pipeline.data.training_set import TrainingSet, multi_hot
+from pipeline.data.training_set import MEAN_COLOUR, TrainingSet, multi_hot, normalize
 from pipeline.data.volumes import Volumes
 
 
@@ -82,7 +83,7 @@ def test_missing_root_is_an_error(tmp_path):
 
 def test_training_crops_keep_masks_nearest_neighbour_and_pad_with_ignore(voc_folder):
     dataset = VOCDataset(voc_folder)
-    train_set = TrainingSet(dataset, ["a", "empty"], crop_size=48, scale_range=[0.7, 1.3],
+    train_set = TrainingSet(dataset, ["a", "empty"], TrainConfig(crop_size=48, scale_range=[0.7, 1.3]),
                             pixel_labels={"mask": dataset.load_mask})
     torch.manual_seed(0)
     for _ in range(10):
@@ -99,24 +100,28 @@ def test_training_crops_keep_masks_nearest_neighbour_and_pad_with_ignore(voc_fol
 
 
 def test_rotation_turns_image_and_masks_together_and_fills_corners_as_padding(voc_folder):
+    """Each item is PIL's rotation of the (possibly flipped) image and mask by the angle drawn
+    for it: bilinear with the mean colour in the corners for the image, the nearest label with
+    'ignore' for the mask."""
     dataset = VOCDataset(voc_folder)
-    plain = TrainingSet(dataset, ["a"], crop_size=32, scale_range=[1.0, 1.0],
-                        pixel_labels={"mask": dataset.load_mask})
-    turned = TrainingSet(dataset, ["a"], crop_size=32, scale_range=[1.0, 1.0],
-                         pixel_labels={"mask": dataset.load_mask}, rotation=45.0)
-    torch.manual_seed(0)
-    unturned = [plain[0]["mask"] for _ in range(6)]
-    torch.manual_seed(0)
-    for before in unturned:
+    augment = TrainConfig(crop_size=32, scale_range=[1.0, 1.0], rotation=45.0)  # "a" is 32x32: no crop
+    turned = TrainingSet(dataset, ["a"], augment, pixel_labels={"mask": dataset.load_mask})
+    for seed in range(6):
+        torch.manual_seed(seed)
+        torch.rand(())  # the scale
+        flip = torch.rand(()).item() < 0.5
+        angle = (2 * torch.rand(()).item() - 1) * 45.0
+        image, mask = Image.fromarray(dataset.load_image("a")), Image.fromarray(dataset.load_mask("a"))
+        if flip:
+            image, mask = image.transpose(Image.FLIP_LEFT_RIGHT), mask.transpose(Image.FLIP_LEFT_RIGHT)
+        expected_mask = torch.from_numpy(np.array(mask.rotate(angle, Image.NEAREST, fillcolor=IGNORE))).long()
+        expected_image = normalize(np.array(image.rotate(angle, Image.BILINEAR, fillcolor=MEAN_COLOUR)))
+        torch.manual_seed(seed)
         item = turned[0]
-        mask = item["mask"]
-        assert set(mask.unique().tolist()) <= {0, 1, 2, IGNORE}  # nearest label, never a blend
-        corners = mask == IGNORE
-        # A turn of up to 45 degrees moves most labels and empties some corners; the filled
-        # corners are the mean colour, zero once normalised, as padding is.
-        if not torch.equal(mask, before):
-            assert corners.any() and item["image"][:, corners].abs().max() < 0.02
-        assert (mask != IGNORE).sum() > 0.5 * mask.numel()
+        assert abs(angle) > 1 and torch.equal(item["mask"], expected_mask)
+        assert torch.allclose(item["image"], expected_image)
+        corners = item["mask"] == IGNORE
+        assert corners.any() and item["image"][:, corners].abs().max() < 0.02  # the mean colour, as padding
 
 
 def test_fingerprint_changes_when_a_file_changes(voc_folder):
@@ -237,7 +242,7 @@ def test_grayscale_images_become_three_equal_channels_and_masks_stay_class_indic
     assert image.shape == (37, 37, 3)
     assert (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()
     torch.manual_seed(0)
-    train_set = TrainingSet(dataset, ["g"], crop_size=24, scale_range=[0.6, 1.7],
+    train_set = TrainingSet(dataset, ["g"], TrainConfig(crop_size=24, scale_range=[0.6, 1.7]),
                             pixel_labels={"mask": dataset.load_mask})
     for _ in range(10):  # every rescale keeps labels from the original set: nearest-neighbour
         assert set(torch.unique(train_set[0]["mask"]).tolist()) <= {0, 1, 2, IGNORE}

@@ -8,7 +8,7 @@ import torch
 from conftest import two_object_mask
 from PIL import Image
 
-from pipeline.core.config import BackboneConfig, Config, CopyPasteConfig, MixedConfig, SRConfig
+from pipeline.core.config import BackboneConfig, Config, CopyPasteConfig, MixedConfig, SRConfig, TrainConfig
 from pipeline.core.errors import DataError
 from pipeline.core.metrics import SegmentationScores, hd95
 from pipeline.data.dataset import IGNORE, VOCDataset
@@ -156,8 +156,8 @@ def test_mixed_loss_trains_the_teacher_on_full_images_only(voc_folder):
     torch.manual_seed(0)
     dataset = VOCDataset(voc_folder)
     model = DeepLab(BackboneConfig(name="resnet18"), 3, [1, 2, 3], teacher_head=True).eval()
-    training_set = MixedTrainingSet(dataset, ["a", "b", "empty"], ["a"], dataset.load_train_mask, 32,
-                                    [1.0, 1.0])
+    training_set = MixedTrainingSet(dataset, ["a", "b", "empty"], ["a"], dataset.load_train_mask,
+                                    TrainConfig(crop_size=32, scale_range=[1.0, 1.0]))
     batch = torch.utils.data.default_collate([training_set[i] for i in range(3)])
     assert batch["is_full"].tolist() == [True, False, False]
     assert (batch["mask"][1:] == IGNORE).all() and (batch["mask"][0] != IGNORE).any()
@@ -187,8 +187,8 @@ def test_partial_ce_and_entropy_follow_the_authors_code_or_the_pooled_weak_only_
     torch.manual_seed(0)
     dataset = VOCDataset(voc_folder)
     model = DeepLab(BackboneConfig(name="resnet18"), 3, [1, 2, 3], teacher_head=True).eval()
-    training_set = MixedTrainingSet(dataset, ["a", "b", "empty"], ["a"], dataset.load_train_mask, 32,
-                                    [1.0, 1.0])
+    training_set = MixedTrainingSet(dataset, ["a", "b", "empty"], ["a"], dataset.load_train_mask,
+                                    TrainConfig(crop_size=32, scale_range=[1.0, 1.0]))
     batch = torch.utils.data.default_collate([training_set[i] for i in range(3)])
     with torch.no_grad():
         student = model.forward_branches(batch["image"], with_exits=False)["student"]
@@ -242,8 +242,8 @@ def test_dmpls_term_joins_the_loss_on_weak_images_only_and_is_absent_at_zero_wei
     torch.manual_seed(0)
     dataset = VOCDataset(voc_folder)
     model = DeepLab(BackboneConfig(name="resnet18"), 3, [1, 2, 3], teacher_head=True).eval()
-    training_set = MixedTrainingSet(dataset, ["a", "b", "empty"], ["a"], dataset.load_train_mask, 32,
-                                    [1.0, 1.0])
+    training_set = MixedTrainingSet(dataset, ["a", "b", "empty"], ["a"], dataset.load_train_mask,
+                                    TrainConfig(crop_size=32, scale_range=[1.0, 1.0]))
     batch = torch.utils.data.default_collate([training_set[i] for i in range(3)])
     off = mixed_supervision_loss(model, batch, 0, MixedConfig(), SRConfig())
     assert "dmpls" not in off
@@ -325,7 +325,8 @@ def test_copy_paste_steps_train_on_the_mixed_inputs_after_the_start_epoch(voc_fo
     cfg.seg.backbone = BackboneConfig(name="resnet18")
     model = segmentation_network(cfg, 3, training=True).train()
     ids = ["a", "b", "empty", "a"]
-    training_set = MixedTrainingSet(dataset, ids, ["a"], dataset.load_train_mask, 32, [1.0, 1.0])
+    training_set = MixedTrainingSet(dataset, ids, ["a"], dataset.load_train_mask,
+                                    TrainConfig(crop_size=32, scale_range=[1.0, 1.0]))
     batch = torch.utils.data.default_collate([training_set[i] for i in (0, 3, 1, 2)])
     plain = mixed_supervision_loss(model, batch, 0, cfg.mixed, SRConfig(), copy_paste_from=1)
     assert "copy_paste" not in plain and not model.ema.started
@@ -344,7 +345,7 @@ def test_copy_paste_steps_train_on_the_mixed_inputs_after_the_start_epoch(voc_fo
 def test_every_mask_gets_the_image_augmentation(voc_folder):
     dataset = VOCDataset(voc_folder)
     torch.manual_seed(3)
-    training_set = TrainingSet(dataset, ["a"], 24, [0.6, 1.7],
+    training_set = TrainingSet(dataset, ["a"], TrainConfig(crop_size=24, scale_range=[0.6, 1.7]),
                                pixel_labels={"mask": dataset.load_mask, "copy": dataset.load_mask})
     for _ in range(5):
         item = training_set[0]

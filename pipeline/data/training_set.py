@@ -11,6 +11,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from pipeline.core.config import TrainConfig
 from pipeline.core.io import load_mask
 from pipeline.data.dataset import IGNORE, VOCDataset
 
@@ -45,24 +46,25 @@ class MaskFolder:
 
 
 class TrainingSet(torch.utils.data.Dataset):
-    """Random rescale, horizontal flip, rotation, pad and crop of an image and its pixel labels.
+    """Random rescale, horizontal flip, rotation, pad and crop of an image and its pixel labels,
+    as ``augment`` (a stage's ``train`` section) sets them.
 
     ``pixel_labels`` maps item keys to id -> uint8 mask functions (ground truth, pseudo
     masks, weak labels), e.g. ``{"mask": dataset.load_train_mask}``; every mask gets the
     image's augmentation. Without it only the image-level labels are returned (CAM training).
     """
 
-    def __init__(self, dataset: VOCDataset, ids: list[str], crop_size: int, scale_range: list[float],
-                 pixel_labels: Optional[dict[str, Callable[[str], np.ndarray]]] = None,
-                 color_jitter: Optional[list[float]] = None, rotation: float = 0.0):
+    def __init__(self, dataset: VOCDataset, ids: list[str], augment: TrainConfig,
+                 pixel_labels: Optional[dict[str, Callable[[str], np.ndarray]]] = None):
         self.dataset = dataset
         self.ids = ids
-        self.crop_size = crop_size
-        self.scale_range = scale_range
+        self.crop_size = augment.crop_size
+        self.scale_range = augment.scale_range
         self.pixel_labels = pixel_labels or {}
         # The image only; no draw at all without it, so runs without jitter keep their augmentations.
-        self.jitter = torchvision.transforms.ColorJitter(*color_jitter) if color_jitter else None
-        self.rotation = rotation  # likewise: 0 draws nothing
+        jitter = augment.color_jitter
+        self.jitter = torchvision.transforms.ColorJitter(*jitter) if jitter else None
+        self.rotation = augment.rotation  # likewise: 0 draws nothing
 
     def __len__(self) -> int:
         return len(self.ids)

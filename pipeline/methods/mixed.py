@@ -71,7 +71,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage
 
-from pipeline.core.config import CopyPasteConfig, MixedConfig, SRConfig
+from pipeline.core.config import CopyPasteConfig, MixedConfig, SRConfig, TrainConfig
 from pipeline.core.errors import DataError
 from pipeline.core.io import file_digest
 from pipeline.data.dataset import BACKGROUND, IGNORE, VOCDataset, image_size
@@ -173,11 +173,9 @@ class MixedTrainingSet(TrainingSet):
     """Training items with both label sets under one augmentation: ``mask`` (the teacher's:
     full masks, all 255 for weak images), ``weak_mask`` (the student's) and ``is_full``."""
 
-    def __init__(self, dataset: VOCDataset, ids: list[str], full_ids: list[str], weak, crop_size: int,
-                 scale_range: list[float], color_jitter: list[float] | None = None, rotation: float = 0.0):
-        super().__init__(dataset, ids, crop_size, scale_range,
-                         pixel_labels={"mask": TeacherMasks(dataset, full_ids), "weak_mask": weak},
-                         color_jitter=color_jitter, rotation=rotation)
+    def __init__(self, dataset: VOCDataset, ids: list[str], full_ids: list[str], weak, augment: TrainConfig):
+        super().__init__(dataset, ids, augment,
+                         pixel_labels={"mask": TeacherMasks(dataset, full_ids), "weak_mask": weak})
         self.full_ids = frozenset(full_ids)
 
     def __getitem__(self, index: int) -> dict:

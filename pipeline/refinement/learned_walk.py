@@ -144,9 +144,8 @@ class LearnedWalk(RefineMethod):
                                          self.label_masks())
             barrier()  # the network trains on every process's CRF masks
             started = time.perf_counter()
-            train_set = TrainingSet(dataset, train_ids, net_cfg.crop_size, net_cfg.scale_range,
-                                    pixel_labels={"mask": MaskFolder(out.dir / "crf")},
-                                    color_jitter=net_cfg.color_jitter, rotation=net_cfg.rotation)
+            crf_masks = MaskFolder(out.dir / "crf")
+            train_set = TrainingSet(dataset, train_ids, net_cfg, pixel_labels={"mask": crf_masks})
             loader = make_train_loader(train_set, net_cfg, cfg.data.loader_workers, generator)
             history = train(model.to(self.device), loader, self.training_loss(), net_cfg, self.device,
                             self.network_folder, out.dir / CHECKPOINT)
