@@ -150,15 +150,21 @@ def test_entropy_is_log_c_over_c_for_uniform_and_near_zero_for_confident_predict
     assert mean_entropy(torch.zeros(0, 4, 3, 3)) == 0
 
 
-def test_mixed_loss_trains_the_teacher_on_full_images_only(voc_folder):
-    """The teacher's term must not depend on a weak image's labels; the student's entropy
-    only on weak images."""
+def small_mixed_batch(voc_folder):
+    """A two-branch ResNet-18 segmenter (eval mode) and one batch of "a" (full), "b" and "empty"
+    (weak), whole 32-px images."""
     torch.manual_seed(0)
     dataset = VOCDataset(voc_folder)
     model = DeepLab(BackboneConfig(name="resnet18"), 3, [1, 2, 3], teacher_head=True).eval()
     training_set = MixedTrainingSet(dataset, ["a", "b", "empty"], ["a"], dataset.load_train_mask,
                                     TrainConfig(crop_size=32, scale_range=[1.0, 1.0]))
-    batch = torch.utils.data.default_collate([training_set[i] for i in range(3)])
+    return model, torch.utils.data.default_collate([training_set[i] for i in range(3)])
+
+
+def test_mixed_loss_trains_the_teacher_on_full_images_only(voc_folder):
+    """The teacher's term must not depend on a weak image's labels; the student's entropy
+    only on weak images."""
+    model, batch = small_mixed_batch(voc_folder)
     assert batch["is_full"].tolist() == [True, False, False]
     assert (batch["mask"][1:] == IGNORE).all() and (batch["mask"][0] != IGNORE).any()
     cfg = MixedConfig()
@@ -184,12 +190,7 @@ def test_partial_ce_and_entropy_follow_the_authors_code_or_the_pooled_weak_only_
     then added; the entropy over every student output with each full image counted three times."""
     from pipeline.methods.losses import pixel_cross_entropy
 
-    torch.manual_seed(0)
-    dataset = VOCDataset(voc_folder)
-    model = DeepLab(BackboneConfig(name="resnet18"), 3, [1, 2, 3], teacher_head=True).eval()
-    training_set = MixedTrainingSet(dataset, ["a", "b", "empty"], ["a"], dataset.load_train_mask,
-                                    TrainConfig(crop_size=32, scale_range=[1.0, 1.0]))
-    batch = torch.utils.data.default_collate([training_set[i] for i in range(3)])
+    model, batch = small_mixed_batch(voc_folder)
     with torch.no_grad():
         student = model.forward_branches(batch["image"], with_exits=False)["student"]
         weak, full = batch["weak_mask"], batch["is_full"]
@@ -239,12 +240,7 @@ def test_mixed_pseudo_labels_are_a_random_mix_of_both_branches_and_train_both():
 
 
 def test_dmpls_term_joins_the_loss_on_weak_images_only_and_is_absent_at_zero_weight(voc_folder):
-    torch.manual_seed(0)
-    dataset = VOCDataset(voc_folder)
-    model = DeepLab(BackboneConfig(name="resnet18"), 3, [1, 2, 3], teacher_head=True).eval()
-    training_set = MixedTrainingSet(dataset, ["a", "b", "empty"], ["a"], dataset.load_train_mask,
-                                    TrainConfig(crop_size=32, scale_range=[1.0, 1.0]))
-    batch = torch.utils.data.default_collate([training_set[i] for i in range(3)])
+    model, batch = small_mixed_batch(voc_folder)
     off = mixed_supervision_loss(model, batch, 0, MixedConfig(), SRConfig())
     assert "dmpls" not in off
     torch.manual_seed(1)
