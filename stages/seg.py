@@ -101,8 +101,10 @@ def own_inputs(cfg: Config) -> dict:
     mixed = cfg.mode == "mixed"
     spacing_file = Path(cfg.data.root) / cfg.data.spacing_file if cfg.data.spacing_file else None
     self_training = cfg.mode == "weak" and cfg.seg.self_training.enabled
+    # With copy-paste the largest component also cuts the EMA's pseudo masks: a training key then.
+    copy_paste = mixed and cfg.mixed.copy_paste.enabled
     scoring_keys = (("data.val_split", "data.volume_pattern", "data.spacing", "data.spacing_file",
-                     "seg.crf_predict", "seg.largest_component")
+                     "seg.crf_predict") + (() if copy_paste else ("seg.largest_component",))
                     # Self-training predicts the next masks with the flip: then it is part of training,
                     # and the rounds' masks are scored on the score split.
                     + (("data.score_split",) if self_training else ("seg.flip_predict",))

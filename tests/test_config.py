@@ -155,8 +155,9 @@ def test_copy_paste_needs_one_weak_image_per_full_image_no_sr_and_two_pairs():
         config_from_dict({"mixed": on | {"weak_per_full": 2}})
     with pytest.raises(ConfigError, match=r"set seg\.sr\.enabled: false"):
         config_from_dict({"mixed": on, "seg": {"sr": {"enabled": True}}})
-    with pytest.raises(ConfigError, match=r"batch_size >= 4"):
-        config_from_dict({"mixed": on, "seg": {"train": {"batch_size": 2}}})
+    for batch_size in (2, 6):
+        with pytest.raises(ConfigError, match=r"batch_size to a multiple of 4"):
+            config_from_dict({"mixed": on, "seg": {"train": {"batch_size": batch_size}}})
     config_from_dict({"mixed": on})
     config_from_dict({"mixed": {"weak_per_full": 2}, "seg": {"sr": {"enabled": True}}})  # off: unchecked
 

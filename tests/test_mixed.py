@@ -216,6 +216,16 @@ def test_squared_dice_is_wsl4mis_dice_over_every_class_and_the_whole_batch():
     assert math.isclose(squared_dice_loss(uniform, target).item(), 1 - sum(per_class) / 3, rel_tol=1e-4)
 
 
+def test_squared_dice_over_some_pixels_is_the_dice_of_those_pixels_alone():
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(2, 3, 4, 4), dim=1)
+    target = torch.randint(0, 3, (2, 4, 4))
+    first_image = torch.zeros(2, 4, 4, dtype=torch.bool)
+    first_image[0] = True
+    alone = squared_dice_loss(probs[:1], target[:1])
+    assert torch.isclose(squared_dice_loss(probs, target, first_image), alone)
+
+
 def test_mixed_pseudo_labels_are_a_random_mix_of_both_branches_and_train_both():
     """Branches that agree need no change; where they disagree the pseudo mask is the argmax of
     beta p_student + (1 - beta) p_teacher, so which branch it follows depends on the draw."""
@@ -314,6 +324,27 @@ def test_ema_copies_first_then_follows_at_its_decay_and_travels_in_the_checkpoin
     assert copy_paste_from(MixedConfig().copy_paste, 16) is None
 
 
+def test_copy_paste_refuses_a_batch_share_without_two_pairs_and_makes_largest_component_a_training_key(
+        voc_folder):
+    from pipeline.core.config import DataConfig
+    from pipeline.core.errors import TrainingError
+    from pipeline.methods.mixed import paired_indices
+    from stages.seg import own_inputs
+
+    with pytest.raises(TrainingError, match="two full and two weak images"):
+        paired_indices(torch.tensor([True, False, False]))
+    assert [len(half) for half in paired_indices(torch.tensor([True] * 3 + [False] * 5))] == [1, 1, 1, 1]
+
+    def training_key(copy_paste: bool, largest: bool) -> dict:
+        cfg = Config(mode="mixed", data=DataConfig(root=str(voc_folder)),
+                     mixed=MixedConfig(weak_source="erode", copy_paste=CopyPasteConfig(enabled=copy_paste)))
+        cfg.seg.largest_component = largest
+        return own_inputs(cfg)["config"]
+
+    assert training_key(False, True) == training_key(False, False)  # a scoring key: same network
+    assert training_key(True, True) != training_key(True, False)  # it cuts the EMA's pseudo masks
+
+
 def test_copy_paste_steps_train_on_the_mixed_inputs_after_the_start_epoch(voc_folder):
     torch.manual_seed(0)
     dataset = VOCDataset(voc_folder)
@@ -336,6 +367,12 @@ def test_copy_paste_steps_train_on_the_mixed_inputs_after_the_start_epoch(voc_fo
     for branch in (model.head, model.teacher_head):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in branch.parameters())
     assert all(p.grad is None for p in model.ema.parameters())
+    # DMPLS together with copy-paste: its Dice on the pixels the weak images give
+    both = MixedConfig(w_dmpls=0.5, copy_paste=CopyPasteConfig(enabled=True))
+    together = mixed_supervision_loss(model, batch, 1, both, SRConfig(), copy_paste_from=1)
+    assert 0 < together["dmpls"] < 1
+    assert torch.isclose(together["loss"], together["teacher"] + 0.1 * together["partial"] + 20 * together["kl"]
+                         + together["entropy"] + together["copy_paste"] + 0.5 * together["dmpls"])
 
 
 def test_every_mask_gets_the_image_augmentation(voc_folder):

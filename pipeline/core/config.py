@@ -376,7 +376,8 @@ class SegConfig:
     crf_predict: bool = False
     # Each predicted class keeps only its largest connected component, the rest turns background
     # (pipeline/methods/components.py): per 3-D volume where data.volume_pattern groups slices,
-    # else per image. For one object per class (a heart's chambers); prediction time only.
+    # else per image. For one object per class (a heart's chambers); prediction time only, except
+    # that with mixed.copy_paste it also cuts the EMA's pseudo masks (per image).
     largest_component: bool = False
     sr: SRConfig = field(default_factory=SRConfig)
     self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)

@@ -117,9 +117,9 @@ def config_from_dict(raw: dict) -> Config:
     if cfg.mixed.copy_paste.enabled and cfg.seg.sr.enabled:
         raise ConfigError("config key 'mixed.copy_paste.enabled' is not made for Self-Regulation's exits: "
                           "set seg.sr.enabled: false")
-    if cfg.mixed.copy_paste.enabled and cfg.seg.train.batch_size < 4:
-        raise ConfigError("config key 'mixed.copy_paste.enabled' pastes both ways between two pairs of "
-                          "full and weak images at least: set seg.train.batch_size >= 4")
+    if cfg.mixed.copy_paste.enabled and cfg.seg.train.batch_size % 4:
+        raise ConfigError("config key 'mixed.copy_paste.enabled' pastes both ways between pairs of full "
+                          "and weak images, two pairs at least: set seg.train.batch_size to a multiple of 4")
     if cfg.seg.sr.exit_classifier == "pooled":
         raise ConfigError("config key 'seg.sr.exit_classifier' is pooled, which needs one map per "
                           "foreground class: only the cam stage has that")

@@ -27,13 +27,16 @@ seg head) with no shared weights (:class:`pipeline.models.DeepLab` with ``teache
 ``mixed.w_dmpls`` adds DMPLS's dynamically mixed pseudo labels (Luo et al., "Scribble-supervised
 medical image segmentation via dual-branch network and dynamically mixed pseudo labels
 supervision", MICCAI 2022), which this dual-branch network can take at no extra cost: on the weak
-images, the argmax of ``beta p_student + (1 - beta) p_teacher`` (detached, beta uniform in (0, 1]
-drawn each step) is a pseudo mask that both branches learn with the Dice loss, weighted 0.5 per
-branch (HiLab-git/WSL4MIS @a594da8, code/train_weakly_supervised_segmentation_pCE_ours_proposed.py
-lines 115-125: ``loss_ce + 0.5 * loss_pse_sup``; its ``pDLoss``, code/utils/losses.py, with no pixel
-ignored: squared denominators, every class the background included, sums over the batch).
-DMPLS's images are all scribbled; here the term sees the weak images, so the teacher learns from
-them too, and the full images keep their masks.
+images, the argmax of ``beta p_student + (1 - beta) p_teacher`` (detached, beta uniform in (0, 1)
+drawn each step) is a pseudo mask that both branches learn with the Dice loss: ``w_dmpls`` times
+the mean of the two branches' Dice, so 0.25 per branch at DMPLS's 0.5 (HiLab-git/WSL4MIS @a594da8,
+code/train_weakly_supervised_segmentation_pCE_ours_proposed.py lines 115-125: ``loss_ce + 0.5 *
+loss_pse_sup``; its ``pDLoss``, code/utils/losses.py: squared denominators, every class the
+background included, sums over the batch). DMPLS weighs each branch's partial cross-entropy 0.5;
+here the student's stays at ``w_partial`` (0.1), so the pseudo labels weigh more against the
+scribbles than in DMPLS. DMPLS's images are all scribbled; here the term sees the weak images'
+pixels (in copy-paste steps, the pixels the weak images give the mixed inputs), so the teacher
+learns from them too, and the full images keep their masks.
 
 ``mixed.copy_paste`` adds BCP's bidirectional copy-paste (Bai, Chen, Li, Shen, Wang, "Bidirectional
 copy-paste for semi-supervised medical image segmentation", CVPR 2023; DeepMed-Lab-ECNU/BCP @7879f98,
@@ -50,7 +53,15 @@ learns BCP's loss, ``seg.loss`` on the full masks' pixels plus ``u_weight`` time
 pseudo masks' pixels (BCP's ``mix_loss``; the two directions pooled, where BCP averages each and
 halves their sum). The mixed-supervision terms stay, on the mixed inputs: the teacher on the full
 masks' pixels, the partial cross-entropy on both images' weak labels (pooled), the KL term on the
-pixels of full images, the entropy over every pixel.
+pixels of full images, the entropy over every pixel. Where ours differs from BCP's code beyond
+that: the Dice is ``seg.loss``'s (``cross_entropy_dice``: foreground classes, plain sums; none with
+``cross_entropy``) where BCP's ``DiceLoss`` takes every class with squared denominators; a class's
+components are 4-connected where BCP's ``skimage.measure.label`` joins diagonal neighbours; the
+EMA and the student each run once on the concatenated images where BCP runs each half on its own
+(BatchNorm's batch statistics differ); the weak images' padding (rare at acdc.yaml's crop) gets the
+EMA's label, mostly background; and the steps after ``start`` go on from the current weights under
+the poly learning rate, where BCP restarts its self-training from the best pre-trained network on
+val at a constant rate.
 
 ``L = L_teacher + w_partial L_partial + w_kl L_KL + w_entropy L_entropy (+ w_dmpls L_DMPLS)
 (+ L_BCP)``. With
@@ -72,7 +83,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from pipeline.core.config import CopyPasteConfig, MixedConfig, SRConfig, TrainConfig
-from pipeline.core.errors import DataError
+from pipeline.core.errors import DataError, TrainingError
 from pipeline.core.io import file_digest
 from pipeline.data.dataset import BACKGROUND, IGNORE, VOCDataset, image_size
 from pipeline.data.labels import read_text
@@ -253,27 +264,33 @@ def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).mean()
 
 
-def squared_dice_loss(probs: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
-    """WSL4MIS's ``pDLoss`` with no pixel ignored (code/utils/losses.py): 1 - the mean over every
-    class, the background included, of ``(2 sum(p t) + s) / (sum(p^2) + sum(t^2) + s)``, summed over the
-    whole batch; ``probs`` are softmax outputs, ``target`` class indices."""
+def squared_dice_loss(probs: torch.Tensor, target: torch.Tensor, pixels: torch.Tensor | None = None,
+                      smooth: float = 1e-5) -> torch.Tensor:
+    """WSL4MIS's ``pDLoss`` (code/utils/losses.py): 1 - the mean over every class, the background
+    included, of ``(2 sum(p t) + s) / (sum(p^2) + sum(t^2) + s)``, summed over the whole batch, over
+    the boolean ``pixels`` (B, H, W) only where given (its ignore mask); ``probs`` are softmax
+    outputs, ``target`` class indices."""
     one_hot = F.one_hot(target, probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    if pixels is not None:
+        probs, one_hot = probs * pixels[:, None], one_hot * pixels[:, None]
     dims = (0, 2, 3)
     overlap = (probs * one_hot).sum(dims)
     dice = (2 * overlap + smooth) / ((probs * probs).sum(dims) + one_hot.sum(dims) + smooth)
     return 1 - dice.mean()
 
 
-def mixed_pseudo_label_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+def mixed_pseudo_label_loss(student: torch.Tensor, teacher: torch.Tensor,
+                            pixels: torch.Tensor | None = None) -> torch.Tensor:
     """DMPLS's pseudo supervision: both branches' Dice against the argmax of a random mix of their
-    detached softmax outputs, 0.5 each (``beta = random.random() + 1e-10`` in their code); 0 for an
-    empty batch."""
-    if student.numel() == 0:
+    detached softmax outputs, 0.5 each (``beta = random.random() + 1e-10`` in their code), over the
+    boolean ``pixels`` only where given; 0 for an empty batch."""
+    if student.numel() == 0 or (pixels is not None and not pixels.any()):
         return (student.sum() + teacher.sum()) * 0.0
     p_student, p_teacher = F.softmax(student, dim=1), F.softmax(teacher, dim=1)
     beta = torch.rand(()).item() + 1e-10
     pseudo = (beta * p_student + (1.0 - beta) * p_teacher).detach().argmax(dim=1)
-    return 0.5 * (squared_dice_loss(p_student, pseudo) + squared_dice_loss(p_teacher, pseudo))
+    return 0.5 * (squared_dice_loss(p_student, pseudo, pixels)
+                  + squared_dice_loss(p_teacher, pseudo, pixels))
 
 
 class EMANetwork(nn.Module):
@@ -289,9 +306,9 @@ class EMANetwork(nn.Module):
 
     @torch.no_grad()
     def follow(self, network: nn.Module, decay: float) -> None:
-        source = network.state_dict()
+        source, started = network.state_dict(), bool(self.started)
         for key, value in self.network.state_dict().items():
-            if self.started and value.is_floating_point():
+            if started and value.is_floating_point():
                 value.mul_(decay).add_(source[key], alpha=1.0 - decay)
             else:
                 value.copy_(source[key])
@@ -324,6 +341,10 @@ def paired_indices(is_full: torch.Tensor) -> tuple[torch.Tensor, ...]:
     (``img_a``, ``img_b``, ``uimg_a``, ``uimg_b``), as many pairs in each as both kinds allow."""
     full_index, weak_index = is_full.nonzero()[:, 0], (~is_full).nonzero()[:, 0]
     pairs = min(len(full_index), len(weak_index)) // 2
+    if pairs == 0:  # under torchrun, a process's share of a small batch
+        raise TrainingError(f"copy-paste needs two full and two weak images in each process's share of a "
+                            f"batch; this one has {len(full_index)} and {len(weak_index)}: raise "
+                            "seg.train.batch_size")
     return (full_index[:pairs], full_index[pairs:2 * pairs],
             weak_index[:pairs], weak_index[pairs:2 * pairs])
 
@@ -372,8 +393,8 @@ def copy_paste_loss(model, batch: dict, cfg: MixedConfig, teacher_loss: str, lar
     }
     total = (terms["teacher"] + cfg.w_partial * terms["partial"] + cfg.w_kl * terms["kl"]
              + cfg.w_entropy * terms["entropy"] + terms["copy_paste"])
-    if cfg.w_dmpls:  # every mixed input holds weak pixels
-        terms["dmpls"] = mixed_pseudo_label_loss(student, teacher)
+    if cfg.w_dmpls:  # on the pixels the weak images give
+        terms["dmpls"] = mixed_pseudo_label_loss(student, teacher, pixels=~mixed["from_full"])
         total = total + cfg.w_dmpls * terms["dmpls"]
     return {"loss": total} | terms
 
