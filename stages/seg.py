@@ -66,7 +66,8 @@ from pipeline.methods.losses import mask_loss
 from pipeline.methods.mixed import (
     MixedBatchSampler,
     MixedTrainingSet,
-    copy_paste_from,
+    check_copy_paste_shares,
+    copy_paste_start_epoch,
     full_subset,
     mixed_fingerprint,
     mixed_supervision_loss,
@@ -168,6 +169,8 @@ def training_loader(cfg: Config, dataset: VOCDataset, pseudo_folder: Path, gener
         sampler = MixedBatchSampler([i for i, x in enumerate(train_ids) if x in full],
                                     [i for i, x in enumerate(train_ids) if x not in full],
                                     cfg.seg.train.batch_size, cfg.mixed.weak_per_full, generator)
+        if cfg.mixed.copy_paste.enabled:
+            check_copy_paste_shares(sampler.n_full, sampler.n_weak, world_size())
         return make_train_loader(train_set, cfg.seg.train, cfg.data.loader_workers, generator,
                                  batch_sampler=sampler)
     labels = pseudo_masks if cfg.mode == "weak" else dataset.load_train_mask
@@ -250,8 +253,8 @@ def train_network(cfg: Config, dataset: VOCDataset, pseudo_folder: Path, generat
     loader = training_loader(cfg, dataset, pseudo_folder, generator, full_ids)
     compute_loss = (functools.partial(mixed_supervision_loss, cfg=cfg.mixed, sr=cfg.seg.sr,
                                       teacher_loss=cfg.seg.loss,
-                                      copy_paste_from=copy_paste_from(cfg.mixed.copy_paste,
-                                                                      epochs(cfg.seg.train, loader)),
+                                      copy_paste_from=copy_paste_start_epoch(cfg.mixed.copy_paste,
+                                                                             epochs(cfg.seg.train, loader)),
                                       largest_component=cfg.seg.largest_component)
                     if cfg.mode == "mixed" else training_loss(cfg.seg.sr, cfg.seg.loss))
     history = train(model, loader, compute_loss, cfg.seg.train, device, desc, checkpoint)

@@ -150,16 +150,18 @@ def test_the_dice_loss_with_self_regulation_outside_mixed_mode_is_a_config_error
 
 
 def test_copy_paste_needs_one_weak_image_per_full_image_no_sr_and_two_pairs():
-    on = {"copy_paste": {"enabled": True}}
+    on, mixed = {"copy_paste": {"enabled": True}}, {"mode": "mixed"}
     with pytest.raises(ConfigError, match=r"set mixed\.weak_per_full: 1"):
-        config_from_dict({"mixed": on | {"weak_per_full": 2}})
+        config_from_dict(mixed | {"mixed": on | {"weak_per_full": 2}})
     with pytest.raises(ConfigError, match=r"set seg\.sr\.enabled: false"):
-        config_from_dict({"mixed": on, "seg": {"sr": {"enabled": True}}})
+        config_from_dict(mixed | {"mixed": on, "seg": {"sr": {"enabled": True}}})
     for batch_size in (2, 6):
         with pytest.raises(ConfigError, match=r"batch_size to a multiple of 4"):
-            config_from_dict({"mixed": on, "seg": {"train": {"batch_size": batch_size}}})
-    config_from_dict({"mixed": on})
-    config_from_dict({"mixed": {"weak_per_full": 2}, "seg": {"sr": {"enabled": True}}})  # off: unchecked
+            config_from_dict(mixed | {"mixed": on, "seg": {"train": {"batch_size": batch_size}}})
+    config_from_dict(mixed | {"mixed": on})
+    # off: unchecked
+    config_from_dict(mixed | {"mixed": {"weak_per_full": 2}, "seg": {"sr": {"enabled": True}}})
+    config_from_dict({"mixed": on, "seg": {"sr": {"enabled": True}}})  # weak mode never uses it
 
 
 def test_fixing_layers_of_a_backbone_without_pretrained_weights_is_a_config_error():

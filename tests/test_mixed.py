@@ -9,7 +9,7 @@ from conftest import two_object_mask
 from PIL import Image
 
 from pipeline.core.config import BackboneConfig, Config, CopyPasteConfig, MixedConfig, SRConfig, TrainConfig
-from pipeline.core.errors import DataError
+from pipeline.core.errors import ConfigError, DataError
 from pipeline.core.metrics import SegmentationScores, hd95
 from pipeline.data.dataset import IGNORE, VOCDataset
 from pipeline.data.training_set import TrainingSet
@@ -19,13 +19,15 @@ from pipeline.methods.mixed import (
     MixedBatchSampler,
     MixedTrainingSet,
     box_inside,
-    copy_paste_from,
+    check_copy_paste_shares,
+    copy_paste_start_epoch,
     eroded_core,
     full_subset,
     mean_entropy,
     mixed_fingerprint,
     mixed_pseudo_label_loss,
     mixed_supervision_loss,
+    paired_indices,
     paste_pairs,
     squared_dice_loss,
     teacher_student_kl,
@@ -234,8 +236,9 @@ def test_mixed_pseudo_labels_are_a_random_mix_of_both_branches_and_train_both():
     assert mixed_pseudo_label_loss(agree, agree.clone()) < 1e-6
     student = torch.zeros(1, 3, 4, 4, requires_grad=True)
     teacher = torch.zeros(1, 3, 4, 4, requires_grad=True)
-    with torch.no_grad():
-        student[:, 1], teacher[:, 2] = 5.0, 5.0
+    with torch.no_grad():  # unequal: which branch the pseudo mask follows changes the loss
+        student[:, 1], teacher[:, 2] = 5.0, 2.0
+        teacher[:, 2, :2] = 8.0
     torch.manual_seed(0)
     loss = mixed_pseudo_label_loss(student, teacher)
     loss.backward()
@@ -246,6 +249,16 @@ def test_mixed_pseudo_labels_are_a_random_mix_of_both_branches_and_train_both():
     pseudo = (beta * p_student + (1 - beta) * p_teacher).argmax(1)
     expected = 0.5 * (squared_dice_loss(p_student, pseudo) + squared_dice_loss(p_teacher, pseudo))
     assert torch.isclose(loss, expected)
+    follows = {}  # beta near 0 follows the teacher, near 1 the student
+    for name, beta in (("teacher", 1e-10), ("student", 1.0)):
+        mixed = (beta * p_student + (1 - beta) * p_teacher).argmax(1)
+        follows[name] = 0.5 * (squared_dice_loss(p_student, mixed) + squared_dice_loss(p_teacher, mixed))
+    assert not torch.isclose(follows["teacher"], follows["student"])
+    losses = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        losses.add(round(mixed_pseudo_label_loss(student, teacher).item(), 5))
+    assert len(losses) > 1  # the draw decides
     assert mixed_pseudo_label_loss(torch.zeros(0, 3, 4, 4), torch.zeros(0, 3, 4, 4)) == 0
 
 
@@ -273,26 +286,50 @@ def test_bcp_box_is_two_thirds_of_each_side_somewhere_inside():
 
 
 def test_bcp_pastes_both_ways_and_labels_each_pixel_by_the_image_it_comes_from():
-    """Images 0 and 1 full (masks 1 and 2), 2 and 3 weak (scribbles 3, pseudo masks 4 and 5):
-    pair a is (0, 2), pair b is (1, 3)."""
-    image = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 4, 4)
-    mask = torch.tensor([1, 2, IGNORE, IGNORE]).view(4, 1, 1).expand(4, 4, 4)
-    weak = torch.tensor([1, 2, 3, 3]).view(4, 1, 1).expand(4, 4, 4)
-    full = torch.tensor([True, True, False, False])
+    """Images 0-3 full (masks and weak labels 10-13), 4-7 weak (weak labels 14-17, pseudo masks
+    20-23 in the order a's then b's): pairs a are (0, 4) and (1, 5), pairs b (2, 6) and (3, 7)."""
+    image = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 4, 4)
+    mask = torch.tensor([10, 11, 12, 13] + [IGNORE] * 4).view(8, 1, 1).expand(8, 4, 4)
+    weak = torch.arange(10, 18).view(8, 1, 1).expand(8, 4, 4)
+    full = torch.tensor([True] * 4 + [False] * 4)
     batch = {"image": image, "mask": mask, "weak_mask": weak, "is_full": full}
-    pseudo = torch.tensor([4, 5]).view(2, 1, 1).expand(2, 4, 4)
+    pseudo = torch.arange(20, 24).view(4, 1, 1).expand(4, 4, 4)
     inside = torch.zeros(4, 4, dtype=torch.bool)
     inside[1:3, 1:3] = True
-    mixed = paste_pairs(batch, pseudo, inside)
-    # the weak image 2 with the full image 0's box, then the full image 1 with the weak image 3's box
-    assert torch.equal(mixed["images"][0, 0], torch.where(inside, 0.0, 2.0))
-    assert torch.equal(mixed["images"][1, 0], torch.where(inside, 3.0, 1.0))
-    assert torch.equal(mixed["full_masks"][0], torch.where(inside, 1, IGNORE))
-    assert torch.equal(mixed["full_masks"][1], torch.where(inside, IGNORE, 2))
-    assert torch.equal(mixed["pseudo_masks"][0], torch.where(inside, IGNORE, 4))
-    assert torch.equal(mixed["pseudo_masks"][1], torch.where(inside, 5, IGNORE))
-    assert torch.equal(mixed["weak_masks"][0], torch.where(inside, 1, 3))
-    assert torch.equal(mixed["from_full"], torch.stack([inside, ~inside]))
+    indices = paired_indices(full)
+    assert [half.tolist() for half in indices] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    mixed = paste_pairs(batch, pseudo, inside, indices)
+
+    def boxed(box, outer):
+        return torch.where(inside, box, outer)
+
+    # net_input_unl: weak image 4 (5) with full image 0's (1's) box;
+    # net_input_l: full image 2 (3) with weak image 6's (7's) box
+    for row, (outer, box) in enumerate([(4, 0), (5, 1), (2, 6), (3, 7)]):
+        assert torch.equal(mixed["images"][row, 0], boxed(float(box), float(outer)))
+        assert torch.equal(mixed["weak_masks"][row], boxed(10 + box, 10 + outer))
+    assert torch.equal(mixed["full_masks"][0], boxed(10, IGNORE))
+    assert torch.equal(mixed["full_masks"][3], boxed(IGNORE, 13))
+    assert torch.equal(mixed["pseudo_masks"][1], boxed(IGNORE, 21))  # weak image 5's, outside the box
+    assert torch.equal(mixed["pseudo_masks"][2], boxed(22, IGNORE))  # weak image 6's, in the box
+    assert torch.equal(mixed["from_full"], torch.stack([inside, inside, ~inside, ~inside]))
+
+
+def test_copy_paste_shares_need_two_pairs_per_process_before_training():
+    check_copy_paste_shares(8, 8, 1)
+    check_copy_paste_shares(8, 8, 2)
+    for full, weak, processes in ((8, 8, 8), (16, 0, 1), (1, 15, 1)):
+        with pytest.raises(ConfigError, match="two full and two weak images"):
+            check_copy_paste_shares(full, weak, processes)
+
+
+def test_kl_over_some_pixels_is_the_kl_of_those_pixels_alone():
+    torch.manual_seed(0)
+    teacher, student = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    first = torch.zeros(2, 3, 3, dtype=torch.bool)
+    first[0] = True
+    alone = teacher_student_kl(teacher[:1], student[:1], 2.0, False)
+    assert torch.isclose(teacher_student_kl(teacher, student, 2.0, False, pixels=first), alone)
 
 
 def test_ema_copies_first_then_follows_at_its_decay_and_travels_in_the_checkpoint_not_model_pt(tmp_path):
@@ -320,15 +357,15 @@ def test_ema_copies_first_then_follows_at_its_decay_and_travels_in_the_checkpoin
     saved = torch.load(tmp_path / "model.pt", weights_only=True)
     assert not any(key.startswith("ema.") for key in saved)
     segmentation_network(cfg, 3, training=False).load_state_dict(saved)  # strict: nothing left over
-    assert copy_paste_from(cfg.mixed.copy_paste, 16) == 4
-    assert copy_paste_from(MixedConfig().copy_paste, 16) is None
+    assert copy_paste_start_epoch(cfg.mixed.copy_paste, 16) == 4
+    assert copy_paste_start_epoch(CopyPasteConfig(enabled=True, start=0.3), 5) == 1  # rounded down
+    assert copy_paste_start_epoch(MixedConfig().copy_paste, 16) is None
 
 
 def test_copy_paste_refuses_a_batch_share_without_two_pairs_and_makes_largest_component_a_training_key(
         voc_folder):
     from pipeline.core.config import DataConfig
     from pipeline.core.errors import TrainingError
-    from pipeline.methods.mixed import paired_indices
     from stages.seg import own_inputs
 
     with pytest.raises(TrainingError, match="two full and two weak images"):

@@ -170,7 +170,6 @@ def test_mixed_mode_scores_student_and_teacher_and_caches_on_the_full_subset(wea
                "--set", "seg.sr.enabled=false", "--set", "mixed.copy_paste.enabled=true",
                "--set", "mixed.copy_paste.start=0.5") == 0
     bcp = json.loads((bcp_dir / "seg" / "metrics.json").read_text())
-    assert all(value is not None for value in bcp["train_loss_by_epoch"]) and bcp["train_loss_by_epoch"]
     assert len(bcp["train_loss_by_epoch"]) == 2
     saved = torch.load(bcp_dir / "seg" / "model.pt", weights_only=True)
     assert not any(key.startswith("ema.") for key in saved)

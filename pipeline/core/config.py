@@ -390,7 +390,10 @@ class CopyPasteConfig:
     epochs, each step pastes a box of 2/3 of the crop's side between pairs of full and weak images,
     both ways, and the student also learns BCP's loss on them: the full masks where the full images
     are, the pseudo masks of an EMA of the network where the weak ones are, those weighted
-    ``u_weight`` (pipeline/methods/mixed.py). Needs mixed.weak_per_full 1 and seg.sr.enabled false."""
+    ``u_weight`` (pipeline/methods/mixed.py). In those steps the partial cross-entropy is pooled and
+    the entropy covers every pixel, whatever mixed.partial_ce and entropy_on say. Needs
+    mixed.weak_per_full 1, seg.sr.enabled false and a seg.train.batch_size that is a multiple of 4
+    (two pairs at least in each process's share)."""
     enabled: bool = False  # true: BCP's steps after the first `start` of the epochs
     u_weight: float = _opt(0.5, low=0.0)  # the weak images' share of the loss (BCP's u_weight, line 48)
     ema: float = _opt(0.99, low=0.0, high=1.0)  # the pseudo-labelling EMA's decay (BCP's, line 390)

@@ -111,13 +111,14 @@ def config_from_dict(raw: dict) -> Config:
         if getattr(cfg, section).sr.enabled and not exits:
             raise ConfigError(f"config key '{section}.sr.exits' must list at least one level "
                               "when SR is enabled")
-    if cfg.mixed.copy_paste.enabled and cfg.mixed.weak_per_full != 1:
+    copy_paste = cfg.mode == "mixed" and cfg.mixed.copy_paste.enabled  # other modes never use it
+    if copy_paste and cfg.mixed.weak_per_full != 1:
         raise ConfigError("config key 'mixed.copy_paste.enabled' pairs each full image with one weak "
                           "image, as BCP does: set mixed.weak_per_full: 1")
-    if cfg.mixed.copy_paste.enabled and cfg.seg.sr.enabled:
+    if copy_paste and cfg.seg.sr.enabled:
         raise ConfigError("config key 'mixed.copy_paste.enabled' is not made for Self-Regulation's exits: "
                           "set seg.sr.enabled: false")
-    if cfg.mixed.copy_paste.enabled and cfg.seg.train.batch_size % 4:
+    if copy_paste and cfg.seg.train.batch_size % 4:
         raise ConfigError("config key 'mixed.copy_paste.enabled' pastes both ways between pairs of full "
                           "and weak images, two pairs at least: set seg.train.batch_size to a multiple of 4")
     if cfg.seg.sr.exit_classifier == "pooled":

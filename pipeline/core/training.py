@@ -237,7 +237,7 @@ def loss_curve(history: list[dict[str, float]], term: str = "loss") -> list[floa
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, loader, history: list[dict],
                    scaler: torch.amp.GradScaler) -> dict:
     """Everything an interrupted training needs to go on exactly as if uninterrupted at the end
-    of an epoch: the model (its training-only heads included), the optimiser, the losses so far,
+    of an epoch: the model (its training-only submodules included), the optimiser, the losses so far,
     the global random generators, the loader's generator (shuffling, and each epoch's worker
     seeds) and a batch sampler's own state (mixed mode's queues)."""
     sampler = loader.batch_sampler
@@ -269,7 +269,7 @@ def _to_bytes(obj) -> bytes:
 
 def save_checkpoint(path: Path, model: nn.Module) -> None:
     """The inference network's state_dict, a plain dict of tensors (loadable with
-    ``torch.load(..., weights_only=True)``); training-only heads are left out, so it loads
+    ``torch.load(..., weights_only=True)``); training-only submodules are left out, so it loads
     strictly into the same network built without them. Written by the main process only."""
     if not is_main_process():
         return

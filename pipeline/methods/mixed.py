@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from pipeline.core.config import CopyPasteConfig, MixedConfig, SRConfig, TrainConfig
-from pipeline.core.errors import DataError, TrainingError
+from pipeline.core.errors import ConfigError, DataError, TrainingError
 from pipeline.core.io import file_digest
 from pipeline.data.dataset import BACKGROUND, IGNORE, VOCDataset, image_size
 from pipeline.data.labels import read_text
@@ -244,7 +245,7 @@ def teacher_student_kl(teacher: torch.Tensor, student: torch.Tensor, temperature
     branch's softmax output ``p``, averaged over classes and pixels (those of the boolean
     ``pixels`` (B, H, W) where given), times 0.5 T^2 (their ``KLDivLoss`` with its default mean
     reduction); 0 (with a gradient path) for an empty batch."""
-    if teacher.numel() == 0 or (pixels is not None and not pixels.any()):
+    if teacher.numel() == 0:
         return (teacher.sum() + student.sum()) * 0.0
     if detach_teacher:
         teacher = teacher.detach()
@@ -284,7 +285,7 @@ def mixed_pseudo_label_loss(student: torch.Tensor, teacher: torch.Tensor,
     """DMPLS's pseudo supervision: both branches' Dice against the argmax of a random mix of their
     detached softmax outputs, 0.5 each (``beta = random.random() + 1e-10`` in their code), over the
     boolean ``pixels`` only where given; 0 for an empty batch."""
-    if student.numel() == 0 or (pixels is not None and not pixels.any()):
+    if student.numel() == 0:
         return (student.sum() + teacher.sum()) * 0.0
     p_student, p_teacher = F.softmax(student, dim=1), F.softmax(teacher, dim=1)
     beta = torch.rand(()).item() + 1e-10
@@ -349,13 +350,14 @@ def paired_indices(is_full: torch.Tensor) -> tuple[torch.Tensor, ...]:
             weak_index[:pairs], weak_index[pairs:2 * pairs])
 
 
-def paste_pairs(batch: dict, pseudo: torch.Tensor, inside: torch.Tensor) -> dict:
-    """BCP's mixed inputs and their labels: for each pair, a weak image with a full image's box
-    (``net_input_unl``), then a full image with a weak image's box (``net_input_l``); ``pseudo``
-    holds the pseudo masks of the weak images of :func:`paired_indices`, a's then b's; ``inside``
-    is the box. The labels: ``full_masks`` (the full masks where full images are, 255 elsewhere),
-    ``pseudo_masks`` (the reverse), ``weak_masks`` (both images' weak labels) and ``from_full``."""
-    full_a, full_b, weak_a, weak_b = paired_indices(batch["is_full"])
+def paste_pairs(batch: dict, pseudo: torch.Tensor, inside: torch.Tensor, indices: tuple) -> dict:
+    """BCP's mixed inputs and their labels: for each pair of ``indices`` (:func:`paired_indices`),
+    a weak image with a full image's box (``net_input_unl``), then a full image with a weak image's
+    box (``net_input_l``); ``pseudo`` holds the pseudo masks of the weak images, a's then b's;
+    ``inside`` is the box. The labels: ``full_masks`` (the full masks where full images are, 255
+    elsewhere), ``pseudo_masks`` (the reverse), ``weak_masks`` (both images' weak labels) and
+    ``from_full``."""
+    full_a, full_b, weak_a, weak_b = indices
     pairs = len(full_a)
     image, mask, weak = batch["image"], batch["mask"], batch["weak_mask"]
 
@@ -376,10 +378,9 @@ def copy_paste_loss(model, batch: dict, cfg: MixedConfig, teacher_loss: str, lar
     """One BCP step (module docstring): two mixed inputs per pair of full and weak images."""
     network = getattr(model, "model", model)  # under torchrun, the module inside the DDP wrapper
     network.ema.follow(network, cfg.copy_paste.ema)
-    image = batch["image"]
-    _, _, weak_a, weak_b = paired_indices(batch["is_full"])
-    pseudo = ema_pseudo_masks(network.ema, image[torch.cat([weak_a, weak_b])], largest_component)
-    mixed = paste_pairs(batch, pseudo, box_inside(image.shape[-2], image.shape[-1], image.device))
+    image, indices = batch["image"], paired_indices(batch["is_full"])
+    pseudo = ema_pseudo_masks(network.ema, image[torch.cat(indices[2:])], largest_component)
+    mixed = paste_pairs(batch, pseudo, box_inside(image.shape[-2], image.shape[-1], image.device), indices)
     branches = model.forward_branches(mixed["images"], with_exits=False)
     teacher, student, full_masks = branches["teacher"], branches["student"], mixed["full_masks"]
     terms = {
@@ -391,17 +392,38 @@ def copy_paste_loss(model, batch: dict, cfg: MixedConfig, teacher_loss: str, lar
         "copy_paste": (mask_loss(student, full_masks, teacher_loss)
                        + cfg.copy_paste.u_weight * mask_loss(student, mixed["pseudo_masks"], teacher_loss)),
     }
+    # DMPLS on the pixels the weak images give
+    return weighted_total(terms, cfg, lambda: mixed_pseudo_label_loss(student, teacher, ~mixed["from_full"]))
+
+
+def weighted_total(terms: dict, cfg: MixedConfig, dmpls) -> dict:
+    """``terms`` and their total under "loss": ``L_teacher + w_partial L_partial + w_kl L_KL +
+    w_entropy L_entropy``, plus BCP's term where there is one, plus ``w_dmpls`` times ``dmpls()``,
+    which is called only when w_dmpls is on, so that runs without DMPLS draw nothing."""
     total = (terms["teacher"] + cfg.w_partial * terms["partial"] + cfg.w_kl * terms["kl"]
-             + cfg.w_entropy * terms["entropy"] + terms["copy_paste"])
-    if cfg.w_dmpls:  # on the pixels the weak images give
-        terms["dmpls"] = mixed_pseudo_label_loss(student, teacher, pixels=~mixed["from_full"])
+             + cfg.w_entropy * terms["entropy"])
+    if "copy_paste" in terms:
+        total = total + terms["copy_paste"]
+    if cfg.w_dmpls:
+        terms["dmpls"] = dmpls()
         total = total + cfg.w_dmpls * terms["dmpls"]
     return {"loss": total} | terms
 
 
-def copy_paste_from(cfg: CopyPasteConfig, num_epochs: int) -> int | None:
-    """The first epoch (0-based) of BCP's steps, or None when copy-paste is off."""
-    return round(cfg.start * num_epochs) if cfg.enabled else None
+def copy_paste_start_epoch(cfg: CopyPasteConfig, num_epochs: int) -> int | None:
+    """The first epoch (0-based) of BCP's steps, the start share of the epochs rounded down, or
+    None when copy-paste is off."""
+    return math.floor(cfg.start * num_epochs) if cfg.enabled else None
+
+
+def check_copy_paste_shares(full_per_batch: int, weak_per_batch: int, processes: int) -> None:
+    """Before training: each process's share of a batch (every processes-th image) must hold two
+    full and two weak images, or copy-paste has no pair to paste."""
+    if min(full_per_batch, weak_per_batch) // processes < 2:
+        raise ConfigError(f"config key 'mixed.copy_paste.enabled' needs two full and two weak images in each "
+                          f"process's share of a batch; its batches hold {full_per_batch} full and "
+                          f"{weak_per_batch} weak images for {processes} process(es): raise "
+                          "seg.train.batch_size, or keep weak images (mixed.full_fraction below 1)")
 
 
 def mixed_supervision_loss(model, batch: dict, epoch: int, cfg: MixedConfig, sr: SRConfig,
@@ -431,12 +453,7 @@ def mixed_supervision_loss(model, batch: dict, epoch: int, cfg: MixedConfig, sr:
         "kl": teacher_student_kl(teacher[full], student[full], cfg.temperature, cfg.detach_teacher),
         "entropy": mean_entropy(entropy_outputs),
     }
-    total = (terms["teacher"] + cfg.w_partial * partial + cfg.w_kl * terms["kl"]
-             + cfg.w_entropy * terms["entropy"])
-    if cfg.w_dmpls:  # no draw at all when off, so runs without it keep their random stream
-        terms["dmpls"] = mixed_pseudo_label_loss(student[~full], teacher[~full])
-        total = total + cfg.w_dmpls * terms["dmpls"]
-    return {"loss": total} | terms
+    return weighted_total(terms, cfg, lambda: mixed_pseudo_label_loss(student[~full], teacher[~full]))
 
 
 def mixed_fingerprint(cfg, dataset: VOCDataset) -> str:
