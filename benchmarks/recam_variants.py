@@ -36,7 +36,7 @@ from pipeline.core.runtime import configure_threads, seed_everything, select_dev
 from pipeline.core.training import load_checkpoint, loss_curve, make_train_loader
 from pipeline.data.dataset import open_dataset, score_ids
 from pipeline.data.training_set import TrainingSet, normalize
-from pipeline.methods.cams import MAX_CAM_BINS, max_cam_histogram, multiscale_cams, otsu_thresholds
+from pipeline.methods.cams import MAX_CAM_BINS, cam_thresholds, max_cam_histogram, multiscale_cams
 from pipeline.models.networks import CAMNet
 from stages.cam import THRESHOLD_SWEEP, add_threshold_confusions, threshold_sweep, train_recam
 
@@ -70,7 +70,7 @@ def score_cams(model, cfg, dataset, device) -> dict:
     sweep = threshold_sweep(confusions, dataset.classes)
     best = confusions[sweep["best_bg_threshold"]]
     scores = sweep | {"per_class_iou_at_best": iou_scores(best, dataset.classes)["per_class_iou"]}
-    thresholds = otsu_thresholds(histogram)
+    thresholds = cam_thresholds(histogram)
     if thresholds is not None:
         otsu = {thresholds[0]: np.zeros((dataset.num_classes,) * 2, np.int64)}
         for cams, classes, gt in kept.values():

@@ -4,9 +4,9 @@ Outputs in ``<run-dir>/cam/``: ``model.pt`` (state_dict), ``cams/<id>.npz`` with
 ``cams`` (float16, K x H x W, one map per class in the image label, max-normalised) and
 ``classes`` (the K class indices), and ``metrics.json`` scoring the CAMs on the train
 images that have ground truth (used for this score only; without any: "not scored"): at
-``cam.bg_threshold``, at every threshold of a sweep, and at Otsu's threshold of the train
-CAMs, which needs no masks (``otsu_miou``; refine's high threshold under
-``refine.thresholds: otsu``).
+``cam.bg_threshold``, at every threshold of a sweep, and at the thresholds that need no masks,
+Otsu's and Yen's of the train CAMs (``otsu_miou``, ``yen_miou``; refine's high threshold under
+``refine.thresholds: otsu`` or ``yen``).
 With ``cam.sr.enabled`` the classifier trains with Self-Regulation exits
 (pipeline/methods/self_regulation.py); the CAMs still come from its main classifier alone.
 With ``cam.recam.enabled`` ReCAM's extra epochs follow, and the CAMs are ReCAM's.
@@ -53,11 +53,12 @@ from pipeline.data.dataset import open_dataset, score_ids, score_split
 from pipeline.data.training_set import TrainingSet, normalize
 from pipeline.methods.cams import (
     MAX_CAM_BINS,
+    THRESHOLD_RULES,
+    cam_thresholds,
     cam_to_label,
     load_cams,
     max_cam_histogram,
     multiscale_cams,
-    otsu_thresholds,
 )
 from pipeline.methods.losses import multilabel_loss, recam_loss
 from pipeline.methods.self_regulation import self_regulation_loss
@@ -232,22 +233,26 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
             out.metrics |= iou_scores(confusions[cfg.cam.bg_threshold], dataset.classes) | {
                 "scored_images": len(scored),
                 "bg_threshold": cfg.cam.bg_threshold,
-            } | threshold_sweep(confusions, dataset.classes) | otsu_score(
-                cam_dir, otsu_thresholds(sum_across_ranks(histogram)), scored, dataset)
+            } | threshold_sweep(confusions, dataset.classes) | label_free_scores(
+                cam_dir, sum_across_ranks(histogram), scored, dataset)
     return out.metrics
 
 
-def otsu_score(cam_dir: Path, thresholds: tuple[float, float] | None, scored: set[str], dataset) -> dict:
-    """The CAMs' mIoU at the background threshold that needs no masks (``refine.thresholds:
-    otsu``'s high one, from every train image's CAMs), beside the configured one; none where
-    Otsu's rule has nothing to split."""
-    if thresholds is None:
-        return {}
-    threshold = thresholds[0]
-    confusion = np.zeros((dataset.num_classes,) * 2, dtype=np.int64)
+def label_free_scores(cam_dir: Path, histogram: np.ndarray, scored: set[str], dataset) -> dict:
+    """The CAMs' mIoU at each background threshold that needs no masks (``refine.thresholds``'
+    rules: their high threshold, from every train image's CAMs), beside the configured one:
+    ``<rule>_bg_threshold`` and ``<rule>_miou``; none for a rule with nothing to split."""
+    thresholds = {rule: cam_thresholds(histogram, rule) for rule in THRESHOLD_RULES}
+    thresholds = {rule: pair[0] for rule, pair in thresholds.items() if pair is not None}
+    confusions = {rule: np.zeros((dataset.num_classes,) * 2, dtype=np.int64) for rule in thresholds}
     for image_id in shard(sorted(scored)):
         cams, classes = load_cams(cam_dir, image_id)
-        confusion += confusion_matrix(dataset.load_mask(image_id), cam_to_label(cams, classes, threshold),
-                                      dataset.num_classes)
-    return {"otsu_bg_threshold": round(threshold, 4),
-            "otsu_miou": iou_scores(sum_across_ranks(confusion), dataset.classes)["miou"]}
+        mask = dataset.load_mask(image_id)
+        for rule, threshold in thresholds.items():
+            labels = cam_to_label(cams, classes, threshold)
+            confusions[rule] += confusion_matrix(mask, labels, dataset.num_classes)
+    scores = {}
+    for rule, threshold in thresholds.items():
+        scores |= {f"{rule}_bg_threshold": round(threshold, 4),
+                   f"{rule}_miou": iou_scores(sum_across_ranks(confusions[rule]), dataset.classes)["miou"]}
+    return scores

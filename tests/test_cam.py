@@ -1,13 +1,14 @@
 import numpy as np
 import torch
+from skimage.filters import threshold_otsu, threshold_yen
 
 from pipeline.core.config import BackboneConfig
 from pipeline.methods.cams import (
     MAX_CAM_BINS,
+    cam_thresholds,
     cam_to_label,
     max_cam_histogram,
     multiscale_cams,
-    otsu_thresholds,
 )
 from pipeline.methods.losses import recam_loss
 from pipeline.models.networks import CAMNet
@@ -112,14 +113,31 @@ def test_otsu_thresholds_split_foreground_from_the_rest_then_background_from_uns
     objects = rng.normal(0.8, 0.05, 2000)
     values = np.concatenate([background, unsure, objects])
     histogram = max_cam_histogram(np.clip(values, 0, 1).astype(np.float32)[None, None])
-    high, low = otsu_thresholds(histogram)
+    high, low = cam_thresholds(histogram)
     assert (objects > high).mean() == 1.0 and (unsure < high).mean() > 0.99
     assert (unsure > low).mean() > 0.99 and (background < low).mean() > 0.99
 
 
-def test_otsu_thresholds_are_none_where_the_cams_leave_nothing_to_split():
-    assert otsu_thresholds(np.zeros(MAX_CAM_BINS, dtype=np.int64)) is None  # no tagged image
+def test_label_free_thresholds_are_none_where_the_cams_leave_nothing_to_split():
     one_value = max_cam_histogram(np.full((1, 4, 4), 0.5, dtype=np.float32))
-    assert otsu_thresholds(one_value) is None
     two_values = max_cam_histogram(np.array([[[0.2, 0.9]]], dtype=np.float32))
-    assert otsu_thresholds(two_values) is None  # a high split, but nothing below it to split again
+    for rule in ("otsu", "yen"):
+        assert cam_thresholds(np.zeros(MAX_CAM_BINS, dtype=np.int64), rule) is None  # no tagged image
+        assert cam_thresholds(one_value, rule) is None
+        assert cam_thresholds(two_values, rule) is None  # a high split, but nothing below it to split again
+
+
+def test_each_rule_splits_the_pixels_as_skimage_does_on_them_and_otsu_splits_the_rest():
+    rng = np.random.default_rng(0)
+    # Background near 0, a tail of weak activation around the objects, the objects near 0.75.
+    background, tail = rng.beta(1, 12, 8000), rng.uniform(0.05, 0.4, 3000)
+    objects = np.clip(rng.normal(0.75, 0.1, 1500), 0, 1)
+    values = np.concatenate([background, tail, objects]).astype(np.float32)
+    histogram = max_cam_histogram(values[None, None])
+    highs = {}
+    for rule, split in (("otsu", threshold_otsu), ("yen", threshold_yen)):
+        highs[rule], low = cam_thresholds(histogram, rule)
+        bin_width = 1 / MAX_CAM_BINS
+        assert abs(highs[rule] - split(values, nbins=MAX_CAM_BINS)) < bin_width
+        assert abs(low - threshold_otsu(values[values < highs[rule]], nbins=MAX_CAM_BINS)) < 2 * bin_width
+    assert abs(highs["otsu"] - highs["yen"]) > 0.03  # two different rules

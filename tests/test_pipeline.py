@@ -8,7 +8,7 @@ import torch
 from conftest import DEMO_CONFIG, TINY, run
 
 from pipeline.core.config_file import load_config
-from pipeline.methods.cams import load_cams, max_cam_histogram, otsu_thresholds
+from pipeline.methods.cams import cam_thresholds, load_cams, max_cam_histogram
 from run_pipeline import main
 
 
@@ -724,29 +724,32 @@ def test_bf16_autocast_trains_every_network_on_the_cpu(weak_run):
 
 
 @pytest.mark.e2e
-def test_otsu_thresholds_come_from_the_train_cams_and_make_the_masks_fixed_ones_make(weak_run, tmp_path):
-    runs = {name: tmp_path / name for name in ("otsu", "fixed")}
+@pytest.mark.parametrize("rule", ["otsu", "yen"])
+def test_label_free_thresholds_come_from_the_train_cams_and_make_the_masks_fixed_ones_make(
+        weak_run, tmp_path, rule):
+    runs = {name: tmp_path / name for name in (rule, "fixed")}
     for run_dir in runs.values():
         run_dir.mkdir()
         shutil.copytree(weak_run / "run" / "cam", run_dir / "cam")
-    assert run(weak_run, "--run-dir", str(runs["otsu"]), "--stages", "refine",
-               "--set", "refine.thresholds=otsu") == 0
-    metrics = json.loads((runs["otsu"] / "refine" / "metrics.json").read_text())
-    cam_files = sorted((runs["otsu"] / "cam" / "cams").glob("*.npz"))
+    assert run(weak_run, "--run-dir", str(runs[rule]), "--stages", "refine",
+               "--set", f"refine.thresholds={rule}") == 0
+    metrics = json.loads((runs[rule] / "refine" / "metrics.json").read_text())
+    cam_files = sorted((runs[rule] / "cam" / "cams").glob("*.npz"))
     histogram = sum(max_cam_histogram(load_cams(f.parent, f.stem)[0]) for f in cam_files)
-    assert metrics["thresholds"] == "otsu"
-    expected = tuple(round(t, 4) for t in otsu_thresholds(histogram))
+    assert metrics["thresholds"] == rule
+    expected = tuple(round(t, 4) for t in cam_thresholds(histogram, rule))
     assert (metrics["fg_threshold"], metrics["bg_threshold"]) == expected
     assert 0 < metrics["bg_threshold"] < metrics["fg_threshold"] < 1
     # cam scores its CAMs at the same high threshold, beside its configured one.
-    cam_metrics = json.loads((runs["otsu"] / "cam" / "metrics.json").read_text())
-    assert cam_metrics["otsu_bg_threshold"] == metrics["fg_threshold"] and 0 <= cam_metrics["otsu_miou"] <= 1
+    cam_metrics = json.loads((runs[rule] / "cam" / "metrics.json").read_text())
+    assert cam_metrics[f"{rule}_bg_threshold"] == metrics["fg_threshold"]
+    assert 0 <= cam_metrics[f"{rule}_miou"] <= 1
     assert run(weak_run, "--run-dir", str(runs["fixed"]), "--stages", "refine",
                "--set", f"refine.fg_threshold={metrics['fg_threshold']}",
                "--set", f"refine.bg_threshold={metrics['bg_threshold']}") == 0
     masks = {name: {p.name: p.read_bytes() for p in (run_dir / "refine" / "pseudo").glob("*.png")}
              for name, run_dir in runs.items()}
-    assert len(masks["otsu"]) == 24 and masks["otsu"] == masks["fixed"]
+    assert len(masks[rule]) == 24 and masks[rule] == masks["fixed"]
 
 
 @pytest.mark.e2e

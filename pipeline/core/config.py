@@ -330,11 +330,11 @@ class RefineConfig:
     # CRF calls it background even against a low one; everything between is unsure (255).
     fg_threshold: float = _opt(0.30, low=0.0, high=1.0)
     bg_threshold: float = _opt(0.05, low=0.0, high=1.0)  # the low background score (see fg_threshold)
-    # fixed: the two thresholds above (IRNet's conf_fg_thres, conf_bg_thres). otsu: both come from
-    # the train CAMs, with no masks: Otsu's threshold of every pixel's highest CAM, then Otsu's
-    # threshold of the pixels below it (pipeline/methods/cams.py, otsu_thresholds); the two keys
-    # above then stand in only where the CAMs leave nothing to split (no tagged image).
-    thresholds: str = _opt("fixed", choices=("fixed", "otsu"))
+    # fixed: the two thresholds above (IRNet's conf_fg_thres, conf_bg_thres). otsu, yen: both come
+    # from the train CAMs, with no masks: Otsu's or Yen's threshold of every pixel's highest CAM,
+    # then Otsu's threshold of the pixels below it (pipeline/methods/cams.py, cam_thresholds); the
+    # two keys above then stand in only where the CAMs leave nothing to split (no tagged image).
+    thresholds: str = _opt("fixed", choices=("fixed", "otsu", "yen"))
     crf: CrfConfig = field(default_factory=CrfConfig)
     affinity: AffinityNetConfig = field(default_factory=AffinityNetConfig)
     random_walk: RandomWalkConfig = field(default_factory=RandomWalkConfig)

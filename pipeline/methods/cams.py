@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from skimage.filters import threshold_otsu
+from skimage.filters import threshold_otsu, threshold_yen
 
 from pipeline.core.errors import CacheError
 from pipeline.core.io import load_arrays
@@ -67,27 +67,34 @@ def max_cam_histogram(cams: np.ndarray) -> np.ndarray:
     return np.histogram(cams.max(axis=0), bins=MAX_CAM_BINS, range=(0.0, 1.0))[0].astype(np.int64)
 
 
-def otsu_thresholds(histogram: np.ndarray) -> tuple[float, float] | None:
-    """Refine's two background scores from the train CAMs alone (no masks): Otsu's threshold of
-    every pixel's highest CAM splits what the CAMs call foreground from the rest (the high
-    score), and Otsu's threshold of that rest splits confident background from unsure (the low
-    one). ``histogram``: :func:`max_cam_histogram` summed over the images. None where there is
-    nothing to split (fewer than two distinct values on either side, e.g. no tagged image)."""
+# The label-free rules for refine's high threshold (``refine.thresholds``), by the function that
+# splits a histogram given as (counts, bin centres): Otsu's (the largest between-class variance)
+# and Yen's (the largest entropic correlation, Yen, Chang & Chang 1995).
+THRESHOLD_RULES = {"otsu": threshold_otsu, "yen": threshold_yen}
+
+
+def cam_thresholds(histogram: np.ndarray, rule: str = "otsu") -> tuple[float, float] | None:
+    """Refine's two background scores from the train CAMs alone (no masks): ``rule``'s threshold
+    (THRESHOLD_RULES) of every pixel's highest CAM splits what the CAMs call foreground from the
+    rest (the high score), and Otsu's threshold of that rest splits confident background from
+    unsure (the low one). ``histogram``: :func:`max_cam_histogram` summed over the images. None
+    where there is nothing to split (fewer than two distinct values on either side, e.g. no
+    tagged image)."""
     edges = np.linspace(0.0, 1.0, MAX_CAM_BINS + 1)
     centers = (edges[:-1] + edges[1:]) / 2
-    high = _otsu(histogram, centers)
-    low = None if high is None else _otsu(histogram[centers < high], centers[centers < high])
+    high = _split(histogram, centers, rule)
+    low = None if high is None else _split(histogram[centers < high], centers[centers < high], "otsu")
     return None if low is None else (high, low)
 
 
-def _otsu(counts: np.ndarray, centers: np.ndarray) -> float | None:
-    """Otsu's threshold of a histogram, over its span of non-empty bins (empty end bins would
+def _split(counts: np.ndarray, centers: np.ndarray, rule: str) -> float | None:
+    """``rule``'s threshold of a histogram, over its span of non-empty bins (empty end bins would
     divide by zero); None for fewer than two non-empty bins."""
     filled = np.flatnonzero(counts)
     if len(filled) < 2:
         return None
     span = slice(filled[0], filled[-1] + 1)
-    return float(threshold_otsu(hist=(counts[span], centers[span])))
+    return float(THRESHOLD_RULES[rule](hist=(counts[span], centers[span])))
 
 
 def load_cams(cam_dir: Path, image_id: str) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,7 @@ from pipeline.core.io import load_mask, save_mask
 from pipeline.core.metrics import confident_confusion_matrix, confusion_matrix, iou_scores, not_scored
 from pipeline.core.runtime import is_main_process, parallel_map, sum_across_ranks
 from pipeline.data.dataset import IGNORE, open_dataset, score_ids
-from pipeline.methods.cams import MAX_CAM_BINS, cam_argmax, load_cams, max_cam_histogram, otsu_thresholds
+from pipeline.methods.cams import MAX_CAM_BINS, cam_argmax, cam_thresholds, load_cams, max_cam_histogram
 from pipeline.methods.crf import crf_refine_labels
 
 MaskMaker = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (image, cams, classes) -> mask
@@ -53,18 +53,19 @@ def combine_confident(confident_fg: np.ndarray, confident_bg: np.ndarray, classe
 
 def with_thresholds_from_cams(cfg: Config, cam_dir: Path, ids: list[str]) -> Config:
     """``cfg`` with the two thresholds ``refine.thresholds`` asks for: as configured (fixed), or
-    Otsu's from the CAMs of the train ``ids`` (under torchrun, each process's share: the
-    histogram is summed over the processes, so every process gets the same thresholds)."""
+    the rule's (otsu, yen: :func:`cam_thresholds`) from the CAMs of the train ``ids`` (under
+    torchrun, each process's share: the histogram is summed over the processes, so every process
+    gets the same thresholds)."""
     if cfg.refine.thresholds == "fixed":
         return cfg
     histogram = np.zeros(MAX_CAM_BINS, dtype=np.int64)
     for image_id in ids:
         histogram += max_cam_histogram(load_cams(cam_dir, image_id)[0])
-    thresholds = otsu_thresholds(sum_across_ranks(histogram))
+    thresholds = cam_thresholds(sum_across_ranks(histogram), cfg.refine.thresholds)
     if thresholds is None:
         if is_main_process():
-            print("refine: the train CAMs give Otsu's rule nothing to split (too few distinct values); "
-                  f"using refine.fg_threshold {cfg.refine.fg_threshold} and bg_threshold "
+            print(f"refine: the train CAMs give the {cfg.refine.thresholds} rule nothing to split (too few "
+                  f"distinct values); using refine.fg_threshold {cfg.refine.fg_threshold} and bg_threshold "
                   f"{cfg.refine.bg_threshold}", file=sys.stderr)
         return cfg
     high, low = thresholds

@@ -42,8 +42,8 @@ class RefineMethod:
         config["refine"] = {key: value for key, value in config["refine"].items()
                             if not isinstance(value, dict) or key in shared or key in self.sections}
         # The default rule (fixed) leaves no trace, so caches made before the rule existed stay
-        # valid; under otsu the two thresholds stay in the key: they stand in where the CAMs leave
-        # nothing to split.
+        # valid; under otsu or yen the two thresholds stay in the key: they stand in where the CAMs
+        # leave nothing to split.
         if not self.uses_thresholds():
             unused = ("fg_threshold", "bg_threshold", "thresholds")
         else:
