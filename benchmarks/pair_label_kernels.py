@@ -19,11 +19,10 @@ import functools
 from pathlib import Path
 
 from pipeline.core.config_file import load_config
-from pipeline.core.metrics import confident_confusion_matrix, confusion_matrix
 from pipeline.core.runtime import configure_threads, parallel_map
-from pipeline.data.dataset import IGNORE, open_dataset
+from pipeline.data.dataset import open_dataset
 from pipeline.methods.cams import load_cams
-from pipeline.refinement.masks import collect_scores
+from pipeline.refinement.masks import collect_scores, mask_scores
 from pipeline.refinement.psa import psa_label_mask
 
 
@@ -38,16 +37,10 @@ def parse_args():
 
 
 def score_one(image_id: str, cfg, cam_dir: Path, affinity) -> tuple:
-    """The pair-label mask of one train image, as refine's workers score a mask."""
-    dataset = open_dataset(cfg.data)
+    """The pair-label mask of one train image, scored as refine's workers score a mask."""
     cams, classes = load_cams(cam_dir, image_id)
-    mask = psa_label_mask(dataset.load_image(image_id), cams, classes, affinity)
-    gt = dataset.load_mask(image_id)
-    as_background = mask.copy()
-    as_background[mask == IGNORE] = 0
-    return (confusion_matrix(gt, as_background, dataset.num_classes),
-            confident_confusion_matrix(gt, mask, dataset.num_classes),
-            int((mask == IGNORE).sum()), mask.size)
+    mask = psa_label_mask(open_dataset(cfg.data).load_image(image_id), cams, classes, affinity)
+    return mask_scores(image_id, mask, cfg.data, {image_id})
 
 
 def main() -> None:

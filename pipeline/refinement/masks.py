@@ -74,9 +74,15 @@ def with_thresholds_from_cams(cfg: Config, cam_dir: Path, ids: list[str]) -> Con
 
 
 def save_and_score(image_id: str, mask: np.ndarray, data: DataConfig, scored: set[str], out_dir: Path):
-    """Writes one mask; returns its confusion matrices (zero when the id is not scored: unsure
-    as background, and confident pixels only) and its unsure and total pixel counts."""
+    """Writes one mask; returns its :func:`mask_scores`."""
     save_mask(out_dir / f"{image_id}.png", mask)
+    return mask_scores(image_id, mask, data, scored)
+
+
+def mask_scores(image_id: str, mask: np.ndarray, data: DataConfig, scored: set[str]):
+    """One mask's confusion matrices (zero when the id is not scored: unsure as background, and
+    confident pixels only) and its unsure and total pixel counts, as :func:`collect_scores` sums
+    them."""
     counts = int((mask == IGNORE).sum()), mask.size
     if image_id not in scored:
         return (0, 0) + counts
