@@ -111,11 +111,11 @@ def test_a_scoring_change_rescores_the_cached_outputs_without_training(weak_run,
 @pytest.mark.e2e
 def test_dry_run_reports_stale_stages_and_writes_nothing(weak_run, capsys):
     before = sorted(p.name for p in (weak_run / "run").iterdir())
-    old = load_config(DEMO_CONFIG).refine.fg_threshold  # the demo's tuned value, whatever it is
-    assert run(weak_run, "--dry-run", "--set", "refine.fg_threshold=0.95") == 0
+    old = load_config(DEMO_CONFIG).refine.crf.gt_prob  # the demo's value, whatever it is
+    assert run(weak_run, "--dry-run", "--set", "refine.crf.gt_prob=0.95") == 0
     out = capsys.readouterr().out
     assert "cam     cached" in out and "refine  stale" in out
-    assert f"refine.fg_threshold {old!r} -> 0.95" in out
+    assert f"refine.crf.gt_prob {old!r} -> 0.95" in out
     assert "seg     stale" in out and "refine output changed" in out
     assert sorted(p.name for p in (weak_run / "run").iterdir()) == before
 
@@ -744,7 +744,7 @@ def test_label_free_thresholds_come_from_the_train_cams_and_make_the_masks_fixed
     cam_metrics = json.loads((runs[rule] / "cam" / "metrics.json").read_text())
     assert cam_metrics[f"{rule}_bg_threshold"] == metrics["fg_threshold"]
     assert 0 <= cam_metrics[f"{rule}_miou"] <= 1
-    assert run(weak_run, "--run-dir", str(runs["fixed"]), "--stages", "refine",
+    assert run(weak_run, "--run-dir", str(runs["fixed"]), "--stages", "refine", "--set", "refine.thresholds=fixed",
                "--set", f"refine.fg_threshold={metrics['fg_threshold']}",
                "--set", f"refine.bg_threshold={metrics['bg_threshold']}") == 0
     masks = {name: {p.name: p.read_bytes() for p in (run_dir / "refine" / "pseudo").glob("*.png")}
