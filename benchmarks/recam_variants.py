@@ -36,9 +36,15 @@ from pipeline.core.runtime import configure_threads, seed_everything, select_dev
 from pipeline.core.training import load_checkpoint, loss_curve, make_train_loader
 from pipeline.data.dataset import open_dataset, score_ids
 from pipeline.data.training_set import TrainingSet, normalize
-from pipeline.methods.cams import MAX_CAM_BINS, cam_thresholds, max_cam_histogram, multiscale_cams
+from pipeline.methods.cams import MAX_CAM_BINS, max_cam_histogram, multiscale_cams
 from pipeline.models.networks import CAMNet
-from stages.cam import THRESHOLD_SWEEP, add_threshold_confusions, threshold_sweep, train_recam
+from stages.cam import (
+    THRESHOLD_SWEEP,
+    add_threshold_confusions,
+    label_free_scores,
+    threshold_sweep,
+    train_recam,
+)
 
 
 def parse_args(argv):
@@ -55,7 +61,8 @@ def parse_args(argv):
 
 def score_cams(model, cfg, dataset, device) -> dict:
     """The train CAMs scored as the cam stage scores them (float16 maps, the threshold sweep,
-    and Otsu's threshold of their own max-CAM histogram: the stage's ``otsu_miou``)."""
+    and the label-free thresholds of their own max-CAM histogram: the stage's ``otsu_miou``,
+    ``yen_miou``)."""
     confusions = {t: np.zeros((dataset.num_classes,) * 2, np.int64) for t in THRESHOLD_SWEEP}
     histogram, kept = np.zeros(MAX_CAM_BINS, dtype=np.int64), {}  # id -> (CAMs, classes, mask)
     model.eval()
@@ -70,14 +77,7 @@ def score_cams(model, cfg, dataset, device) -> dict:
     sweep = threshold_sweep(confusions, dataset.classes)
     best = confusions[sweep["best_bg_threshold"]]
     scores = sweep | {"per_class_iou_at_best": iou_scores(best, dataset.classes)["per_class_iou"]}
-    thresholds = cam_thresholds(histogram)
-    if thresholds is not None:
-        otsu = {thresholds[0]: np.zeros((dataset.num_classes,) * 2, np.int64)}
-        for cams, classes, gt in kept.values():
-            add_threshold_confusions(otsu, gt, cams, classes, dataset.num_classes)
-        scores |= {"otsu_bg_threshold": round(thresholds[0], 4),
-                   "otsu_miou": iou_scores(otsu[thresholds[0]], dataset.classes)["miou"]}
-    return scores
+    return scores | label_free_scores(histogram, kept.values(), dataset.classes)
 
 
 def run_variant(cfg, dataset, device, model_file: Path) -> dict:

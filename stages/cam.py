@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -234,25 +235,26 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
                 "scored_images": len(scored),
                 "bg_threshold": cfg.cam.bg_threshold,
             } | threshold_sweep(confusions, dataset.classes) | label_free_scores(
-                cam_dir, sum_across_ranks(histogram), scored, dataset)
+                sum_across_ranks(histogram), ((*load_cams(cam_dir, image_id), dataset.load_mask(image_id))
+                                              for image_id in shard(sorted(scored))), dataset.classes)
     return out.metrics
 
 
-def label_free_scores(cam_dir: Path, histogram: np.ndarray, scored: set[str], dataset) -> dict:
+def label_free_scores(histogram: np.ndarray, images: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                      class_names: list[str]) -> dict:
     """The CAMs' mIoU at each background threshold that needs no masks (``refine.thresholds``'
     rules: their high threshold, from every train image's CAMs), beside the configured one:
-    ``<rule>_bg_threshold`` and ``<rule>_miou``; none for a rule with nothing to split."""
+    ``<rule>_bg_threshold`` and ``<rule>_miou``; none for a rule with nothing to split.
+    ``images``: each scored image's (CAMs, classes, mask), this process's share."""
     thresholds = {rule: cam_thresholds(histogram, rule) for rule in THRESHOLD_RULES}
     thresholds = {rule: pair[0] for rule, pair in thresholds.items() if pair is not None}
-    confusions = {rule: np.zeros((dataset.num_classes,) * 2, dtype=np.int64) for rule in thresholds}
-    for image_id in shard(sorted(scored)):
-        cams, classes = load_cams(cam_dir, image_id)
-        mask = dataset.load_mask(image_id)
+    num_classes = len(class_names)
+    confusions = {rule: np.zeros((num_classes,) * 2, dtype=np.int64) for rule in thresholds}
+    for cams, classes, mask in images:
         for rule, threshold in thresholds.items():
-            labels = cam_to_label(cams, classes, threshold)
-            confusions[rule] += confusion_matrix(mask, labels, dataset.num_classes)
+            confusions[rule] += confusion_matrix(mask, cam_to_label(cams, classes, threshold), num_classes)
     scores = {}
     for rule, threshold in thresholds.items():
         scores |= {f"{rule}_bg_threshold": round(threshold, 4),
-                   f"{rule}_miou": iou_scores(sum_across_ranks(confusions[rule]), dataset.classes)["miou"]}
+                   f"{rule}_miou": iou_scores(sum_across_ranks(confusions[rule]), class_names)["miou"]}
     return scores

@@ -744,8 +744,8 @@ def test_label_free_thresholds_come_from_the_train_cams_and_make_the_masks_fixed
     cam_metrics = json.loads((runs[rule] / "cam" / "metrics.json").read_text())
     assert cam_metrics[f"{rule}_bg_threshold"] == metrics["fg_threshold"]
     assert 0 <= cam_metrics[f"{rule}_miou"] <= 1
-    assert run(weak_run, "--run-dir", str(runs["fixed"]), "--stages", "refine", "--set", "refine.thresholds=fixed",
-               "--set", f"refine.fg_threshold={metrics['fg_threshold']}",
+    assert run(weak_run, "--run-dir", str(runs["fixed"]), "--stages", "refine",
+               "--set", "refine.thresholds=fixed", "--set", f"refine.fg_threshold={metrics['fg_threshold']}",
                "--set", f"refine.bg_threshold={metrics['bg_threshold']}") == 0
     masks = {name: {p.name: p.read_bytes() for p in (run_dir / "refine" / "pseudo").glob("*.png")}
              for name, run_dir in runs.items()}
