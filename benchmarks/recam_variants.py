@@ -36,12 +36,13 @@ from pipeline.core.runtime import configure_threads, seed_everything, select_dev
 from pipeline.core.training import load_checkpoint, loss_curve, make_train_loader
 from pipeline.data.dataset import open_dataset, score_ids
 from pipeline.data.training_set import TrainingSet, normalize
-from pipeline.methods.cams import MAX_CAM_BINS, max_cam_histogram, multiscale_cams
+from pipeline.methods.cams import MAX_CAM_BINS, max_cam_histogram
 from pipeline.models.networks import CAMNet
 from stages.cam import (
     THRESHOLD_SWEEP,
     add_threshold_confusions,
     label_free_scores,
+    stage_cams,
     threshold_sweep,
     train_recam,
 )
@@ -59,25 +60,28 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def score_cams(model, cfg, dataset, device) -> dict:
+def score_cams(model, cfg, dataset, device, ids: list[str] | None = None) -> dict:
     """The train CAMs scored as the cam stage scores them (float16 maps, the threshold sweep,
     and the label-free thresholds of their own max-CAM histogram: the stage's ``otsu_miou``,
-    ``yen_miou``)."""
+    ``yen_miou``), on ``ids`` (default: every scored train image), with the seconds per image."""
     confusions = {t: np.zeros((dataset.num_classes,) * 2, np.int64) for t in THRESHOLD_SWEEP}
     histogram, kept = np.zeros(MAX_CAM_BINS, dtype=np.int64), {}  # id -> (CAMs, classes, mask)
     model.eval()
-    for image_id in tqdm(sorted(score_ids(cfg.data, dataset)), desc="cams", leave=False):
+    started = time.perf_counter()
+    ids = sorted(score_ids(cfg.data, dataset)) if ids is None else ids
+    for image_id in tqdm(ids, desc="cams", leave=False):
         classes = dataset.image_labels(image_id)
         image = normalize(dataset.load_image(image_id)).to(device)
-        cams = multiscale_cams(model, image, classes, cfg.cam.scales, cfg.cam.flip).astype(np.float16)
+        cams = stage_cams(model, image, classes, cfg.cam).astype(np.float16)
         cams, gt = cams.astype(np.float32), dataset.load_mask(image_id)
         kept[image_id] = (cams, classes, gt)
         histogram += max_cam_histogram(cams)
         add_threshold_confusions(confusions, gt, cams, classes, dataset.num_classes)
+    seconds = {"cam_seconds_per_image": round((time.perf_counter() - started) / max(len(kept), 1), 2)}
     sweep = threshold_sweep(confusions, dataset.classes)
     best = confusions[sweep["best_bg_threshold"]]
     scores = sweep | {"per_class_iou_at_best": iou_scores(best, dataset.classes)["per_class_iou"]}
-    return scores | label_free_scores(histogram, kept.values(), dataset.classes)
+    return seconds | scores | label_free_scores(histogram, kept.values(), dataset.classes)
 
 
 def run_variant(cfg, dataset, device, model_file: Path) -> dict:

@@ -9,7 +9,8 @@ Otsu's and Yen's of the train CAMs (``otsu_miou``, ``yen_miou``; refine's high t
 ``refine.thresholds: otsu`` or ``yen``).
 With ``cam.sr.enabled`` the classifier trains with Self-Regulation exits
 (pipeline/methods/self_regulation.py); the CAMs still come from its main classifier alone.
-With ``cam.recam.enabled`` ReCAM's extra epochs follow, and the CAMs are ReCAM's.
+With ``cam.recam.enabled`` ReCAM's extra epochs follow, and the CAMs are ReCAM's. With
+``cam.advcam.enabled`` they are read by AdvCAM's climb from the same trained network.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ from pipeline.data.training_set import TrainingSet, normalize
 from pipeline.methods.cams import (
     MAX_CAM_BINS,
     THRESHOLD_RULES,
+    adversarial_cams,
     cam_thresholds,
     cam_to_label,
     load_cams,
@@ -90,6 +92,13 @@ def own_inputs(cfg: Config) -> dict:
             "weights_fingerprint": weights_fingerprint(cfg.cam.backbone, "cam.backbone.weights"),
             "scoring": {"config": config_values(cfg, *scoring_keys),
                         "data_fingerprint": dataset.fingerprint(scored_splits=[score_split(cfg.data)])}}
+
+
+def stage_cams(model: CAMNet, image: torch.Tensor, classes: np.ndarray, cam: CamConfig) -> np.ndarray:
+    """An image's CAMs as cam.* says: one pass per scale, or AdvCAM's climb (cam.advcam)."""
+    if cam.advcam.enabled:
+        return adversarial_cams(model, image, classes, cam.scales, cam.flip, cam.advcam)
+    return multiscale_cams(model, image, classes, cam.scales, cam.flip)
 
 
 def classification_loss(model, batch, epoch) -> dict:
@@ -215,7 +224,7 @@ def run(cfg: Config, run_dir: Path, force: bool = False) -> dict:
                 cams = load_cams(cam_dir, image_id)[0].astype(np.float16)
             else:
                 image = normalize(dataset.load_image(image_id)).to(device)
-                cams = multiscale_cams(model, image, classes, cfg.cam.scales, cfg.cam.flip).astype(np.float16)
+                cams = stage_cams(model, image, classes, cfg.cam).astype(np.float16)
                 save_arrays(cam_dir / f"{image_id}.npz", cams=cams, classes=classes.astype(np.uint8))
             histogram += max_cam_histogram(cams.astype(np.float32))
             if image_id not in scored:

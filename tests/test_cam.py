@@ -1,10 +1,14 @@
 import numpy as np
 import torch
+import torch.nn.functional as F
 from skimage.filters import threshold_otsu, threshold_yen
 
-from pipeline.core.config import BackboneConfig
+from pipeline.core.config import AdvCamConfig, BackboneConfig
 from pipeline.methods.cams import (
     MAX_CAM_BINS,
+    _climb,
+    _steps_at,
+    adversarial_cams,
     cam_thresholds,
     cam_to_label,
     max_cam_histogram,
@@ -141,3 +145,62 @@ def test_each_rule_splits_the_pixels_as_skimage_does_on_them_and_otsu_splits_the
         assert abs(highs[rule] - split(values, nbins=MAX_CAM_BINS)) < bin_width
         assert abs(low - threshold_otsu(values[values < highs[rule]], nbins=MAX_CAM_BINS)) < 2 * bin_width
     assert abs(highs["otsu"] - highs["yen"]) > 0.03  # two different rules
+
+
+def test_advcam_with_one_step_and_no_mirror_is_the_plain_cams():
+    """One step reads the maps once: the Grad-CAM factor is then the same for every scale of a
+    class, and the max-normalisation removes it."""
+    model, image = tiny_camnet(), torch.randn(3, 40, 36)
+    plain = multiscale_cams(model, image, np.array([1, 3]), scales=[1.0, 0.5, 1.5], flip=False)
+    one_step = adversarial_cams(model, image, np.array([1, 3]), [1.0, 0.5, 1.5], False,
+                                AdvCamConfig(iterations=1))
+    np.testing.assert_allclose(one_step, plain, atol=1e-5)
+
+
+def test_advcam_weighs_the_mirror_pair_by_positive_pixels_as_the_authors_grad_cam():
+    model, image = tiny_camnet(), torch.randn(3, 32, 48)
+    cams = adversarial_cams(model, image, np.array([2]), [1.0], True, AdvCamConfig(iterations=1))
+    with torch.no_grad():
+        maps = model.cams(torch.stack([image, image.flip(-1)]))[:, 1]
+    positive = (maps > 0).flatten(1).sum(dim=1).float()
+    expected = positive[0] * maps[0] + positive[1] * maps[1].flip(-1)  # 1 / (N K+) cancels
+    expected = F.interpolate(expected[None, None], size=(32, 48), mode="bilinear", align_corners=False)[0]
+    np.testing.assert_allclose(cams, (expected / expected.max()).numpy(), atol=1e-5)
+
+
+def test_advcam_climbs_the_class_score_against_the_others_and_sums_every_step():
+    model, image = tiny_camnet(), torch.randn(3, 48, 48)
+    batch = torch.stack([image, image.flip(-1)])
+    channel, config = 1, AdvCamConfig(iterations=4, mask_weight=0.0)
+    summed, climbed = _climb(model, batch, channel, torch.tensor(100), 4, True, config)
+
+    def margin(x):
+        with torch.no_grad():
+            scores = model.cams(x).mean(dim=(2, 3))
+        return float(2 * scores[:, channel].sum() - scores.sum())
+
+    assert margin(climbed) > margin(batch)
+    assert climbed.min() >= batch.min() and climbed.max() <= batch.max()  # clipped to the range
+    first, _ = _climb(model, batch, channel, torch.tensor(100), 1, True, config)
+    assert summed.sum() > first.sum()  # later steps' maps added to the first
+
+
+def test_advcam_mask_term_holds_the_strong_region_to_its_first_map():
+    """With the mask term weighted up, the class's map moves less where it was strong at first."""
+    model, image = tiny_camnet(), torch.randn(3, 48, 48)
+    batch = torch.stack([image, image.flip(-1)])
+
+    def change_in_mask(weight):
+        _, climbed = _climb(model, batch, 0, torch.tensor(100), 3, True,
+                            AdvCamConfig(iterations=3, mask_weight=weight))
+        with torch.no_grad():
+            before, after = model.cams(batch)[:, 0], model.cams(climbed)[:, 0]
+        mask = before > 0.5 * before.amax(dim=(1, 2), keepdim=True)
+        return float(((after - before).abs() * mask).sum())
+
+    assert change_in_mask(1e6) < change_in_mask(0.0)
+
+
+def test_advcam_steps_per_scale_are_the_authors():
+    assert [_steps_at(s, 27) for s in (1.0, 0.5, 1.5, 2.0)] == [27, 13, 27, 27]
+    assert _steps_at(0.5, 8) == 5 and _steps_at(0.5, 4) == 4

@@ -3,6 +3,7 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEMO_CONFIG, TINY, run
@@ -546,6 +547,23 @@ def test_an_interrupted_run_resumes_every_stage_and_ends_bit_identical(tmp_path,
         assert after.get("train_loss_by_epoch") == before.get("train_loss_by_epoch")
     assert json.loads((resumed / "seg" / "metrics.json").read_text())["resumed"] is True
     assert not list(resumed.glob(".*")) and not (resumed / "seg" / "checkpoint.pt").exists()
+
+
+@pytest.mark.e2e
+def test_advcam_reads_other_cams_from_the_same_network(weak_run, tmp_path):
+    advcam = ["--stages", "cam", "--set", "cam.advcam.enabled=true", "--set", "cam.advcam.iterations=3",
+              "--set", f"data.root={weak_run / 'demo'}"]
+    assert run(tmp_path, *advcam) == 0
+    plain, climbed = weak_run / "run" / "cam", tmp_path / "run" / "cam"
+    before, after = (json.loads((d / "metrics.json").read_text()) for d in (plain, climbed))
+    assert after["train_loss_by_epoch"] == before["train_loss_by_epoch"]  # the network trains the same
+    read, changed = 0, 0
+    for image_id in sorted(p.stem for p in plain.glob("cams/*.npz")):
+        (a, a_classes), (b, b_classes) = (load_cams(d / "cams", image_id) for d in (plain, climbed))
+        assert list(a_classes) == list(b_classes) and a.shape == b.shape
+        read += bool(a.any())  # a one-epoch network's CAMs are often all zero
+        changed += not np.array_equal(a, b)
+    assert changed >= read > 0  # a map that was zero can rise as the other classes fall
 
 
 @pytest.mark.e2e

@@ -184,6 +184,23 @@ class ReCamConfig:
 
 
 @dataclass
+class AdvCamConfig:
+    """AdvCAM (Lee, Kim & Yoon, CVPR 2021): at CAM time the image climbs, step by step, the
+    gradient of its class's score against every other class's (anti-adversarial: the opposite of
+    an attack), while the region the first CAM already calls the class (the mask) is held to its
+    first value; the CAMs of every step are summed. The trained network is the same. Defaults are
+    the authors' (jbeomlee93/AdvCAM@2650fcd obtain_CAM_masking.py:48-51,59-68,90-145). It costs
+    a forward and backward pass per step, class and scale (docs/results.md, "AdvCAM's cost")."""
+    enabled: bool = False
+    iterations: int = _opt(27, low=1)  # steps per class and scale (adv_iter); scales below 1 run about half
+    # Each step: this times the gradient over its largest absolute value (AD_stepsize).
+    step_size: float = _opt(0.08, above=0.0)
+    mask_weight: float = _opt(7.0, low=0.0)  # of the change of the CAM inside the mask (AD_coeff)
+    # The mask: where the CAM is above this share of its max (score_th).
+    mask_threshold: float = _opt(0.5, low=0.0, high=1.0)
+
+
+@dataclass
 class CamConfig:
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(output_stride=16))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.01, crop_size=512))
@@ -193,6 +210,8 @@ class CamConfig:
     sr: SRConfig = field(default_factory=SRConfig)
     # After the training (with or without SR): ReCAM's extra epochs, and the CAMs it defines.
     recam: ReCamConfig = field(default_factory=ReCamConfig)
+    # How the CAMs are read from the trained network: AdvCAM's climb instead of one pass per scale.
+    advcam: AdvCamConfig = field(default_factory=AdvCamConfig)
 
 
 @dataclass

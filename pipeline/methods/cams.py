@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from skimage.filters import threshold_otsu, threshold_yen
 
+from pipeline.core.config import AdvCamConfig
 from pipeline.core.errors import CacheError
 from pipeline.core.io import load_arrays
 from pipeline.models.networks import CAMNet
@@ -30,15 +31,93 @@ def multiscale_cams(model: CAMNet, image: torch.Tensor, classes: np.ndarray,
     channels = torch.as_tensor(classes, dtype=torch.long, device=image.device) - 1
     total = torch.zeros(len(classes), height, width, device=image.device)
     for scale in scales:
-        size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        scaled = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
-        batch = torch.cat([scaled, scaled.flip(-1)]) if flip else scaled
-        cams = model.cams(batch)[:, channels]
+        cams = model.cams(_scaled_batch(image, scale, flip))[:, channels]
         if flip:
             cams = cams[0:1] + cams[1:2].flip(-1)
         total += F.interpolate(cams, size=(height, width), mode="bilinear", align_corners=False)[0]
+    return _max_normalised(total)
+
+
+def _scaled_batch(image: torch.Tensor, scale: float, flip: bool) -> torch.Tensor:
+    """The image resized by ``scale``, and its mirror after it with ``flip``: (1 or 2, 3, h, w)."""
+    height, width = image.shape[-2:]
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    scaled = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
+    return torch.cat([scaled, scaled.flip(-1)]) if flip else scaled
+
+
+def _max_normalised(total: torch.Tensor) -> np.ndarray:
     total /= total.flatten(1).max(dim=1).values.clamp_min(1e-5)[:, None, None]
     return total.cpu().numpy()
+
+
+def adversarial_cams(model: CAMNet, image: torch.Tensor, classes: np.ndarray, scales: list[float],
+                     flip: bool, advcam: AdvCamConfig) -> np.ndarray:
+    """AdvCAM's CAMs (cam.advcam) of the listed classes for one 3xHxW image, as
+    :func:`multiscale_cams` returns them.
+
+    Per class and scale, the batch of the image and its mirror climbs ``advcam.iterations`` steps
+    (jbeomlee93/AdvCAM@2650fcd obtain_CAM_masking.py:90-145): each step adds the gradient of
+    the class's score minus every other class's (scores: the mean of the ReLU'd class maps)
+    minus ``mask_weight`` times how far the class's map moved inside the mask (where it is above
+    ``mask_threshold`` of its max) from its first value, over the gradient's largest absolute
+    value times ``step_size``, clipped to the batch's range. The maps of every step but the
+    last one's result are summed. The maps are the authors' Grad-CAM of the last feature map,
+    which for a bias-free 1x1 classifier is the class map times n_b / (N K+): n_b its positive
+    pixels in batch item b, N theirs over the batch, K+ the channels the class weighs
+    positively (gradCAM.py:20-31,90-101; torchutils.py:78-83): the scale the mask term's
+    weight was set at. Scales below 1 run about half the steps (lines 94-105; the doubled
+    weight meant for them is never reset, so it applies to every scale and cancels).
+    """
+    height, width = image.shape[-2:]
+    if len(classes) == 0:
+        return np.zeros((0, height, width), dtype=np.float32)
+    total = torch.zeros(len(classes), height, width, device=image.device)
+    positive_channels = (model.cam_weight().detach().flatten(1) > 0).sum(dim=1)
+    for scale in scales:
+        start = _scaled_batch(image, scale, flip)
+        for k, channel in enumerate(int(c) - 1 for c in classes):
+            summed, _ = _climb(model, start, channel, positive_channels[channel],
+                               _steps_at(scale, advcam.iterations), flip, advcam)
+            total[k] += F.interpolate(summed[None, None], size=(height, width), mode="bilinear",
+                                      align_corners=False)[0, 0]
+    return _max_normalised(total)
+
+
+def _steps_at(scale: float, iterations: int) -> int:
+    """The authors' steps at a scale: their half-size scale runs half of 11 or more, 5 of 6-10."""
+    if scale >= 1 or iterations < 6:
+        return iterations
+    return iterations // 2 if iterations > 10 else 5
+
+
+@torch.enable_grad()
+def _climb(model: CAMNet, batch: torch.Tensor, channel: int, positive_channels: torch.Tensor,
+           steps: int, flip: bool, advcam: AdvCamConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One class's climb at one scale: the sum of its Grad-CAMs over the steps, (h, w), and the
+    batch it was read from last."""
+    summed, first = None, None
+    for step in range(steps):
+        batch.requires_grad_(True)
+        maps = model.cams(batch)
+        positive = (maps[:, channel] > 0).flatten(1).sum(dim=1).float()
+        weights = positive / (positive.sum() * positive_channels).clamp_min(1e-12)
+        gradcam = maps[:, channel] * weights[:, None, None]
+        region = gradcam[0] + gradcam[1].flip(-1) if flip else gradcam[0]
+        if step == 0:
+            first, summed = region.detach(), torch.zeros_like(region.detach())
+        summed += region.detach()
+        if step == steps - 1:
+            break  # the authors' last step moves the image once more but nothing reads it
+        scores = maps.mean(dim=(2, 3))
+        objective = 2 * scores[:, channel].sum() - scores.sum()
+        mask = region.detach() / region.detach().max().clamp_min(1e-12) > advcam.mask_threshold
+        objective = objective - advcam.mask_weight * ((region - first).abs() * mask).sum()
+        (gradient,) = torch.autograd.grad(objective, batch)
+        low, high = batch.detach().min(), batch.detach().max()
+        batch = batch.detach() + advcam.step_size * gradient / (gradient.abs().max() + 1e-12)
+        batch = batch.clamp(low, high)
+    return summed, batch.detach()
 
 
 def cam_argmax(cams: np.ndarray, bg_score: float) -> np.ndarray:

@@ -53,11 +53,14 @@ class CAMNet(nn.Module):
         features = self.backbone(x)[-1]
         return self.classifier(F.adaptive_avg_pool2d(features, 1)).flatten(1)
 
+    def cam_weight(self) -> torch.Tensor:
+        """The 1x1 weights that make the CAMs: the classifier's, or with ReCAM's classifier the
+        product of both (ReCAM's make_recam.py:39)."""
+        return self.classifier.weight if self.recam is None else self.recam.weight * self.classifier.weight
+
     def cams(self, x: torch.Tensor) -> torch.Tensor:
-        """ReLU of the classifier applied to the last feature map: (B, C-1, h, w). With ReCAM's
-        classifier, of the product of both classifiers' weights (ReCAM's make_recam.py:39)."""
-        weight = self.classifier.weight if self.recam is None else self.recam.weight * self.classifier.weight
-        return F.relu(F.conv2d(self.backbone(x)[-1], weight))
+        """ReLU of ``cam_weight`` applied to the last feature map: (B, C-1, h, w)."""
+        return F.relu(F.conv2d(self.backbone(x)[-1], self.cam_weight()))
 
     def forward_recam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ReCAM's training pass: the image-level logits (B, C-1) and ReCAM's classifier's logits
