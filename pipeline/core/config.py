@@ -190,7 +190,8 @@ class AdvCamConfig:
     an attack), while the region the first CAM already calls the class (the mask) is held to its
     first value; the CAMs of every step are summed. The trained network is the same. Defaults are
     the authors' (jbeomlee93/AdvCAM@2650fcd obtain_CAM_masking.py:48-51,59-68,90-145). It costs
-    a forward and backward pass per step, class and scale (docs/results.md, "AdvCAM's cost")."""
+    a forward and backward pass per step, class and scale (docs/results.md, "AdvCAM's cost on
+    2 cores")."""
     enabled: bool = False
     iterations: int = _opt(27, low=1)  # steps per class and scale (adv_iter); scales below 1 run about half
     # Each step: this times the gradient over its largest absolute value (AD_stepsize).
