@@ -3,13 +3,14 @@
 mIoU, beside the plain CAMs of the same images.
 
 AdvCAM reads the CAMs of the same trained network (ReCAM's too, with cam.recam.enabled), so each
-variant loads ``<cam-run>/cam/model.pt``, computes the CAMs of the first ``--images`` scored train
-images (sorted ids) as the cam stage does, and scores them as ``recam_variants.py`` does: the
-threshold sweep, and Otsu's and Yen's thresholds of these images' own max-CAM histogram. Variant
-``plain`` is AdvCAM off; any other starts from the authors' settings (AdvCamConfig's defaults)
-whatever ``--config`` sets, then its own ``cam.advcam.*`` keys. ``projected_train_split_s`` is
-the seconds per image times the train split's images: what the cam stage's inference would take.
-Each finished variant is saved into ``--out`` at once; a rerun skips those there.
+variant loads ``<cam-run>/cam/model.pt``, computes the CAMs of ``--images`` scored train images,
+evenly spaced over the sorted ids, as the cam stage does, and scores them as
+``recam_variants.py`` does: the threshold sweep, and Otsu's and Yen's thresholds of these
+images' own max-CAM histogram. Variant ``plain`` is AdvCAM off; any other starts from the
+authors' settings (AdvCamConfig's defaults) whatever ``--config`` sets, then its own
+``cam.advcam.*`` keys. ``projected_train_split_s`` is the seconds per image times the train
+split's images: what the cam stage's inference would take. Each finished variant is saved into
+``--out`` at once; a rerun skips those there.
 
     python benchmarks/advcam_cost.py --config configs/msrc.yaml --set data.root=../shared/data/msrc-dev \\
         --cam-run runs/msrc --out runs/advcam.json --images 12 \\
@@ -39,7 +40,8 @@ def parse_args(argv):
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--cam-run", required=True, type=Path, help="a run folder with a finished cam stage")
     parser.add_argument("--out", required=True, type=Path, help="results JSON (read, extended, rewritten)")
-    parser.add_argument("--images", type=int, default=12, help="the first N scored train images (sorted ids)")
+    parser.add_argument("--images", type=int, default=12,
+                        help="N scored train images, evenly spaced over the sorted ids")
     parser.add_argument("--variant", action="append", required=True,
                         help="NAME or NAME:KEY=VALUE,KEY=VALUE (cam.advcam.* settings; 'plain': AdvCAM off)")
     return parser.parse_args(argv)
@@ -60,7 +62,8 @@ def variant_configs(args) -> dict:
 def run_variant(cfg, dataset, device, model_file: Path, images: int) -> dict:
     model = CAMNet(cfg.cam.backbone, dataset.num_classes - 1, recam=cfg.cam.recam.enabled).to(device)
     load_checkpoint(model_file, model)
-    ids = sorted(score_ids(cfg.data, dataset))[:images]
+    scored = sorted(score_ids(cfg.data, dataset))
+    ids = scored[::max(1, len(scored) // images)][:images]  # spread: sorted ids run class by class
     scores = score_cams(model, cfg, dataset, device, ids)
     train_images = len(dataset.split_ids(cfg.data.train_split))
     return {"advcam": dataclasses.asdict(cfg.cam.advcam), "images": ids, "scales": cfg.cam.scales,
