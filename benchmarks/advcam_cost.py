@@ -18,15 +18,13 @@ split's images: what the cam stage's inference would take. Each finished variant
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
 
-from recam_variants import parse_variant, run_resumable, score_cams
+from recam_variants import finished_cam_network, run_resumable, score_cams, variant_configs, variant_parser
 
 from pipeline.core.config import AdvCamConfig
-from pipeline.core.config_file import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.core.training import load_checkpoint
 from pipeline.data.dataset import score_ids
@@ -34,29 +32,10 @@ from pipeline.models.networks import CAMNet
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--cam-run", required=True, type=Path, help="a run folder with a finished cam stage")
-    parser.add_argument("--out", required=True, type=Path, help="results JSON (read, extended, rewritten)")
+    parser = variant_parser(__doc__, "cam.advcam.* settings; 'plain': AdvCAM off")
     parser.add_argument("--images", type=int, default=12,
                         help="N scored train images, evenly spaced over the sorted ids")
-    parser.add_argument("--variant", action="append", required=True,
-                        help="NAME or NAME:KEY=VALUE,KEY=VALUE (cam.advcam.* settings; 'plain': AdvCAM off)")
     return parser.parse_args(argv)
-
-
-def variant_configs(args) -> dict:
-    authors = [f"cam.advcam.{key}={value}" for key, value in dataclasses.asdict(AdvCamConfig()).items()
-               if key != "enabled"]
-    configs = {}
-    for variant in args.variant:
-        name, overrides = parse_variant(variant)
-        enabled = "false" if name == "plain" else "true"
-        configs[name] = load_config(args.config, authors + args.overrides + [f"cam.advcam.enabled={enabled}"]
-                                    + overrides)
-    return configs
 
 
 def run_variant(cfg, dataset, device, model_file: Path, images: int) -> dict:
@@ -73,17 +52,15 @@ def run_variant(cfg, dataset, device, model_file: Path, images: int) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    model_file = args.cam_run / "cam" / "model.pt"
     try:
-        configs = variant_configs(args)
-        if not model_file.is_file():
-            raise PipelineError(f"{model_file} does not exist: give a run folder with a finished cam stage")
+        configs = variant_configs(args, "advcam", AdvCamConfig(), "plain")
+        model_file = finished_cam_network(args.cam_run)
         if args.images < 1:
             raise PipelineError(f"--images {args.images}: give 1 or more")
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    run_resumable(args.out, configs,
+    run_resumable(args.out, {name: cfg for name, (cfg, _) in configs.items()},
                   lambda _, cfg, dataset, device: run_variant(cfg, dataset, device, model_file, args.images),
                   lambda r: f"{r['cam_seconds_per_image']} s per image")
     return 0

@@ -49,15 +49,20 @@ from stages.cam import (
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    return variant_parser(__doc__, "cam.recam.* settings; 'none': no ReCAM").parse_args(argv)
+
+
+def variant_parser(doc: str, variant_help: str) -> argparse.ArgumentParser:
+    """The arguments of the benchmarks that try variants on a finished cam network (this one,
+    advcam_cost.py)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--cam-run", required=True, type=Path, help="a run folder with a finished cam stage")
     parser.add_argument("--out", required=True, type=Path, help="results JSON (read, extended, rewritten)")
     parser.add_argument("--variant", action="append", required=True,
-                        help="NAME or NAME:KEY=VALUE,KEY=VALUE (cam.recam.* settings; 'none': no ReCAM)")
-    return parser.parse_args(argv)
+                        help=f"NAME or NAME:KEY=VALUE,KEY=VALUE ({variant_help})")
+    return parser
 
 
 def score_cams(model, cfg, dataset, device, ids: list[str] | None = None) -> dict:
@@ -113,28 +118,34 @@ def parse_variant(variant: str) -> tuple[str, list[str]]:
     return name, [s for s in re.split(r",(?![^\[]*\])", settings) if s]
 
 
-def variant_configs(args) -> dict:
-    """Each variant's config, loaded before any work: ``cam.recam`` starts from the authors'
-    settings (ReCamConfig's defaults) whatever ``--config`` sets; then ``--set``, then the
-    variant's keys."""
-    authors = [f"cam.recam.{key}={value}" for key, value in dataclasses.asdict(ReCamConfig()).items()
-               if key != "enabled"]
+def variant_configs(args, section: str = "recam", authors=ReCamConfig(), off: str = "none") -> dict:
+    """Each variant's (config, its own overrides), loaded before any work: ``cam.<section>``
+    starts from the authors' settings (``authors``, its config class's defaults) whatever
+    ``--config`` sets; then ``--set``, then the variant's keys. Variant ``off`` switches the
+    section off."""
+    defaults = [f"cam.{section}.{key}={value}" for key, value in dataclasses.asdict(authors).items()
+                if key != "enabled"]
     configs = {}
     for variant in args.variant:
         name, overrides = parse_variant(variant)
-        enabled = "false" if name == "none" else "true"
-        configs[name] = (load_config(args.config, authors + args.overrides + [f"cam.recam.enabled={enabled}"]
-                                     + overrides), overrides)
+        enabled = "false" if name == off else "true"
+        switch = [f"cam.{section}.enabled={enabled}"]
+        configs[name] = (load_config(args.config, defaults + args.overrides + switch + overrides), overrides)
     return configs
+
+
+def finished_cam_network(cam_run: Path) -> Path:
+    model_file = cam_run / "cam" / "model.pt"
+    if not model_file.is_file():
+        raise PipelineError(f"{model_file} does not exist: give a run folder with a finished cam stage")
+    return model_file
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    model_file = args.cam_run / "cam" / "model.pt"
     try:
         configs = variant_configs(args)
-        if not model_file.is_file():
-            raise PipelineError(f"{model_file} does not exist: give a run folder with a finished cam stage")
+        model_file = finished_cam_network(args.cam_run)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
