@@ -98,7 +98,7 @@ def _climb(model: CAMNet, batch: torch.Tensor, channel: int, positive_channels: 
     batch it was read from last."""
     summed, first = None, None
     for step in range(steps):
-        batch.requires_grad_(True)
+        batch = batch.detach().requires_grad_(True)  # the caller's batch stays as it was
         maps = model.cams(batch)
         positive = (maps[:, channel] > 0).flatten(1).sum(dim=1).float()
         weights = positive / (positive.sum() * positive_channels).clamp_min(1e-12)
