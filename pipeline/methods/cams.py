@@ -57,17 +57,18 @@ def adversarial_cams(model: CAMNet, image: torch.Tensor, classes: np.ndarray, sc
     :func:`multiscale_cams` returns them.
 
     Per class and scale, the batch of the image and its mirror climbs ``advcam.iterations`` steps
-    (jbeomlee93/AdvCAM@2650fcd obtain_CAM_masking.py:90-145): each step adds the gradient of
-    the class's score minus every other class's (scores: the mean of the ReLU'd class maps)
-    minus ``mask_weight`` times how far the class's map moved inside the mask (where it is above
-    ``mask_threshold`` of its max) from its first value, over the gradient's largest absolute
-    value times ``step_size``, clipped to the batch's range. The maps of every step but the
-    last one's result are summed. The maps are the authors' Grad-CAM of the last feature map,
-    which for a bias-free 1x1 classifier is the class map times n_b / (N K+): n_b its positive
-    pixels in batch item b, N theirs over the batch, K+ the channels the class weighs
-    positively (gradCAM.py:20-31,90-101; torchutils.py:78-83): the scale the mask term's
-    weight was set at. Scales below 1 run about half the steps (lines 94-105; the doubled
-    weight meant for them is never reset, so it applies to every scale and cancels).
+    (jbeomlee93/AdvCAM@2650fcd obtain_CAM_masking.py:90-145). The objective: twice the class's
+    score minus the sum of all scores (scores: the mean of the ReLU'd class maps), minus
+    ``mask_weight`` times how far the class's map moved from its first value inside the mask
+    (where it is above ``mask_threshold`` of its max). Each step adds ``step_size`` times the
+    objective's gradient over its largest absolute value, clipped to the batch's range. The
+    maps read at every step are summed (the last step's move is not taken: nothing reads it).
+    The maps are the authors' Grad-CAM of the last feature map, which for a bias-free 1x1
+    classifier is the class map times n_b / (N K+): n_b its positive pixels in batch item b, N
+    theirs over the batch, K+ the channels the class weighs positively (gradCAM.py:20-31,90-101;
+    torchutils.py:78-83): the scale the mask term's weight was set at. Scales below 1 run about
+    half the steps (lines 94-105; the doubled weight meant for them is never reset, so it applies
+    to every scale and cancels).
     """
     height, width = image.shape[-2:]
     if len(classes) == 0:
